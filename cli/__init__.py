@@ -1,0 +1,1 @@
+"""The cvconvert command line (typer)."""

@@ -1,0 +1,4 @@
+"""cvconvert: private split inference with complex-valued networks (ICLR 2020)."""
+
+__version__ = "0.1.0"
+FORMAT_VERSION = 1

@@ -1,0 +1,246 @@
+"""Rotation-equivariant layers on the real-pair layout [N, 2, C, ...].
+
+Every layer L satisfies L(rotate(x, t)) == rotate(L(x), t) for per-sample angles t (paper Eq. 5).
+Each class with a real counterpart builds itself with ``from_real(module, **options)``, the way
+torch.ao.quantization modules build themselves with ``from_float``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import batch_as_pairs, modulus, modulus_sq, pairs_as_batch
+
+
+class CConv2d(nn.Module):
+    """Bias-free conv with real weights shared by both parts: one conv over the [2N, C, H, W] view."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1):
+        super().__init__()
+        k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *k))
+        nn.init.kaiming_normal_(self.weight, nonlinearity="relu")
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    @classmethod
+    def from_real(cls, conv: nn.Conv2d, **_):
+        if conv.padding_mode != "zeros":
+            # Reflect/replicate padding is linear too, but keep one code path that exports cleanly.
+            raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups)
+        new.weight.data.copy_(conv.weight.data)
+        return new
+
+    def forward(self, x):
+        y = F.conv2d(pairs_as_batch(x), self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return batch_as_pairs(y)
+
+
+class CLinear(nn.Module):
+    """Bias-free linear map on [N, 2, F]: the real weight acts on the last axis of both parts."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+
+    @classmethod
+    def from_real(cls, lin: nn.Linear, **_):
+        new = cls(lin.in_features, lin.out_features)
+        new.weight.data.copy_(lin.weight.data)
+        return new
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class CDelta(nn.Module):
+    """delta(f) = |f| / max(|f|, c) * f (paper Eq. 6): keeps the phase, squashes small moduli.
+
+    mode="fixed": one constant c (the paper's ResNets use c = 1).
+    mode="channel": c_k = E_ij |f_ijk| per sample and channel (the paper's LeNet/VGG/AlexNet); for
+    features without spatial axes the mean runs over the feature axis instead.
+    """
+
+    def __init__(self, c: float = 1.0, mode: str = "fixed", eps: float = 1e-6):
+        super().__init__()
+        if mode not in ("fixed", "channel"):
+            raise ValueError(f"unknown activation mode {mode!r}")
+        if c <= 0:
+            raise ValueError("the activation constant c must be positive")
+        self.c, self.mode, self.eps = float(c), mode, eps
+
+    @classmethod
+    def from_real(cls, _relu: nn.Module, c: float = 1.0, mode: str = "fixed", **_):
+        return cls(c=c, mode=mode)
+
+    def forward(self, x):
+        m = modulus(x)  # [N, C, ...]
+        if self.mode == "fixed":
+            c = self.c
+        else:
+            dims = tuple(range(2, m.dim())) if m.dim() > 2 else (1,)
+            c = m.mean(dim=dims, keepdim=True) + self.eps
+        return x * torch.clamp(m / c, max=1.0).unsqueeze(1)
+
+    def extra_repr(self):
+        return f"mode={self.mode}" + (f", c={self.c}" if self.mode == "fixed" else "")
+
+
+class CBatchNorm(nn.Module):
+    """Norm-only batch-norm (paper Eq. 7): f / sqrt(E|f|^2) per channel, times a real scale.
+
+    No mean is subtracted and no bias added, so the phase is untouched. The running E|f|^2 serves
+    eval mode; in eval the layer is a positive-or-real per-channel scale and folds into a conv.
+    Works for [N, 2, C] and [N, 2, C, H, W] (channel axis 2).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.register_buffer("running_ms", torch.ones(num_features))
+
+    @classmethod
+    def from_real(cls, bn: nn.modules.batchnorm._BatchNorm, **_):
+        new = cls(bn.num_features, bn.eps, bn.momentum if bn.momentum is not None else 0.1, bn.affine)
+        if bn.affine:
+            new.weight.data.copy_(bn.weight.data)
+        if bn.track_running_stats and bn.running_var is not None:
+            # E[f^2] of the real feature is the closest carried estimate of E|f|^2.
+            new.running_ms.copy_(bn.running_var + bn.running_mean ** 2)
+        return new
+
+    def _view(self, t, x):
+        return t.reshape((1, 1, -1) + (1,) * (x.dim() - 3))
+
+    def scale(self) -> torch.Tensor:
+        """The eval-mode per-channel factor (what export folds into the previous conv)."""
+        s = torch.rsqrt(self.running_ms + self.eps)
+        return s * self.weight if self.weight is not None else s
+
+    def forward(self, x):
+        if self.training:
+            ms_all = modulus_sq(x)  # [N, C, ...]
+            dims = (0,) + tuple(range(2, ms_all.dim()))
+            ms = ms_all.mean(dim=dims)
+            with torch.no_grad():
+                self.running_ms.mul_(1 - self.momentum).add_(self.momentum * ms.detach())
+            s = torch.rsqrt(ms + self.eps)
+            if self.weight is not None:
+                s = s * self.weight
+        else:
+            s = self.scale()
+        return x * self._view(s, x)
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}"
+
+
+class CMaxModPool2d(nn.Module):
+    """Max-modulus pooling: in each window pick the element of largest |f| (both parts).
+
+    Ties go to the first element in row-major window order, as PyTorch's max_pool2d does.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride if stride is not None else kernel_size
+        self.padding, self.dilation, self.ceil_mode = padding, dilation, ceil_mode
+
+    @classmethod
+    def from_real(cls, pool: nn.MaxPool2d, **_):
+        return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+
+    def forward(self, x):
+        m = modulus_sq(x)  # [N, C, H, W]
+        _, idx = F.max_pool2d(m, self.kernel_size, self.stride, self.padding, self.dilation,
+                              self.ceil_mode, return_indices=True)
+        # idx counts within each (N, C) plane, so gathering on the flattened H*W axis is exact.
+        flat = x.flatten(3)
+        g = torch.gather(flat, 3, idx.flatten(2).unsqueeze(1).expand(-1, 2, -1, -1))
+        return g.reshape(x.shape[:3] + idx.shape[2:])
+
+
+class CAvgPool2d(nn.Module):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+        super().__init__()
+        self.args = (kernel_size, stride if stride is not None else kernel_size, padding, ceil_mode,
+                     count_include_pad)
+
+    @classmethod
+    def from_real(cls, pool: nn.AvgPool2d, **_):
+        if pool.divisor_override is not None:
+            raise ValueError("AvgPool2d with divisor_override is not supported")
+        return cls(pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, pool.count_include_pad)
+
+    def forward(self, x):
+        return batch_as_pairs(F.avg_pool2d(pairs_as_batch(x), *self.args))
+
+
+class CAdaptiveAvgPool2d(nn.Module):
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = output_size
+
+    @classmethod
+    def from_real(cls, pool: nn.AdaptiveAvgPool2d, **_):
+        return cls(pool.output_size)
+
+    def forward(self, x):
+        return batch_as_pairs(F.adaptive_avg_pool2d(pairs_as_batch(x), self.output_size))
+
+
+class CDropout(nn.Module):
+    """Dropout with ONE mask for both parts, so a dropped element is dropped as a complex number."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.p = p
+
+    @classmethod
+    def from_real(cls, drop: nn.Module, **_):
+        return cls(drop.p)
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        shape = (x.shape[0], 1) + tuple(x.shape[2:])
+        keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class CFlatten(nn.Module):
+    """Flatten that skips the pair axis: real start_dim d becomes d + 1."""
+
+    def __init__(self, start_dim=1, end_dim=-1):
+        super().__init__()
+        if start_dim < 1:
+            raise ValueError("flattening the batch axis is not rotation-equivariant per sample")
+        self.start_dim, self.end_dim = start_dim + 1, end_dim if end_dim < 0 else end_dim + 1
+
+    @classmethod
+    def from_real(cls, flat: nn.Flatten, **_):
+        return cls(flat.start_dim, flat.end_dim)
+
+    def forward(self, x):
+        return torch.flatten(x, self.start_dim, self.end_dim)
+
+
+class CShortcutA(nn.Module):
+    """CIFAR-ResNet option-A shortcut: stride-2 subsampling plus zero channels (linear, so equivariant)."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = pad
+
+    @classmethod
+    def from_real(cls, shortcut: nn.Module, **_):
+        return cls(shortcut.pad)
+
+    def forward(self, x):
+        # Channel axis is -3 in both layouts; F.pad pads (W, H, C) from the last axis backwards.
+        return F.pad(x[..., ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))

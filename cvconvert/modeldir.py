@@ -1,0 +1,159 @@
+"""The model directory every command reads and writes (DESIGN.md):
+
+    DIR/cvconvert.json   manifest (format version, arch, split, shapes, normalisation, variant, ...)
+    DIR/model.pt         state_dict, plain tensors (torch.load(weights_only=True))
+    DIR/onnx/*.onnx      written by export
+
+Every write goes to a temporary file or folder first and is renamed into place, so an interrupted
+command never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import FORMAT_VERSION, __version__
+from .errors import CvError
+
+MANIFEST = "cvconvert.json"
+WEIGHTS = "model.pt"
+FORMAT = "cvconvert-model"
+
+
+def atomic_write(path: Path | str, write) -> None:
+    """Call write(tmp_path) then rename tmp_path onto path (same folder, so the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_torch_save(obj, path) -> None:
+    import torch
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_json(obj, path) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def check_output_dir(path: Path, force: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise CvError(f"output {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise CvError(f"output directory {path} is not empty (use --force to replace it)")
+
+
+def write_model_dir(path: Path | str, state_dict: dict, manifest: dict, force: bool = False) -> Path:
+    """Write a whole model dir into a temporary sibling, then swap it into place."""
+    import torch
+
+    path = Path(path)
+    check_output_dir(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        torch.save(state_dict, tmp / WEIGHTS)
+        atomic_json(manifest, tmp / MANIFEST)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def new_manifest(**fields) -> dict:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "cvconvert_version": __version__, **fields}
+
+
+def read_manifest(path: Path | str) -> dict:
+    path = Path(path)
+    file = path / MANIFEST if path.is_dir() or not path.suffix else path
+    if not path.exists():
+        raise CvError(f"model directory {path} does not exist")
+    if not file.is_file():
+        raise CvError(f"{path} is not a model directory (no {MANIFEST}; create one with `cvconvert convert`)")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CvError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CvError(f"{file} is not a cvconvert manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CvError(f"{file} has manifest format version {version!r}; this cvconvert reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def spec_from_manifest(m: dict):
+    from .model import ModelSpec
+    return ModelSpec(arch=m["arch"], encoder_end=m["encoder_end"], decoder_start=m["decoder_start"],
+                     variant=m["variant"], num_classes=m["num_classes"], input_shape=tuple(m["input_shape"]),
+                     mean=m["normalization"]["mean"], std=m["normalization"]["std"],
+                     activation_mode=m["activation"]["mode"], activation_c=m["activation"]["c"],
+                     gamma=m.get("gamma", 0.0))
+
+
+def load_state_dict(file: Path | str) -> dict:
+    import torch
+    file = Path(file)
+    if not file.is_file():
+        raise CvError(f"weights file {file} does not exist")
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CvError(f"cannot load weights {file}: {str(exc).splitlines()[0]}") from None
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]  # a training checkpoint
+    if not isinstance(sd, dict):
+        raise CvError(f"weights file {file} does not hold a state_dict")
+    return sd
+
+
+def load_into(module, sd: dict, what: str) -> None:
+    """load_state_dict(strict=True) with the mismatch turned into one line."""
+    try:
+        module.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:2] or [str(exc)]
+        raise CvError(f"{what} does not match the model: {first[0][:300]}") from None
+
+
+def load_model(path: Path | str, weights: str | None = None):
+    """Rebuild the SplitModel from the manifest and load model.pt (or `weights`)."""
+    from .model import build_model
+    path = Path(path)
+    manifest = read_manifest(path)
+    model = build_model(spec_from_manifest(manifest))
+    file = Path(weights) if weights else path / WEIGHTS
+    load_into(model, load_state_dict(file), f"weights {file}")
+    return model, manifest
