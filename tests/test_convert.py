@@ -1,0 +1,124 @@
+"""The converter: every zoo processing module is equivariant, weights are carried, baselines are exact."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import zoo
+from cvconvert.complex import CConv2d, CDelta, rotate
+from cvconvert.convert import LEAF_MODULES
+from cvconvert.errors import ConversionError, CvError
+from cvconvert.model import ModelSpec, build_model
+from cvconvert.split import split_model
+
+ZOO_SPLITS = [(name, split) for name in zoo.list_models() for split in zoo.get_entry(name).splits]
+
+
+def spec_for(arch, split="", variant="complex", shape=(3, 32, 32), classes=10):
+    entry = zoo.get_entry(arch)
+    _, (enc, dec) = zoo.resolve_split(entry, split or None)
+    mode, c = entry.activation
+    return ModelSpec(arch, enc, dec, variant, classes, shape, [0.5] * shape[0], [0.5] * shape[0], mode, c)
+
+
+@pytest.mark.parametrize("arch,split", ZOO_SPLITS, ids=[f"{a}-{s}" for a, s in ZOO_SPLITS])
+def test_zoo_processing_is_rotation_equivariant(arch, split):
+    model = build_model(spec_for(arch, split))
+    x = torch.randn((2, 2) + model.feature_shape)
+    t = torch.rand(2) * 2 * math.pi
+    for train in (False, True):
+        model.processing.train(train)
+        torch.manual_seed(7)
+        h = model.processing(x)
+        torch.manual_seed(7)  # dropout draws the same mask for both calls
+        h_rot = model.processing(rotate(x, t))
+        err = (h_rot - rotate(h, t)).abs().max() / h.abs().max()
+        assert err < 1e-4, (arch, split, train, float(err))
+    # The decoded prediction does not depend on the key: Re[Phi(e^{it}(a+ib)) e^{-it}] is the same for any t.
+    model.eval()
+    img = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        l1 = model(img, img.flip(0), torch.tensor([0.3, 4.0]))
+        l2 = model(img, img.flip(0), torch.tensor([2.0, 1.1]))
+    torch.testing.assert_close(l1, l2, atol=1e-3 * l1.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["lenet", "resnet20", "alexnet"])
+def test_original_variant_reproduces_source_logits(arch):
+    real = zoo.create_model(arch, 10, (3, 32, 32)).eval()
+    for m in real.modules():  # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    spec = spec_for(arch, variant="original")
+    model = build_model(spec, real).eval()
+    img = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = real(model.encoder.normalize(img))
+        parts = model.decoder(model.processing(model.encoder(img)))
+    assert torch.equal(parts, expected)
+
+
+def test_complex_processing_carries_source_conv_weights():
+    real = zoo.create_model("resnet20", 10, (3, 32, 32))
+    model = build_model(spec_for("resnet20", "alpha"), real)
+    src = dict(real.named_modules())
+    convs = [(n, m) for n, m in model.processing.named_modules() if isinstance(m, CConv2d)]
+    assert len(convs) == 2 * 4  # layer2 (3 blocks) + layer3.0, two convs each
+    for name, m in convs:
+        assert torch.equal(m.weight, src[name].weight), name
+    # The encoder's first conv is the source's too.
+    assert torch.equal(model.encoder.features.body.conv1.weight, real.conv1.weight)
+
+
+def test_lenet_final_bias_moves_to_decoder():
+    real = zoo.create_model("lenet", 10, (3, 32, 32))
+    model = build_model(spec_for("lenet"), real)
+    assert torch.equal(model.decoder.decoder.bias, real.fc3.bias)
+
+
+@pytest.mark.parametrize("arch,split", [("resnet18", "layer1:layer4"), ("vgg11", "features.5:classifier")])
+def test_torchvision_models_convert(arch, split):
+    entry = zoo.get_entry(arch)
+    _, (enc, dec) = zoo.resolve_split(entry, split)
+    model = build_model(ModelSpec(arch, enc, dec, "complex", 10, (3, 32, 32), [0.5] * 3, [0.5] * 3))
+    assert any(isinstance(m, CDelta) for m in model.processing.modules())
+    x = torch.randn((2, 2) + model.feature_shape)
+    t = torch.rand(2) * 6
+    model.eval()
+    h = model.processing(x)
+    assert (model.processing(rotate(x, t)) - rotate(h, t)).abs().max() / h.abs().max() < 1e-4
+
+
+def test_split_refuses_skip_crossing_and_empty_parts():
+    real = zoo.create_model("resnet20", 10, (3, 32, 32))
+    with pytest.raises(CvError, match="skip connection crosses"):
+        split_model(real, "layer1.0.conv1", "layer3", LEAF_MODULES)
+    with pytest.raises(CvError, match="processing module empty"):
+        split_model(real, "layer1", "layer2", LEAF_MODULES)
+    with pytest.raises(CvError, match="does not come after"):
+        split_model(real, "layer2", "layer1", LEAF_MODULES)
+    with pytest.raises(CvError, match="no node named"):
+        split_model(real, "layer9", None, LEAF_MODULES)
+
+
+def test_converter_refuses_non_equivariant_layers_by_name():
+    real = torchvision.models.mobilenet_v2(num_classes=10)
+    spec = ModelSpec("mobilenet_v2", "features.1", "classifier", "complex", 10, (3, 32, 32), [0.5] * 3, [0.5] * 3)
+    with pytest.raises(ConversionError, match=r"features\.2\.conv\.0\.2 \(ReLU6\)"):
+        build_model(spec, real)
+
+    class AddsConstant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.conv2(self.conv1(x) + 1.0)
+
+    with pytest.raises(ConversionError, match="adds a constant"):
+        build_model(dataclasses.replace(spec, arch="x", encoder_end="conv1", decoder_start=None), AddsConstant())
