@@ -1,0 +1,52 @@
+"""`cvconvert serve`: the processing part behind a KServe v2 / Triton-compatible HTTP server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._app import command, info
+
+
+@command("serve")
+def serve(
+    model: Path = typer.Argument(..., help="PROCESSING.onnx, a model dir (DIR/onnx/processing.onnx), or a Triton "
+                                           "model folder (NAME/1/model.onnx) as `export --triton-repo` writes."),
+    name: Optional[str] = typer.Option(None, help="Model name in the URL /v2/models/NAME (default: 'processing', "
+                                                  "or the Triton model folder's name)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_request_mb: float = typer.Option(64.0, help="Largest request body accepted (MiB); larger ones get 413."),
+    threads: Optional[int] = typer.Option(None, help="Inference runs at once (thread pool off the event loop); "
+                                                     "default min(4, CPUs)."),
+    intra_op_threads: int = typer.Option(0, help="ONNX Runtime threads per run (0: ONNX Runtime's default)."),
+    max_inflight: int = typer.Option(64, help="Requests accepted at once; more get 503 (bounds memory)."),
+    allow_nonfinite: bool = typer.Option(False, help="Accept NaN/Inf in inputs and outputs (refused by default)."),
+    access_log: bool = typer.Option(True, help="Log one line per request (method, path, status; never bodies)."),
+    cuda: bool = typer.Option(False, help="Run on the CUDA execution provider (falls back to CPU if absent)."),
+):
+    """Serve PROCESSING.onnx over the KServe Open Inference Protocol v2 (REST + Triton binary tensors)."""
+    from cvconvert import server as srv
+    from cvconvert.errors import CvError
+
+    if not 0 <= port <= 65535:
+        raise CvError(f"--port {port} is not a TCP port")
+    if threads is not None and threads < 1:
+        raise CvError("--threads must be >= 1")
+    if max_inflight < 1:
+        raise CvError("--max-inflight must be >= 1")
+    options = srv.ServerOptions(max_request_bytes=srv.max_request_bytes(max_request_mb),
+                                threads=threads or srv.default_threads(), max_inflight=max_inflight,
+                                allow_nonfinite=allow_nonfinite)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
+    served = srv.load_model(model, name, intra_op_threads=intra_op_threads, providers=providers)
+    app = srv.build_app(served, options)
+    shapes = ", ".join(f"{t.name} {t.datatype}{t.shape}" for t in served.inputs + served.outputs)
+    info(f"serving {served.path} as model {served.name!r} ({shapes}) on "
+         f"{served.session.get_providers()[0]}")
+    info(f"infer URL: http://{host}:{port}/v2/models/{served.name}/infer  (Ctrl-C stops)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        info("note: no TLS or authentication here; put it behind a reverse proxy or a private network")
+    srv.serve(app, host, port, access_log=access_log)

@@ -1,0 +1,555 @@
+"""`cvconvert serve`: an ONNX graph behind the KServe Open Inference Protocol v2 (REST) with Triton's
+binary tensor data extension, so `tritonclient.http` and any v2 client work unchanged.
+
+    GET  /v2/health/live | /v2/health/ready | /v2
+    GET  /v2/models/{name}[/versions/{v}] | .../ready | .../config
+    POST /v2/models/{name}[/versions/{v}]/infer
+
+Needs only onnxruntime, numpy and the ASGI stack (Starlette on uvicorn): no torch, so the cloud machine
+stays small. The server sees only what the device sends (the rotated feature x), never theta.
+
+Policies (README "Serve"):
+- every error is a JSON body {"error": "..."}; 400 bad request, 404 unknown model/version/route,
+  413 body over --max-request-mb, 503 too many requests in flight, 500 a bug (the server keeps serving);
+- inputs must match the model's metadata exactly: names, datatype (no implicit casts), rank, fixed dims;
+- non-finite values (NaN, +-Inf) are refused with 400, in inputs and in outputs: a correct encoder never
+  produces them and they would only propagate to a meaningless answer;
+- nothing from a request body (tensor values, ids, parameters) is logged or echoed in an error message;
+  the access log (method, path, status) is uvicorn's and can be switched off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import CvError
+
+log = logging.getLogger("cvconvert.serve")
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+VERSION = "1"  # one version per served model, as in the Triton repository `export --triton-repo` writes
+DEFAULT_MAX_REQUEST_MB = 64.0
+
+# ONNX Runtime type strings <-> v2 datatype names (BYTES/BF16 are not served: no such inputs here).
+ORT_TO_V2 = {
+    "tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
+    "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64", "tensor(bool)": "BOOL",
+}
+V2_TO_NP = {
+    "FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT8": np.int8, "INT16": np.int16,
+    "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+    "UINT64": np.uint64, "BOOL": np.bool_,
+}
+NP_TO_V2 = {np.dtype(v): k for k, v in V2_TO_NP.items()}
+
+
+class RequestError(Exception):
+    """A problem with one request: becomes {"error": message} with this status. Messages never quote
+    tensor content."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: list[int]  # -1 for a dynamic dim
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def _spec(node) -> TensorSpec:
+    dtype = ORT_TO_V2.get(node.type)
+    if dtype is None:
+        raise CvError(f"tensor {node.name!r} has type {node.type}, which this server does not serve")
+    shape = [d if isinstance(d, int) and d >= 0 else -1 for d in (node.shape or [])]
+    return TensorSpec(node.name, dtype, shape)
+
+
+@dataclass
+class ServedModel:
+    """One ONNX graph in an ONNX Runtime session, with the v2 metadata of its inputs and outputs."""
+
+    name: str
+    path: Path
+    session: object
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    platform: str = "onnxruntime_onnx"
+    versions: list[str] = field(default_factory=lambda: [VERSION])
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "versions": self.versions, "platform": self.platform,
+                "inputs": [t.as_json() for t in self.inputs], "outputs": [t.as_json() for t in self.outputs]}
+
+    def config(self) -> dict:
+        """A Triton-style model config (tritonclient's get_model_config), dims including the batch axis."""
+        def dims(t):
+            return {"name": t.name, "data_type": f"TYPE_{t.datatype}", "dims": t.shape}
+        return {"name": self.name, "platform": self.platform, "backend": "onnxruntime", "max_batch_size": 0,
+                "input": [dims(t) for t in self.inputs], "output": [dims(t) for t in self.outputs]}
+
+    def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        return self.session.run(names, feeds)
+
+
+def resolve_model_path(path: Path | str, name: str | None = None) -> tuple[Path, str]:
+    """PROCESSING.onnx, a model dir (DIR/onnx/processing.onnx), a Triton model folder (M/1/model.onnx)
+    or a Triton repository holding one model -> (onnx file, model name)."""
+    path = Path(path)
+    if not path.exists():
+        raise CvError(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix != ".onnx":
+            raise CvError(f"{path} is not an .onnx file (give PROCESSING.onnx or a model directory)")
+        default = path.parent.parent.name if path.name == "model.onnx" and path.parent.name.isdigit() else path.stem
+        return path, name or default
+    if (path / "onnx" / "processing.onnx").is_file():
+        return path / "onnx" / "processing.onnx", name or "processing"
+    if (path / VERSION / "model.onnx").is_file():
+        return path / VERSION / "model.onnx", name or path.name
+    found = sorted(path.glob(f"*/{VERSION}/model.onnx"))
+    if len(found) == 1:
+        return found[0], name or found[0].parent.parent.name
+    if (path / "cvconvert.json").is_file():
+        raise CvError(f"{path} has no onnx/processing.onnx: run `cvconvert export {path}` first")
+    raise CvError(f"{path} holds no processing.onnx, no {VERSION}/model.onnx and no single Triton model")
+
+
+def load_model(path: Path | str, name: str | None = None, intra_op_threads: int = 0,
+               providers: list[str] | None = None) -> ServedModel:
+    import onnxruntime as ort
+
+    onnx_path, model_name = resolve_model_path(path, name)
+    if not model_name or "/" in model_name:
+        raise CvError(f"bad model name {model_name!r}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(0, int(intra_op_threads))
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(onnx_path), sess_options=opts,
+                                       providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises several of its own types
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise CvError(f"ONNX Runtime cannot load {onnx_path}: {first}") from None
+    return ServedModel(model_name, onnx_path, session,
+                       [_spec(i) for i in session.get_inputs()], [_spec(o) for o in session.get_outputs()])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Request parsing: v2 JSON + Triton binary tensor extension
+
+def _int(value, what: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RequestError(f"{what} must be an integer >= {minimum}")
+    return value
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
+    """(the JSON inference header, the binary tail) of a request body."""
+    if header_length is None:
+        json_bytes, tail = body, memoryview(b"")
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise RequestError(f"{HEADER_LENGTH} is not an integer") from None
+        if not 0 < n <= len(body):
+            raise RequestError(f"{HEADER_LENGTH} {n} is outside the body of {len(body)} bytes")
+        json_bytes, tail = body[:n], memoryview(body)[n:]
+    try:
+        request = json.loads(json_bytes)
+    except UnicodeDecodeError:
+        raise RequestError("the inference header is not UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:  # the message holds a position, never content
+        raise RequestError(f"malformed JSON in the inference header: {exc.msg} at byte {exc.pos}") from None
+    if not isinstance(request, dict):
+        raise RequestError("the inference header must be a JSON object")
+    return request, tail
+
+
+def _check_shape(shape, spec: TensorSpec) -> list[int]:
+    if not isinstance(shape, list):
+        raise RequestError(f"input {spec.name!r}: 'shape' must be a list of integers")
+    shape = [_int(d, f"input {spec.name!r}: each dim of 'shape'") for d in shape]
+    if len(shape) != len(spec.shape) or any(w != -1 and d != w for d, w in zip(shape, spec.shape)):
+        raise RequestError(f"input {spec.name!r}: shape {shape} does not match the model's {spec.shape}")
+    if shape and shape[0] == 0:
+        raise RequestError(f"input {spec.name!r}: empty batch")
+    return shape
+
+
+def _finite(arr: np.ndarray) -> bool:
+    return not np.issubdtype(arr.dtype, np.floating) or bool(np.isfinite(arr).all())
+
+
+def parse_inputs(request: dict, tail: memoryview, model: ServedModel, allow_nonfinite: bool = False
+                 ) -> dict[str, np.ndarray]:
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError("'inputs' must be a non-empty list")
+    specs = {t.name: t for t in model.inputs}
+    feeds: dict[str, np.ndarray] = {}
+    offset = 0
+    for item in inputs:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise RequestError("each input must be an object with a string 'name'")
+        name = item["name"]
+        spec = specs.get(name)
+        if spec is None:
+            raise RequestError(f"unknown input {name!r}; model {model.name!r} takes {sorted(specs)}")
+        if name in feeds:
+            raise RequestError(f"input {name!r} given twice")
+        if item.get("datatype") != spec.datatype:
+            got = item.get("datatype")
+            raise RequestError(f"input {name!r}: datatype {got if isinstance(got, str) else type(got).__name__!r}"
+                               f" does not match the model's {spec.datatype}")
+        shape = _check_shape(item.get("shape"), spec)
+        dtype = np.dtype(V2_TO_NP[spec.datatype]).newbyteorder("<")
+        count = math.prod(shape)
+        params = item.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise RequestError(f"input {name!r}: 'parameters' must be an object")
+        if "shared_memory_region" in params:
+            raise RequestError("shared-memory inputs are not supported by this server")
+        if "binary_data_size" in params:
+            size = _int(params["binary_data_size"], f"input {name!r}: binary_data_size")
+            if "data" in item:
+                raise RequestError(f"input {name!r} has both binary_data_size and JSON 'data'")
+            if size != count * dtype.itemsize:
+                raise RequestError(f"input {name!r}: binary_data_size {size} is not shape {shape} x "
+                                   f"{dtype.itemsize} bytes = {count * dtype.itemsize}")
+            if offset + size > len(tail):
+                raise RequestError(f"input {name!r}: binary data truncated ({len(tail) - offset} of "
+                                   f"{size} bytes present)")
+            arr = np.frombuffer(tail[offset:offset + size], dtype=dtype).reshape(shape)
+            offset += size
+        else:
+            if "data" not in item:
+                raise RequestError(f"input {name!r} has neither 'data' nor binary_data_size")
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):  # overflow -> Inf, refused below
+                    arr = np.asarray(item["data"], dtype=dtype)
+            except (ValueError, TypeError, OverflowError):  # their messages may quote the data
+                raise RequestError(f"input {name!r}: 'data' is not a regular array of {spec.datatype} numbers") from None
+            if arr.size != count:
+                raise RequestError(f"input {name!r}: 'data' holds {arr.size} elements, shape {shape} needs {count}")
+            arr = arr.reshape(shape)
+        if not allow_nonfinite and not _finite(arr):
+            raise RequestError(f"input {name!r} holds non-finite values (NaN or Inf), which this server refuses")
+        feeds[name] = arr
+    if offset != len(tail):
+        raise RequestError(f"{len(tail) - offset} bytes of binary data after the last binary input")
+    missing = [n for n in specs if n not in feeds]
+    if missing:
+        raise RequestError(f"missing input(s) {missing}")
+    return feeds
+
+
+def requested_outputs(request: dict, model: ServedModel) -> list[tuple[str, bool]]:
+    """[(output name, as binary)]; no 'outputs' means every output."""
+    params = request.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RequestError("'parameters' must be an object")
+    default_binary = params.get("binary_data_output", False)
+    if not isinstance(default_binary, bool):
+        raise RequestError("binary_data_output must be true or false")
+    wanted = request.get("outputs")
+    names = [t.name for t in model.outputs]
+    if wanted is None:
+        return [(n, default_binary) for n in names]
+    if not isinstance(wanted, list) or not wanted:
+        raise RequestError("'outputs' must be a non-empty list when given")
+    out = []
+    for item in wanted:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise RequestError("each requested output must be an object with a string 'name'")
+        if item["name"] not in names:
+            raise RequestError(f"unknown output {item['name']!r}; model {model.name!r} gives {names}")
+        p = item.get("parameters") or {}
+        if not isinstance(p, dict):
+            raise RequestError(f"output {item['name']!r}: 'parameters' must be an object")
+        if p.get("classification"):
+            raise RequestError("the classification extension is not supported")
+        if "shared_memory_region" in p:
+            raise RequestError("shared-memory outputs are not supported by this server")
+        binary = p.get("binary_data", default_binary)  # per-output wins over the request-level flag
+        if not isinstance(binary, bool):
+            raise RequestError(f"output {item['name']!r}: binary_data must be true or false")
+        out.append((item["name"], binary))
+    return out
+
+
+def encode_response(model: ServedModel, request_id, outputs: list[tuple[str, bool, np.ndarray]]
+                    ) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None when the body is all JSON)."""
+    entries, blobs = [], []
+    for name, binary, arr in outputs:
+        arr = np.ascontiguousarray(arr)
+        datatype = NP_TO_V2.get(np.dtype(arr.dtype.type))
+        entry = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        if binary:
+            raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = arr.ravel().tolist()
+        entries.append(entry)
+    reply = {"model_name": model.name, "model_version": VERSION, "outputs": entries}
+    if request_id is not None:
+        reply["id"] = request_id
+    header = json.dumps(reply, allow_nan=False, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ASGI app
+
+@dataclass
+class ServerOptions:
+    max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * 2 ** 20)
+    threads: int = 2  # inference runs at once (a thread pool off the event loop)
+    max_inflight: int = 64  # requests parsed/queued/running at once; more get 503
+    allow_nonfinite: bool = False
+
+
+def _json(obj, status: int = 200):
+    from starlette.responses import Response
+    return Response(json.dumps(obj, separators=(",", ":")), status_code=status, media_type="application/json")
+
+
+def _error(message: str, status: int):
+    return _json({"error": message}, status)
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, at most `limit` bytes after decoding (gzip/deflate as tritonclient can send)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        await _drain(request, limit)
+        raise RequestError(f"request body of {declared} bytes is over the server's limit of {limit} bytes", 413)
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            await _drain(request, limit)
+            raise RequestError(f"request body is over the server's limit of {limit} bytes", 413)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise RequestError(f"unsupported Content-Encoding {encoding[:40]!r} (use gzip, deflate or none)")
+    # Bounded decompression: a small compressed body must not expand past the limit.
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error:
+        raise RequestError(f"the body is not valid {encoding} data") from None
+    if len(out) > limit:
+        raise RequestError(f"decompressed request body is over the server's limit of {limit} bytes", 413)
+    if not d.eof:
+        raise RequestError(f"the {encoding} body is truncated")
+    return out
+
+
+async def _drain(request, limit: int) -> None:
+    """Read (and drop) the rest of an oversized body, up to a bound, so the client gets our 413 reply
+    rather than a connection reset while it is still sending."""
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > 8 * limit + 2 ** 26:
+                break
+    except Exception:  # the client went away: nothing to answer
+        pass
+
+
+def build_app(models: list[ServedModel] | ServedModel, options: ServerOptions | None = None):
+    """The Starlette app serving `models` (by name)."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    options = options or ServerOptions()
+    if isinstance(models, ServedModel):
+        models = [models]
+    by_name = {m.name: m for m in models}
+    executor = ThreadPoolExecutor(max_workers=max(1, options.threads), thread_name_prefix="cvconvert-infer")
+    inflight = {"n": 0}  # touched only on the event loop's thread
+
+    def model_of(request) -> ServedModel:
+        name = request.path_params["model"]
+        model = by_name.get(name)
+        if model is None:
+            raise RequestError(f"unknown model {name[:100]!r}", 404)
+        version = request.path_params.get("version")
+        if version is not None and version not in model.versions:
+            raise RequestError(f"model {name!r} has no version {version[:20]!r} (versions: {model.versions})", 404)
+        return model
+
+    def guarded(handler):
+        async def endpoint(request):
+            try:
+                return await handler(request)
+            except RequestError as exc:
+                return _error(str(exc), exc.status)
+            except Exception as exc:  # a bug: answer, log its type only (never the request), keep serving
+                log.error("internal error handling %s: %s", request.url.path, type(exc).__name__)
+                return _error(f"internal server error ({type(exc).__name__})", 500)
+        return endpoint
+
+    async def live(request):
+        return _json({"live": True})
+
+    async def ready(request):
+        return _json({"ready": True})
+
+    async def server_metadata(request):
+        return _json({"name": "cvconvert", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def model_metadata(request):
+        return _json(model_of(request).metadata())
+
+    async def model_ready(request):
+        return _json({"name": model_of(request).name, "ready": True})
+
+    async def model_config(request):
+        return _json(model_of(request).config())
+
+    async def infer(request):
+        model = model_of(request)
+        if inflight["n"] >= options.max_inflight:
+            raise RequestError(f"server busy: {options.max_inflight} requests in flight, retry later", 503)
+        inflight["n"] += 1
+        try:
+            body = await read_body(request, options.max_request_bytes)
+            req, tail = split_body(body, request.headers.get(HEADER_LENGTH))
+            feeds = parse_inputs(req, tail, model, options.allow_nonfinite)
+            wanted = requested_outputs(req, model)
+            names = [n for n, _ in wanted]
+            loop = asyncio.get_running_loop()
+            try:
+                results = await loop.run_in_executor(executor, model.run, feeds, names)
+            except Exception as exc:  # ORT rejects what the metadata checks let through (e.g. batch mismatch)
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise RequestError(f"inference failed: {type(exc).__name__}: {first}") from None
+            if not options.allow_nonfinite and not all(_finite(r) for r in results):
+                raise RequestError("the model's output holds non-finite values (inputs out of range?)")
+            rid = req.get("id")
+            body, header_len = encode_response(model, rid if isinstance(rid, str) else None,
+                                               [(n, b, r) for (n, b), r in zip(wanted, results)])
+        finally:
+            inflight["n"] -= 1
+        if header_len is None:
+            return Response(body, media_type="application/json")
+        return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_len)})
+
+    async def http_error(request, exc):
+        return _error(str(exc.detail), exc.status_code)
+
+    routes = [
+        Route("/v2/health/live", guarded(live)),
+        Route("/v2/health/ready", guarded(ready)),
+        Route("/v2", guarded(server_metadata)),
+    ]
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        routes += [
+            Route(prefix, guarded(model_metadata)),
+            Route(prefix + "/ready", guarded(model_ready)),
+            Route(prefix + "/config", guarded(model_config)),
+            Route(prefix + "/infer", guarded(infer), methods=["POST"]),
+        ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app.state.models = by_name
+    app.state.executor = executor
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running it
+
+def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True,
+                   log_level: str = "info"):
+    import uvicorn
+    # h11 (pure Python) keeps the install small; keep-alive long enough for a device's stream of requests.
+    return uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level=log_level,
+                          timeout_keep_alive=30, server_header=False, lifespan="off")
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True) -> None:
+    import uvicorn
+    uvicorn.Server(uvicorn_config(app, host, port, access_log)).run()
+
+
+class BackgroundServer:
+    """The server on a loopback port chosen by the OS, in a thread (tests, benchmarks):
+
+        with BackgroundServer(app) as srv:  srv.url == "http://127.0.0.1:PORT"
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import socket
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))  # bound here, so there is no race for a "free" port
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn_config(app, self.host, self.port, access_log=False,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                return self
+            if not self.thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        self.close()
+        raise RuntimeError("the server did not start")
+
+    def close(self):
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+        self.sock.close()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def max_request_bytes(mb: float) -> int:
+    if not (mb > 0 and math.isfinite(mb)):
+        raise CvError(f"--max-request-mb must be a positive number, not {mb}")
+    return int(mb * 2 ** 20)
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))

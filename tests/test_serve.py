@@ -1,0 +1,443 @@
+"""`cvconvert serve` against NVIDIA's own client (tritonclient.http), raw HTTP for the bad requests, and the
+device-side RemoteProcessing. Loopback only; every server is shut down by its fixture."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import http.server
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from cvconvert import server as srv
+from cvconvert.errors import CvError
+from cvconvert.remote import RemoteProcessing, build_request
+
+tritonclient_http = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_MB = 1.0  # small, so an oversized body is cheap to make
+NAME = "processing"
+
+
+# ---------------------------------------------------------------------------------------------------
+# fixtures
+
+@pytest.fixture(scope="module")
+def processing_onnx(tmp_path_factory) -> Path:
+    """A converted LeNet's processing part (the paper's split: delta, max-modulus pool, conv, linears),
+    exported with a dynamic batch axis as DESIGN.md's processing.onnx contract says."""
+    from cvconvert.build import convert_to_dir
+    from cvconvert.modeldir import load_model
+
+    base = tmp_path_factory.mktemp("serve")
+    convert_to_dir("lenet", base / "lenet", force=True)
+    model, manifest = load_model(base / "lenet")
+    model.eval()
+    x = torch.randn(2, 2, *manifest["feature_shape"])
+    path = base / "processing.onnx"
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.processing, (x,), str(path), input_names=["x"], output_names=["h"],
+                          dynamic_axes={"x": {0: "N"}, "h": {0: "N"}}, dynamo=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(processing_onnx):
+    return ort.InferenceSession(str(processing_onnx), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def live(processing_onnx):
+    model = srv.load_model(processing_onnx, NAME)
+    app = srv.build_app(model, srv.ServerOptions(max_request_bytes=srv.max_request_bytes(MAX_MB), threads=2))
+    with srv.BackgroundServer(app) as server:
+        yield server
+
+
+@pytest.fixture
+def client(live):
+    c = tritonclient_http.InferenceServerClient(f"{live.host}:{live.port}", network_timeout=30)
+    yield c
+    c.close()
+
+
+def feature(local, n=3, seed=0):
+    shape = [n] + [d for d in local.get_inputs()[0].shape[1:]]
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def reference(local, x):
+    return local.run(None, {"x": x})[0]
+
+
+def triton_infer(client, x, binary_in=True, outputs=None, **kw):
+    inp = tritonclient_http.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary_in)
+    return client.infer(NAME, [inp], outputs=outputs, **kw)
+
+
+def raw(live, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection(live.host, live.port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def assert_still_serves(live, local):
+    """After any bad request, a good one still gets the right answer."""
+    x = feature(local, 2, seed=99)
+    np.testing.assert_allclose(RemoteProcessing(live.url, NAME)(x), reference(local, x), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tritonclient, unchanged, against the live server
+
+def test_readiness_and_metadata(client, local):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(NAME) and client.is_model_ready(NAME, model_version="1")
+    assert not client.is_model_ready("no-such-model")
+    assert not client.is_model_ready(NAME, model_version="7")
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    meta = client.get_model_metadata(NAME)
+    assert meta["name"] == NAME and meta["versions"] == ["1"]
+    (inp,), (out,) = meta["inputs"], meta["outputs"]
+    want = local.get_inputs()[0]
+    assert inp["name"] == "x" and inp["datatype"] == "FP32"
+    assert inp["shape"] == [-1] + list(want.shape[1:])  # batch axis dynamic
+    assert out["name"] == "h" and out["datatype"] == "FP32"
+    assert client.get_model_metadata(NAME, model_version="1") == meta
+    assert client.get_model_config(NAME)["input"][0]["dims"] == inp["shape"]
+
+
+def test_infer_binary_in_and_out_equals_local(client, local):
+    x = feature(local, 3)
+    result = triton_infer(client, x)  # tritonclient's defaults: binary input, binary_data_output
+    assert result.get_response()["outputs"][0]["parameters"]["binary_data_size"] > 0
+    np.testing.assert_allclose(result.as_numpy("h"), reference(local, x), rtol=1e-6, atol=1e-6)
+
+
+def test_infer_json_in_and_out_equals_local(client, local):
+    x = feature(local, 2, seed=1)
+    out = tritonclient_http.InferRequestedOutput("h", binary_data=False)
+    result = triton_infer(client, x, binary_in=False, outputs=[out], request_id="req-7")
+    response = result.get_response()
+    assert response["id"] == "req-7" and response["model_name"] == NAME
+    assert "data" in response["outputs"][0] and "parameters" not in response["outputs"][0]
+    np.testing.assert_allclose(result.as_numpy("h"), reference(local, x), rtol=1e-6, atol=1e-6)
+    # JSON in, binary out (per-output flag), through the versioned URL
+    out = tritonclient_http.InferRequestedOutput("h", binary_data=True)
+    result = triton_infer(client, x, binary_in=False, outputs=[out], model_version="1")
+    assert "binary_data_size" in result.get_response()["outputs"][0]["parameters"]
+    np.testing.assert_allclose(result.as_numpy("h"), reference(local, x), rtol=1e-6, atol=1e-6)
+
+
+def test_gzip_request_accepted(client, local):
+    x = feature(local, 2, seed=2)
+    result = triton_infer(client, x, request_compression_algorithm="gzip")
+    np.testing.assert_allclose(result.as_numpy("h"), reference(local, x), rtol=1e-6, atol=1e-6)
+
+
+def test_served_graph_is_rotation_equivariant(live, local):
+    """The cloud part commutes with the secret rotation: what the server sees is e^{i theta} x."""
+    x, t = feature(local, 4, seed=3), np.float32(1.1)
+    remote = RemoteProcessing(live.url, NAME)
+
+    def rot(v):
+        return np.stack([v[:, 0] * np.cos(t) - v[:, 1] * np.sin(t), v[:, 0] * np.sin(t) + v[:, 1] * np.cos(t)], 1)
+
+    h = remote(x)
+    np.testing.assert_allclose(remote(rot(x)), rot(h), rtol=1e-4, atol=1e-4 * np.abs(h).max())
+
+
+def test_concurrent_clients_get_their_own_answers(live, local):
+    xs = [feature(local, 1 + i % 3, seed=10 + i) for i in range(8)]
+    remote, errors, results = RemoteProcessing(live.url, NAME), [], {}
+
+    def worker(i):
+        try:
+            for _ in range(3):
+                results[i] = remote(xs[i])
+        except Exception as exc:  # collected, asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    for i, x in enumerate(xs):
+        np.testing.assert_allclose(results[i], reference(local, x), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad requests: status + JSON {"error"}, then a good request still succeeds
+
+def _body(x, *, name="x", datatype="FP32", shape=None, size=None, extra=b"", header_len=None):
+    raw_x = x.tobytes()
+    header = {"inputs": [{"name": name, "datatype": datatype, "shape": list(x.shape) if shape is None else shape,
+                          "parameters": {"binary_data_size": len(raw_x) if size is None else size}}],
+              "parameters": {"binary_data_output": True}}
+    head = json.dumps(header).encode()
+    return head + raw_x + extra, {srv.HEADER_LENGTH: str(len(head) if header_len is None else header_len)}
+
+
+def _json_body(x, data=None, **item):
+    entry = {"name": "x", "datatype": "FP32", "shape": list(x.shape),
+             "data": x.ravel().tolist() if data is None else data, **item}
+    return json.dumps({"inputs": [entry]}).encode(), {}
+
+
+def bad_requests(x):
+    """(label, method, path, body, headers, status, words the error must contain)."""
+    infer = f"/v2/models/{NAME}/infer"
+    nan = x.copy()
+    nan[0, 0, 0, 0, 0] = np.nan
+    inf = x.copy()
+    inf[-1, 1, 0, 0, 0] = np.inf
+    big = np.zeros((int(MAX_MB * 2 ** 20 / x[0].nbytes) + 2,) + x.shape[1:], np.float32)
+    yield "unknown model", "POST", "/v2/models/nope/infer", *_body(x), 404, "unknown model"
+    yield "unknown version", "POST", f"/v2/models/{NAME}/versions/3/infer", *_body(x), 404, "no version"
+    yield "unknown route", "GET", "/v2/nothing/here", None, {}, 404, "not found"
+    yield "wrong method", "GET", infer, None, {}, 405, "method not allowed"
+    yield "wrong input name", "POST", infer, *_body(x, name="theta"), 400, "unknown input"
+    yield "wrong rank", "POST", infer, *_body(x, shape=list(x.shape[1:])), 400, "does not match"
+    wrong_dims = [x.shape[0], 2, x.shape[2] + 1] + list(x.shape[3:])
+    yield "wrong dims", "POST", infer, *_body(x, shape=wrong_dims, size=x.nbytes), 400, "does not match"
+    yield "wrong datatype", "POST", infer, *_body(x.astype(np.float64), datatype="FP64"), 400, "datatype"
+    yield "truncated binary", "POST", infer, *_body(x, size=x.nbytes + 8), 400, "binary_data_size"
+    body, headers = _body(x)
+    yield "body cut short", "POST", infer, body[:-100], headers, 400, "truncated"
+    yield "size mismatch", "POST", infer, *_body(x, size=x.nbytes - 4, extra=b""), 400, "binary_data_size"
+    yield "trailing bytes", "POST", infer, *_body(x, extra=b"\0" * 12), 400, "after the last binary input"
+    yield "header length past body", "POST", infer, *_body(x, header_len=10 ** 9), 400, "outside the body"
+    yield "header length not a number", "POST", infer, *_body(x, header_len="ten"), 400, "not an integer"
+    yield "NaN in binary", "POST", infer, *_body(nan), 400, "non-finite"
+    yield "Inf in binary", "POST", infer, *_body(inf), 400, "non-finite"
+    yield "NaN in JSON", "POST", infer, *_json_body(x, data=[float("nan")] + x.ravel().tolist()[1:]), 400, "non-finite"
+    yield "overflow in JSON", "POST", infer, *_json_body(x, data=[1e300] + x.ravel().tolist()[1:]), 400, "non-finite"
+    yield "malformed JSON", "POST", infer, b'{"inputs": [', {}, 400, "malformed json"
+    yield "JSON not an object", "POST", infer, b"[1, 2]", {}, 400, "json object"
+    yield "no inputs", "POST", infer, b'{"outputs": []}', {}, 400, "inputs"
+    yield "data too short", "POST", infer, *_json_body(x, data=[0.0, 1.0]), 400, "elements"
+    yield "data not numbers", "POST", infer, *_json_body(x, data=["secret-text"] * x.size), 400, "not a regular array"
+    yield "unknown output", "POST", infer, json.dumps(
+        {"inputs": json.loads(_json_body(x)[0])["inputs"], "outputs": [{"name": "logits"}]}).encode(), {}, 400, "unknown output"
+    yield "oversized body", "POST", infer, *_body(big), 413, "limit"
+    yield "oversized gzip bomb", "POST", infer, gzip.compress(b" " * int(3 * MAX_MB * 2 ** 20)), \
+        {"Content-Encoding": "gzip"}, 413, "limit"
+    yield "unknown encoding", "POST", infer, _json_body(x)[0], {"Content-Encoding": "br"}, 400, "content-encoding"
+
+
+@pytest.mark.timeout(120)
+def test_bad_requests_get_json_errors_and_server_keeps_serving(live, local):
+    x = feature(local, 2, seed=4)
+    for label, method, path, body, headers, status, words in bad_requests(x):
+        got, resp_headers, data = raw(live, method, path, body, headers)
+        assert got == status, (label, got, data[:200])
+        assert resp_headers.get("content-type", "").startswith("application/json"), label
+        error = json.loads(data)["error"]
+        assert isinstance(error, str) and words in error.lower(), (label, error)
+        assert "secret-text" not in error  # never echo request content
+        assert_still_serves(live, local)
+
+
+def test_oversized_body_sent_chunked_gets_413(live, local):
+    """No Content-Length up front: the limit is enforced while streaming."""
+    chunk = b"\0" * 2 ** 16
+    n = int(MAX_MB * 2 ** 20 / len(chunk)) + 4
+    conn = http.client.HTTPConnection(live.host, live.port, timeout=30)
+    try:
+        conn.request("POST", f"/v2/models/{NAME}/infer", body=(chunk for _ in range(n)), encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 413 and "limit" in json.loads(resp.read())["error"]
+    finally:
+        conn.close()
+    assert_still_serves(live, local)
+
+
+def test_tritonclient_sees_the_server_errors(client, local):
+    x = feature(local, 2, seed=5)
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer("nope", [tritonclient_http.InferInput("x", list(x.shape), "FP32").set_data_from_numpy(x)])
+    assert exc.value.status() == "404" and "unknown model" in exc.value.message()
+    bad = x[:, :, :-1]  # a fixed dim off by one
+    with pytest.raises(InferenceServerException) as exc:
+        triton_infer(client, np.ascontiguousarray(bad))
+    assert exc.value.status() == "400" and "does not match" in exc.value.message()
+    np.testing.assert_allclose(triton_infer(client, x).as_numpy("h"), reference(local, x), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the device side
+
+class _Capture(http.server.BaseHTTPRequestHandler):
+    """Records each request the device sends, then forwards it to the real server (a transparent proxy)."""
+
+    seen: list = []
+    upstream: tuple = ()
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.seen.append((self.path, dict(self.headers), body))
+        conn = http.client.HTTPConnection(*self.upstream, timeout=30)
+        conn.request("POST", self.path, body=body,
+                     headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+        resp = conn.getresponse()
+        data = resp.read()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() in ("content-type", "content-length", srv.HEADER_LENGTH.lower()):
+                self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+        conn.close()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def capture(live):
+    _Capture.seen, _Capture.upstream = [], (live.host, live.port)
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Capture)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_address[1]}", _Capture.seen
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(10)
+
+
+def test_remote_processing_sends_only_x(capture, local):
+    url, seen = capture
+    x = feature(local, 3, seed=6)
+    h = RemoteProcessing(url, NAME)(x)
+    np.testing.assert_allclose(h, reference(local, x), rtol=1e-6, atol=1e-6)
+    (path, headers, body), = seen
+    assert path == f"/v2/models/{NAME}/infer"
+    n = int(headers[srv.HEADER_LENGTH])
+    header = json.loads(body[:n])
+    # exactly one tensor, named x, and the body is its JSON header plus x's bytes and nothing else
+    assert [i["name"] for i in header["inputs"]] == ["x"]
+    assert set(header) <= {"inputs", "parameters", "outputs"}
+    assert header["parameters"] == {"binary_data_output": True}
+    assert set(header["inputs"][0]) == {"name", "shape", "datatype", "parameters"}
+    assert body[n:] == x.tobytes() and len(body) == n + x.nbytes
+    assert build_request(x)[0] == body
+
+
+def test_remote_processing_errors(live, local):
+    remote = RemoteProcessing(live.url, NAME, timeout=10)
+    assert remote.ready() and remote.metadata()["inputs"][0]["name"] == "x"
+    with pytest.raises(CvError, match="does not match"):
+        remote(feature(local, 2)[:, :, :-1].copy())
+    with pytest.raises(CvError, match="unknown model"):
+        RemoteProcessing(live.url, "nope")(feature(local, 1))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    with pytest.raises(CvError, match="cannot reach"):
+        RemoteProcessing(f"http://127.0.0.1:{dead}", NAME, timeout=5)(feature(local, 1))
+    assert not RemoteProcessing(f"127.0.0.1:{dead}", NAME, timeout=5).ready()
+    with pytest.raises(CvError, match="bad server URL"):
+        RemoteProcessing("ftp://example", NAME)
+    assert_still_serves(live, local)
+
+
+def test_server_and_client_need_no_torch():
+    code = ("import sys, cvconvert.server, cvconvert.remote, cli.serve, starlette, uvicorn, onnxruntime;"
+            "bad = [m for m in ('torch', 'torchvision', 'tritonclient') if m in sys.modules];"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the command line
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(90)
+def test_cli_serve_model_dir_end_to_end(processing_onnx, local, tmp_path):
+    """`cvconvert serve DIR` for a Triton-style model folder, reached by RemoteProcessing, stopped by Ctrl-C."""
+    folder = tmp_path / "repo" / "lenet_processing"
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "model.onnx").write_bytes(processing_onnx.read_bytes())
+    port = _free_port()
+    cmd = [sys.executable, "-m", "cli", "serve", str(folder), "--port", str(port), "--threads", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        remote = RemoteProcessing(f"http://127.0.0.1:{port}", "lenet_processing", timeout=10)
+        deadline = time.monotonic() + 60
+        while not remote.ready():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        x = feature(local, 2, seed=8)
+        np.testing.assert_allclose(remote(x), reference(local, x), rtol=1e-6, atol=1e-6)
+        remote.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    log = err.decode()
+    assert "lenet_processing" in log and "/v2/models/lenet_processing/infer" in log
+    assert "Traceback" not in log
+    assert x.tobytes()[:64].hex() not in log and "binary_data_size" not in log  # no bodies logged
+
+
+@pytest.mark.parametrize("args, words", [
+    (["/nonexistent/processing.onnx"], "does not exist"),
+    (["{onnx}", "--max-request-mb", "0"], "max-request-mb"),
+    (["{onnx}", "--port", "70000"], "not a tcp port"),
+    (["{txt}"], "not an .onnx file"),
+])
+def test_cli_serve_bad_arguments(args, words, processing_onnx, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    txt = tmp_path / "model.txt"
+    txt.write_text("x")
+    args = [a.format(onnx=processing_onnx, txt=txt) for a in args]
+    result = CliRunner().invoke(app, ["serve", *args])
+    assert result.exit_code == 2
+    assert words in result.output.lower()
+    assert "Traceback" not in result.output
+
+
+def test_broken_onnx_file_is_refused(tmp_path):
+    bad = tmp_path / "processing.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(CvError, match="cannot load"):
+        srv.load_model(bad)
