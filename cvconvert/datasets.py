@@ -21,6 +21,18 @@ CIFAR100_SUPERCLASSES = [
     "household_furniture", "insects", "large_carnivores", "large_man-made_outdoor_things",
     "large_natural_outdoor_scenes", "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates",
     "people", "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2"]
+# CelebA's 40 attributes (list_attr_celeba.txt order). The paper's audit hides 10 of them and trains on
+# the other 30; it does not say which 10, so we hide the ones about who the person is.
+CELEBA_ATTRS = [
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
+    "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses",
+    "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
+    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks",
+    "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick",
+    "Wearing_Necklace", "Wearing_Necktie", "Young"]
+CELEBA_PROPERTY_ATTRS = ["Male", "Young", "Attractive", "Pale_Skin", "Chubby", "Double_Chin", "Oval_Face", "Big_Nose",
+                         "Pointy_Nose", "Bald"]
+CELEBA_TASK_ATTRS = [a for a in CELEBA_ATTRS if a not in CELEBA_PROPERTY_ATTRS]
 
 
 @dataclass(frozen=True)
@@ -50,7 +62,7 @@ def dataset_info(name: str, task: str = "fine") -> DatasetInfo:
         return DatasetInfo(name, (3, 32, 32), 20, CIFAR100_SUPERCLASSES, [0.5071, 0.4865, 0.4409],
                            [0.2673, 0.2564, 0.2762], "coarse", False, 100)
     elif name == "celeba" and task == "fine":
-        return DatasetInfo(name, (3, 64, 64), 30, [f"attr{i}" for i in range(30)], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5],
+        return DatasetInfo(name, (3, 64, 64), 30, list(CELEBA_TASK_ATTRS), [0.5, 0.5, 0.5], [0.5, 0.5, 0.5],
                            "attributes", True, 10)
     elif name == "cub200" and task == "fine":
         return DatasetInfo(name, (3, 64, 64), 200, [f"class{i}" for i in range(200)], [0.485, 0.456, 0.406],

@@ -1,0 +1,63 @@
+"""`cvconvert train`: train a model directory in place (task loss; + WGAN loss for the complex variant).
+
+Runs unchanged under torchrun: `torchrun --nproc-per-node 2 -m cli train DIR ...` (gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._app import command, emit_json, info
+
+
+@command("train")
+def train(
+    model_dir: Path = typer.Argument(..., help="Model directory written by `cvconvert convert`."),
+    data: Optional[str] = typer.Option(None, help="fashion-mnist | cifar10 | cifar100 | celeba | cub200 | "
+                                                  "folder:PATH (default: the data set the model was converted for)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder holding the data set's files."),
+    task: Optional[str] = typer.Option(None, help="fine | coarse (Fashion-MNIST's 4 superclasses)."),
+    epochs: int = typer.Option(10, help="Epochs in total (with --resume: including those already done)."),
+    batch_size: int = typer.Option(128, help="Batch size per process."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate of the model."),
+    weight_decay: float = typer.Option(0.0, help="Adam weight decay."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    seed: int = typer.Option(0, help="Seed of the initialisation-free randomness (data order, split, GAN)."),
+    workers: int = typer.Option(0, help="DataLoader worker processes."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps (smoke runs)."),
+    resume: bool = typer.Option(False, help="Continue from DIR/checkpoints/last.pt."),
+    k: Optional[int] = typer.Option(None, help="GAN: 1 real + k-1 rotated negatives (default: the manifest's k)."),
+    gan_weight: float = typer.Option(0.1, help="Weight of the WGAN loss in the complex variant's loss (0: none)."),
+    critic_steps: int = typer.Option(1, help="Critic updates per GAN step."),
+    critic_lr: Optional[float] = typer.Option(None, help="Critic learning rate (default: --lr)."),
+    gp_weight: float = typer.Option(10.0, help="WGAN-GP gradient-penalty weight."),
+    gan_every: int = typer.Option(1, help="Do the critic + adversarial step on every N-th batch only."),
+    val_fraction: float = typer.Option(0.05, help="Share of the training set held out to pick the best epoch."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
+):
+    """Train DIR; the best weights go to DIR/model.pt, the last checkpoint to DIR/checkpoints/last.pt."""
+    from cvconvert.errors import CvError
+    from cvconvert.train import TrainConfig, train as run
+
+    if not 0 <= val_fraction < 1:
+        raise CvError("--val-fraction must be in [0, 1)")
+    if max_steps is not None and max_steps < 1:
+        raise CvError("--max-steps must be at least 1")
+    cfg = TrainConfig(data=data, data_dir=str(data_dir) if data_dir else None, task=task, epochs=epochs,
+                      batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
+                      workers=workers, max_steps=max_steps, resume=resume, k=k, gan_weight=gan_weight,
+                      critic_steps=critic_steps, critic_lr=critic_lr, gp_weight=gp_weight, gan_every=gan_every,
+                      val_fraction=val_fraction)
+    summary = run(model_dir, cfg)
+    import os
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if as_json:
+        emit_json(summary)
+    else:
+        best = summary["best"] or {}
+        info(f"trained {model_dir}: {summary['epochs']} epoch(s), {summary['steps']} steps in {summary['time_s']}s; "
+             f"best epoch {best.get('epoch')} (error {best.get('error', float('nan')):.4f}) -> {model_dir}/model.pt")
