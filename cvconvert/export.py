@@ -227,7 +227,7 @@ def export_model_dir(model_dir, *, opset: int = 18, atol: float = 1e-4, rtol: fl
     examples = {"encoder": (img, fool, theta) if cplx else (img,), "processing": (x,),
                 "decoder": (h, theta) if cplx else (h,)}
     if not cplx:
-        parts["original"] = _Original(model)
+        parts["original"] = _Original(model.encoder, processing, model.decoder)
         examples["original"] = (img,)
 
     shapes = expected_shapes(manifest, tuple(h.shape[1:]))
@@ -344,9 +344,9 @@ class _ComplexEncoder(nn.Module):
 class _Original(nn.Module):
     """The baseline variant as one graph, image -> logits (original.onnx, for benchmarks)."""
 
-    def __init__(self, model):
+    def __init__(self, encoder, processing, decoder):
         super().__init__()
-        self.encoder, self.processing, self.decoder = model.encoder, model.processing, model.decoder
+        self.encoder, self.processing, self.decoder = encoder, processing, decoder
 
     def forward(self, image):
         return self.decoder(self.processing(self.encoder(image)))

@@ -1,0 +1,173 @@
+"""`cvconvert infer`: classify images with the exported graphs on ONNX Runtime; the key stays here.
+
+Light on purpose: typer, numpy, onnxruntime and Pillow only, never torch (fast device start-up).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ._app import command, emit_json, info
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def collect_images(paths: list[Path]) -> list[Path]:
+    """Files as given; directories contribute their PNG/JPEG files (sorted, not recursive)."""
+    from cvconvert.errors import CvError
+
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise CvError(f"directory {p} holds no PNG/JPEG images")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise CvError(f"{p} does not exist")
+    return out
+
+
+def load_image(path: Path, shape: tuple, resize: bool):
+    """PNG/JPEG -> float32 [C, H, W] in [0, 1] for a model taking `shape` = (C, H, W).
+
+    Channels are converted (grey <-> RGB, alpha dropped) with a warning when the colour count differs;
+    a wrong size is refused unless `resize` (then resized, with a warning), so nothing is silently
+    rescaled into a distribution the model never saw.
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from cvconvert.errors import CvError
+
+    c, h, w = shape
+    if c not in (1, 3):
+        raise CvError(f"the model takes {c}-channel images; infer reads grey (1) or RGB (3) images only")
+    try:
+        with Image.open(path) as im:
+            if im.format not in ("PNG", "JPEG"):
+                raise CvError(f"{path} is a {im.format} image; infer reads PNG or JPEG")
+            im.load()
+            src_channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+            target = "L" if c == 1 else "RGB"
+            if src_channels != c:
+                info(f"warning: {path.name} has {src_channels} channel(s), the model takes {c}: converted to {target}")
+            if im.mode != target:
+                im = im.convert(target)
+            if im.size != (w, h):
+                if not resize:
+                    raise CvError(f"{path} is {im.size[0]}x{im.size[1]}, the model takes {w}x{h} "
+                                  "(pass --resize to resize it)")
+                info(f"warning: {path.name} resized from {im.size[0]}x{im.size[1]} to {w}x{h}")
+                im = im.resize((w, h), Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CvError(f"{path} is not a readable PNG/JPEG image ({type(exc).__name__})") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _find_manifest(encoder: Path) -> Path:
+    from cvconvert.errors import CvError
+    from cvconvert.modeldir import MANIFEST
+
+    for d in (encoder.parent.parent, encoder.parent):  # DIR/onnx/encoder.onnx -> DIR/cvconvert.json
+        if (d / MANIFEST).is_file():
+            return d
+    raise CvError(f"no {MANIFEST} next to {encoder} (expected in the parent of onnx/); pass --manifest")
+
+
+@command("infer")
+def infer(
+    images: List[Path] = typer.Argument(..., help="PNG/JPEG files or directories of them."),
+    model_dir: Optional[Path] = typer.Option(None, help="Model dir with onnx/ (shortcut for the three graphs)."),
+    encoder: Optional[Path] = typer.Option(None, help="encoder.onnx (with --processing and --decoder)."),
+    processing: Optional[Path] = typer.Option(None, help="processing.onnx."),
+    decoder: Optional[Path] = typer.Option(None, help="decoder.onnx."),
+    manifest: Optional[Path] = typer.Option(None, help="cvconvert.json (default: found next to the graphs)."),
+    top_k: int = typer.Option(3, help="Classes to show per image."),
+    fool_dir: Optional[Path] = typer.Option(None, help="Images to draw the fooling inputs from."),
+    provider: str = typer.Option("auto", help="auto | cpu | cuda (ONNX Runtime execution provider)."),
+    server: Optional[str] = typer.Option(None, help="Run processing on a KServe v2 / Triton server at this URL."),
+    model_name: Optional[str] = typer.Option(None, help="Model name on --server (default ARCH_processing)."),
+    resize: bool = typer.Option(False, help="Resize images of another size (default: refuse them)."),
+    batch_size: int = typer.Option(64, help="Images per ONNX Runtime call."),
+    reveal_key: bool = typer.Option(False, help="DEBUG ONLY: print each image's secret angle theta."),
+    as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON on stdout."),
+):
+    """Classify IMAGES with the split network: encode + decode here, processing local or on --server."""
+    import numpy as np
+
+    from cvconvert.errors import CvError
+    from cvconvert.keys import secure_angles
+    from cvconvert.modeldir import read_manifest
+    from cvconvert.runtime import Pipeline, choose_fools
+
+    if top_k < 1 or batch_size < 1:
+        raise CvError("--top-k and --batch-size must be at least 1")
+    graphs = (encoder, processing, decoder)
+    if model_dir is not None:
+        if any(g is not None for g in graphs):
+            raise CvError("give --model-dir or --encoder/--processing/--decoder, not both")
+        onnx_dir = model_dir / "onnx"
+        man = read_manifest(manifest or model_dir)
+        if not onnx_dir.is_dir():
+            raise CvError(f"{model_dir} has no onnx/ folder: run `cvconvert export {model_dir}` first")
+        encoder, processing, decoder = (onnx_dir / f"{p}.onnx" for p in ("encoder", "processing", "decoder"))
+    else:
+        if encoder is None or decoder is None or (processing is None and server is None):
+            raise CvError("give --model-dir, or --encoder and --decoder with --processing (or --server)")
+        man = read_manifest(manifest or _find_manifest(encoder))
+    proc = processing
+    if server is not None:
+        try:
+            from cvconvert.remote import RemoteProcessing
+        except ImportError:
+            raise CvError("--server needs cvconvert.remote, which this installation lacks") from None
+        proc = RemoteProcessing(server, model_name or f"{man['arch']}_processing")
+    pipe = Pipeline(encoder, proc, decoder, man, provider=provider)
+
+    files = collect_images(images)
+    shape = tuple(man["input_shape"])
+    x = np.stack([load_image(f, shape, resize) for f in files])
+    pool = None
+    if fool_dir is not None:
+        if not fool_dir.is_dir():
+            raise CvError(f"--fool-dir {fool_dir} is not a directory")
+        pool = np.stack([load_image(f, shape, resize) for f in collect_images([fool_dir])])
+    if pipe.complex:
+        fools, how = choose_fools(x, pool)
+        if how == "noise":
+            info("warning: one image and no --fool-dir: its fooling input is smooth random noise, which hides "
+                 "less than a real image would (see README); pass --fool-dir")
+        theta = secure_angles(len(x))  # one secret angle per image; stays in this process
+    logits = []
+    for i in range(0, len(x), batch_size):
+        sl = slice(i, i + batch_size)
+        logits.append(pipe.predict(x[sl], fools[sl], theta[sl]) if pipe.complex else pipe.predict(x[sl]))
+    probs = pipe.probabilities(np.concatenate(logits))
+
+    k = min(top_k, probs.shape[1])
+    names = pipe.class_names
+    where = f"remote {server}" if server else pipe.providers["processing"]
+    info(f"ran on {pipe.providers['encoder']} (device side), processing on {where}"
+         + (f"; fooling inputs from {how}" if pipe.complex else ""))
+    results = []
+    for n, (f, p) in enumerate(zip(files, probs)):
+        top = np.argsort(-p, kind="stable")[:k]
+        entry = {"image": str(f), "top": [{"class": str(names[j]), "index": int(j), "prob": float(p[j])} for j in top]}
+        if reveal_key and pipe.complex:
+            entry["theta"] = float(theta[n])
+        results.append(entry)
+    if as_json:
+        emit_json({"providers": pipe.providers, "processing": server or "local", "predictions": results,
+                   **({"fools": how} if pipe.complex else {})})
+        return
+    for r in results:
+        tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
+        key = f"  theta={r['theta']:.6f}" if "theta" in r else ""
+        print(f"{r['image']}: {tops}{key}")
