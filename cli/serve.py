@@ -14,15 +14,20 @@ from ._app import command, info
 def serve(
     model: Path = typer.Argument(..., help="PROCESSING.onnx, a model dir (DIR/onnx/processing.onnx), or a Triton "
                                            "model folder (NAME/1/model.onnx) as `export --triton-repo` writes."),
-    name: Optional[str] = typer.Option(None, help="Model name in the URL /v2/models/NAME (default: 'processing', "
-                                                  "or the Triton model folder's name)."),
+    name: Optional[str] = typer.Option(None, help="Model name in the URL /v2/models/NAME (default: ARCH_processing for a "
+                                                  "model dir, as `export --triton-repo` names it; the Triton folder's "
+                                                  "name; else the file name without .onnx)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 exposes it to the network)."),
     port: int = typer.Option(8000, help="TCP port."),
     max_request_mb: float = typer.Option(64.0, help="Largest request body accepted (MiB); larger ones get 413."),
     threads: Optional[int] = typer.Option(None, help="Inference runs at once (thread pool off the event loop); "
                                                      "default min(4, CPUs)."),
-    intra_op_threads: int = typer.Option(0, help="ONNX Runtime threads per run (0: ONNX Runtime's default)."),
+    intra_op_threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per run (default: CPUs / "
+                                                              "--threads; 0: ONNX Runtime's own default)."),
     max_inflight: int = typer.Option(64, help="Requests accepted at once; more get 503 (bounds memory)."),
+    max_batch: int = typer.Option(1, help="Dynamic batching: stack concurrent requests up to this many rows "
+                                          "(1: off). Refused for graphs whose rows are not independent."),
+    batch_delay_ms: float = typer.Option(2.0, help="With --max-batch: how long a request waits for company."),
     allow_nonfinite: bool = typer.Option(False, help="Accept NaN/Inf in inputs and outputs (refused by default)."),
     access_log: bool = typer.Option(True, help="Log one line per request (method, path, status; never bodies)."),
     cuda: bool = typer.Option(False, help="Run on the CUDA execution provider (falls back to CPU if absent)."),
@@ -37,10 +42,15 @@ def serve(
         raise CvError("--threads must be >= 1")
     if max_inflight < 1:
         raise CvError("--max-inflight must be >= 1")
+    if max_batch < 1 or not 0 <= batch_delay_ms <= 1000:
+        raise CvError("--max-batch must be >= 1 and --batch-delay-ms in [0, 1000]")
     options = srv.ServerOptions(max_request_bytes=srv.max_request_bytes(max_request_mb),
                                 threads=threads or srv.default_threads(), max_inflight=max_inflight,
-                                allow_nonfinite=allow_nonfinite)
+                                allow_nonfinite=allow_nonfinite, max_batch=max_batch,
+                                batch_delay_ms=batch_delay_ms)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
+    if intra_op_threads is None:
+        intra_op_threads = srv.default_intra_op_threads(options.threads)
     served = srv.load_model(model, name, intra_op_threads=intra_op_threads, providers=providers)
     app = srv.build_app(served, options)
     shapes = ", ".join(f"{t.name} {t.datatype}{t.shape}" for t in served.inputs + served.outputs)

@@ -441,3 +441,61 @@ def test_broken_onnx_file_is_refused(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(CvError, match="cannot load"):
         srv.load_model(bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# dynamic batching (opt-in)
+
+def test_dynamic_batching_gives_each_client_its_own_rows(processing_onnx, local):
+    model = srv.load_model(processing_onnx, NAME)
+    assert srv.rows_independent(model)
+    run, stacked = model.run, []
+
+    def counting_run(feeds, names):
+        stacked.append(len(feeds["x"]))
+        return run(feeds, names)
+
+    model.run = counting_run
+    app = srv.build_app(model, srv.ServerOptions(threads=1, max_batch=8, batch_delay_ms=50))
+    stacked.clear()  # build_app's own row-independence check ran the model too
+    xs = [feature(local, 1 + i % 2, seed=30 + i) for i in range(6)]
+    results, errors = {}, []
+    with srv.BackgroundServer(app) as server:
+        remote = RemoteProcessing(server.url, NAME)
+        barrier = threading.Barrier(len(xs))
+
+        def worker(i):
+            try:
+                barrier.wait(10)  # arrive together, so the batcher stacks them
+                results[i] = remote(xs[i])
+            except Exception as exc:  # asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert not errors
+    for i, x in enumerate(xs):
+        np.testing.assert_allclose(results[i], reference(local, x), rtol=1e-5, atol=1e-5)
+    assert max(stacked) > 2 and sum(stacked) == sum(len(x) for x in xs)  # requests were stacked
+
+
+def test_dynamic_batching_refused_for_batch_coupled_graph(tmp_path):
+    """A graph that mixes rows (x - mean over the batch) would leak between clients: refused."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3])
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 2, 3])
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1),
+             helper.make_node("Sub", ["x", "m"], ["h"])]
+    graph = helper.make_graph(nodes, "coupled", [x], [h])
+    path = tmp_path / "coupled.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    model = srv.load_model(path)
+    assert not srv.rows_independent(model)
+    with pytest.raises(CvError, match="cannot be batched"):
+        srv.build_app(model, srv.ServerOptions(max_batch=4))
+    srv.build_app(model, srv.ServerOptions(max_batch=1))  # unbatched serving is fine
