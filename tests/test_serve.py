@@ -499,3 +499,100 @@ def test_dynamic_batching_refused_for_batch_coupled_graph(tmp_path):
     with pytest.raises(CvError, match="cannot be batched"):
         srv.build_app(model, srv.ServerOptions(max_batch=4))
     srv.build_app(model, srv.ServerOptions(max_batch=1))  # unbatched serving is fine
+
+
+# ---------------------------------------------------------------------------------------------------
+# end to end: convert -> export --triton-repo -> serve the Triton model folder -> infer --server
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A converted LeNet exported with `export` (the real encoder/processing/decoder graphs) plus the
+    Triton repository it writes, and a few grey PNGs (and one fooling image, so the fools are fixed)."""
+    from PIL import Image
+
+    from cvconvert.build import convert_to_dir
+    from cvconvert.export import export_model_dir
+
+    base = tmp_path_factory.mktemp("e2e")
+    convert_to_dir("lenet", base / "lenet", force=True)
+    export_model_dir(base / "lenet", triton_repo=base / "repo")
+    rng = np.random.default_rng(0)
+    (base / "images").mkdir()
+    (base / "fools").mkdir()
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    for i in range(4):  # smooth patterns, unlike each other
+        img = 0.5 + 0.5 * np.sin(2 * np.pi * (rng.uniform(0.5, 3) * xx + rng.uniform(0.5, 3) * yy + rng.uniform()))
+        Image.fromarray((img * 255).astype(np.uint8), "L").save(base / ("images" if i < 3 else "fools") / f"{i}.png")
+    return base
+
+
+@pytest.fixture(scope="module")
+def triton_folder_server(exported):
+    """`cvconvert serve` on the folder `export --triton-repo` wrote (what Triton itself would load)."""
+    model = srv.load_model(exported / "repo" / "lenet_processing")
+    assert model.name == "lenet_processing"
+    with srv.BackgroundServer(srv.build_app(model)) as server:
+        yield server
+
+
+def _predictions(args):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["infer", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.mark.timeout(180)
+def test_cli_infer_server_matches_local(exported, triton_folder_server):
+    """`cvconvert infer --server` gives the same predictions as local `infer` (fixed fooling image; each run
+    draws its own secret theta, which the decoder's unrotation cancels up to float error)."""
+    common = [str(exported / "images"), "--model-dir", str(exported / "lenet"),
+              "--fool-dir", str(exported / "fools"), "--top-k", "10"]
+    local_run = _predictions(common)
+    remote_run = _predictions(common + ["--server", triton_folder_server.url])  # default name ARCH_processing
+    assert remote_run["processing"] == triton_folder_server.url and local_run["processing"] == "local"
+    assert len(local_run["predictions"]) == len(remote_run["predictions"]) == 3
+    for a, b in zip(local_run["predictions"], remote_run["predictions"]):
+        pa = {t["index"]: t["prob"] for t in a["top"]}
+        pb = {t["index"]: t["prob"] for t in b["top"]}
+        assert pa.keys() == pb.keys()
+        assert max(abs(pa[k] - pb[k]) for k in pa) < 1e-5
+        ranked = sorted(pa.values(), reverse=True)
+        if ranked[0] - ranked[1] > 1e-4:  # a clear winner must be the same class
+            assert a["top"][0]["index"] == b["top"][0]["index"]
+
+
+def test_pipeline_with_remote_processing_same_key_same_logits(exported, triton_folder_server):
+    """Library level, one fixed key: the remote pipeline's logits equal the local one's, and the only
+    thing that crossed the wire is x (header + x's bytes), never theta, images or fools."""
+    from cvconvert.keys import secure_angles
+    from cvconvert.runtime import Pipeline
+
+    _Capture.seen, _Capture.upstream = [], (triton_folder_server.host, triton_folder_server.port)
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Capture)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        remote = RemoteProcessing(f"http://127.0.0.1:{proxy.server_address[1]}", "lenet_processing")
+        local_pipe = Pipeline.from_model_dir(exported / "lenet", provider="cpu")
+        remote_pipe = Pipeline.from_model_dir(exported / "lenet", provider="cpu", processing=remote)
+        rng = np.random.default_rng(1)
+        images = rng.uniform(0, 1, (4, 1, 32, 32)).astype(np.float32)
+        fools = rng.uniform(0, 1, (4, 1, 32, 32)).astype(np.float32)
+        theta = secure_angles(4)
+        want = local_pipe.predict(images, fools, theta)
+        got = remote_pipe.predict(images, fools, theta)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        x = local_pipe.encode(images, fools, theta)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(10)
+    (path, headers, body), = _Capture.seen
+    n = int(headers[srv.HEADER_LENGTH])
+    assert [i["name"] for i in json.loads(body[:n])["inputs"]] == ["x"]
+    assert body[n:] == x.tobytes()
+    assert theta.tobytes() not in body and images.tobytes()[:256] not in body
