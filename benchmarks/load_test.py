@@ -2,7 +2,7 @@
 every answer checked against local ONNX Runtime; prints requests/s and p50/p99 latency.
 
     .venv/bin/python benchmarks/load_test.py                      # LeNet's processing part, 8 x 50
-    .venv/bin/python benchmarks/load_test.py out/r20/onnx/processing.onnx --clients 8 --requests 50 --batch 4
+    .venv/bin/python benchmarks/load_test.py out/lenet --clients 8 --requests 50 --batch 4   # a model dir
     .venv/bin/python benchmarks/load_test.py --url http://HOST:8000 --name NAME MODEL.onnx   # any v2 server
 
 The server runs as a separate process (`python -m cli serve`), as in production, so the clients' Python
@@ -83,7 +83,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", help="processing.onnx or a model dir (default: a converted LeNet's)")
     ap.add_argument("--url", help="benchmark this running v2 server instead of starting one")
-    ap.add_argument("--name", default="processing")
+    ap.add_argument("--name", help="model name (default: what `cvconvert serve MODEL` names it)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=50, help="per client")
     ap.add_argument("--batch", type=int, default=1, help="samples per request")
@@ -97,7 +97,8 @@ def main() -> int:
 
     tmp = tempfile.TemporaryDirectory(prefix="cvconvert-load-")
     model = Path(args.model) if args.model else lenet_processing(Path(tmp.name))
-    onnx_path, _ = resolve_model_path(model)
+    onnx_path, default_name = resolve_model_path(model)
+    args.name = args.name or default_name
     local = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     shape = [args.batch] + list(local.get_inputs()[0].shape[1:])
     rng = np.random.default_rng(0)
