@@ -315,8 +315,8 @@ def requested_outputs(request: dict, model: ServedModel) -> list[tuple[str, bool
     return out
 
 
-def encode_response(model: ServedModel, request_id, outputs: list[tuple[str, bool, np.ndarray]]
-                    ) -> tuple[bytes, int | None]:
+def encode_response(model: ServedModel, request_id, outputs: list[tuple[str, bool, np.ndarray]],
+                    allow_nan: bool = False) -> tuple[bytes, int | None]:
     """(body, JSON header length or None when the body is all JSON)."""
     entries, blobs = [], []
     for name, binary, arr in outputs:
@@ -333,7 +333,7 @@ def encode_response(model: ServedModel, request_id, outputs: list[tuple[str, boo
     reply = {"model_name": model.name, "model_version": VERSION, "outputs": entries}
     if request_id is not None:
         reply["id"] = request_id
-    header = json.dumps(reply, allow_nan=False, separators=(",", ":")).encode()
+    header = json.dumps(reply, allow_nan=allow_nan, separators=(",", ":")).encode()
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
@@ -510,6 +510,7 @@ def build_app(models: list[ServedModel] | ServedModel, options: ServerOptions | 
     """The Starlette app serving `models` (by name)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
     from starlette.responses import Response
     from starlette.routing import Route
 
@@ -544,6 +545,8 @@ def build_app(models: list[ServedModel] | ServedModel, options: ServerOptions | 
                 return await handler(request)
             except RequestError as exc:
                 return _error(str(exc), exc.status)
+            except ClientDisconnect:  # the client left mid-body: nobody to answer, nothing to log
+                return _error("client disconnected", 400)
             except Exception as exc:  # a bug: answer, log its type only (never the request), keep serving
                 log.error("internal error handling %s: %s", request.url.path, type(exc).__name__)
                 return _error(f"internal server error ({type(exc).__name__})", 500)
@@ -591,7 +594,8 @@ def build_app(models: list[ServedModel] | ServedModel, options: ServerOptions | 
                 raise RequestError("the model's output holds non-finite values (inputs out of range?)")
             rid = req.get("id")
             body, header_len = encode_response(model, rid if isinstance(rid, str) else None,
-                                               [(n, b, r) for (n, b), r in zip(wanted, results)])
+                                               [(n, b, r) for (n, b), r in zip(wanted, results)],
+                                               allow_nan=options.allow_nonfinite)
         finally:
             inflight["n"] -= 1
         if header_len is None:

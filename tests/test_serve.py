@@ -596,3 +596,42 @@ def test_pipeline_with_remote_processing_same_key_same_logits(exported, triton_f
     assert [i["name"] for i in json.loads(body[:n])["inputs"]] == ["x"]
     assert body[n:] == x.tobytes()
     assert theta.tobytes() not in body and images.tobytes()[:256] not in body
+
+
+# ---------------------------------------------------------------------------------------------------
+# server options
+
+def test_busy_server_answers_503_then_recovers(processing_onnx, local):
+    """--max-inflight bounds memory: a request over it gets 503 + JSON while the first is still uploading."""
+    app = srv.build_app(srv.load_model(processing_onnx, NAME), srv.ServerOptions(max_inflight=1, threads=1))
+    x = feature(local, 1, seed=40)
+    body, headers = _body(x)
+    with srv.BackgroundServer(app) as server:
+        slow = socket.create_connection((server.host, server.port), timeout=30)
+        try:
+            head = (f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                    f"{srv.HEADER_LENGTH}: {headers[srv.HEADER_LENGTH]}\r\n\r\n").encode()
+            slow.sendall(head + body[:100])  # in flight, waiting for the rest of its body
+            deadline = time.monotonic() + 10
+            while True:
+                status, _, data = raw(server, "POST", f"/v2/models/{NAME}/infer", *_body(x))
+                if status == 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)  # the slow request may not be accepted yet
+            assert status == 503 and "busy" in json.loads(data)["error"]
+            slow.sendall(body[100:])
+            reply = slow.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200")
+        finally:
+            slow.close()
+        np.testing.assert_allclose(RemoteProcessing(server.url, NAME)(x), reference(local, x), rtol=1e-6, atol=1e-6)
+
+
+def test_allow_nonfinite_passes_nan_through(processing_onnx, local):
+    app = srv.build_app(srv.load_model(processing_onnx, NAME), srv.ServerOptions(allow_nonfinite=True))
+    x = feature(local, 2, seed=41)
+    x[1] = np.nan
+    with srv.BackgroundServer(app) as server:
+        h = RemoteProcessing(server.url, NAME)(x)
+    assert np.isnan(h[1]).all() and np.isfinite(h[0]).all()
+    np.testing.assert_allclose(h[0], reference(local, x[:1])[0], rtol=1e-6, atol=1e-6)
