@@ -33,24 +33,13 @@ from cvconvert.server import resolve_model_path  # noqa: E402
 
 
 def lenet_processing(folder: Path) -> Path:
-    """A converted LeNet's processing part as ONNX (what `cvconvert export` writes for it)."""
-    import warnings
-
-    import torch
-
+    """A converted LeNet, exported by `cvconvert export` (its processing.onnx is what gets served)."""
     from cvconvert.build import convert_to_dir
-    from cvconvert.modeldir import load_model
+    from cvconvert.export import export_model_dir
 
     convert_to_dir("lenet", folder / "lenet", force=True)
-    model, manifest = load_model(folder / "lenet")
-    model.eval()
-    path = folder / "processing.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.processing, (torch.randn(2, 2, *manifest["feature_shape"]),), str(path),
-                          input_names=["x"], output_names=["h"], dynamic_axes={"x": {0: "N"}, "h": {0: "N"}},
-                          dynamo=False)
-    return path
+    export_model_dir(folder / "lenet")
+    return folder / "lenet"
 
 
 def free_port() -> int:

@@ -229,15 +229,15 @@ def parse_inputs(request: dict, tail: memoryview, model: ServedModel, allow_nonf
     for item in inputs:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise RequestError("each input must be an object with a string 'name'")
-        name = item["name"]
-        spec = specs.get(name)
+        name = item["name"][:64]  # echoed in messages: bounded
+        spec = specs.get(item["name"])
         if spec is None:
             raise RequestError(f"unknown input {name!r}; model {model.name!r} takes {sorted(specs)}")
         if name in feeds:
             raise RequestError(f"input {name!r} given twice")
         if item.get("datatype") != spec.datatype:
             got = item.get("datatype")
-            raise RequestError(f"input {name!r}: datatype {got if isinstance(got, str) else type(got).__name__!r}"
+            raise RequestError(f"input {name!r}: datatype {got[:16] if isinstance(got, str) else type(got).__name__!r}"
                                f" does not match the model's {spec.datatype}")
         shape = _check_shape(item.get("shape"), spec)
         dtype = np.dtype(V2_TO_NP[spec.datatype]).newbyteorder("<")
@@ -300,7 +300,7 @@ def requested_outputs(request: dict, model: ServedModel) -> list[tuple[str, bool
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise RequestError("each requested output must be an object with a string 'name'")
         if item["name"] not in names:
-            raise RequestError(f"unknown output {item['name']!r}; model {model.name!r} gives {names}")
+            raise RequestError(f"unknown output {item['name'][:64]!r}; model {model.name!r} gives {names}")
         p = item.get("parameters") or {}
         if not isinstance(p, dict):
             raise RequestError(f"output {item['name']!r}: 'parameters' must be an object")

@@ -7,7 +7,6 @@ import gzip
 import http.client
 import http.server
 import json
-import math
 import os
 import signal
 import socket
@@ -15,13 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
 from cvconvert import server as srv
 from cvconvert.errors import CvError
@@ -39,23 +36,32 @@ NAME = "processing"
 # fixtures
 
 @pytest.fixture(scope="module")
-def processing_onnx(tmp_path_factory) -> Path:
-    """A converted LeNet's processing part (the paper's split: delta, max-modulus pool, conv, linears),
-    exported with a dynamic batch axis as DESIGN.md's processing.onnx contract says."""
-    from cvconvert.build import convert_to_dir
-    from cvconvert.modeldir import load_model
+def exported(tmp_path_factory):
+    """A converted LeNet (the paper's split: delta, max-modulus pool, conv, linears) exported with
+    `export` (encoder/processing/decoder graphs, validated) plus the Triton repository it writes, and a
+    few grey PNGs (and one fooling image, so the fools are fixed)."""
+    from PIL import Image
 
-    base = tmp_path_factory.mktemp("serve")
+    from cvconvert.build import convert_to_dir
+    from cvconvert.export import export_model_dir
+
+    base = tmp_path_factory.mktemp("e2e")
     convert_to_dir("lenet", base / "lenet", force=True)
-    model, manifest = load_model(base / "lenet")
-    model.eval()
-    x = torch.randn(2, 2, *manifest["feature_shape"])
-    path = base / "processing.onnx"
-    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.processing, (x,), str(path), input_names=["x"], output_names=["h"],
-                          dynamic_axes={"x": {0: "N"}, "h": {0: "N"}}, dynamo=False)
-    return path
+    export_model_dir(base / "lenet", triton_repo=base / "repo")
+    rng = np.random.default_rng(0)
+    (base / "images").mkdir()
+    (base / "fools").mkdir()
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    for i in range(4):  # smooth patterns, unlike each other
+        img = 0.5 + 0.5 * np.sin(2 * np.pi * (rng.uniform(0.5, 3) * xx + rng.uniform(0.5, 3) * yy + rng.uniform()))
+        Image.fromarray((img * 255).astype(np.uint8), "L").save(base / ("images" if i < 3 else "fools") / f"{i}.png")
+    return base
+
+
+@pytest.fixture(scope="module")
+def processing_onnx(exported) -> Path:
+    """DESIGN.md's processing.onnx contract: x [N,2,C',H',W'] -> h, batch axis dynamic."""
+    return exported / "lenet" / "onnx" / "processing.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -503,28 +509,6 @@ def test_dynamic_batching_refused_for_batch_coupled_graph(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------
 # end to end: convert -> export --triton-repo -> serve the Triton model folder -> infer --server
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A converted LeNet exported with `export` (the real encoder/processing/decoder graphs) plus the
-    Triton repository it writes, and a few grey PNGs (and one fooling image, so the fools are fixed)."""
-    from PIL import Image
-
-    from cvconvert.build import convert_to_dir
-    from cvconvert.export import export_model_dir
-
-    base = tmp_path_factory.mktemp("e2e")
-    convert_to_dir("lenet", base / "lenet", force=True)
-    export_model_dir(base / "lenet", triton_repo=base / "repo")
-    rng = np.random.default_rng(0)
-    (base / "images").mkdir()
-    (base / "fools").mkdir()
-    yy, xx = np.mgrid[0:32, 0:32] / 31.0
-    for i in range(4):  # smooth patterns, unlike each other
-        img = 0.5 + 0.5 * np.sin(2 * np.pi * (rng.uniform(0.5, 3) * xx + rng.uniform(0.5, 3) * yy + rng.uniform()))
-        Image.fromarray((img * 255).astype(np.uint8), "L").save(base / ("images" if i < 3 else "fools") / f"{i}.png")
-    return base
-
 
 @pytest.fixture(scope="module")
 def triton_folder_server(exported):
