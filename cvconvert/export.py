@@ -161,9 +161,12 @@ def _compare(label: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: f
     if not np.isfinite(got).all():
         raise CvError(f"{label}: ONNX Runtime output has NaN/inf")
     diff = float(np.max(np.abs(got - want))) if got.size else 0.0
-    if not np.allclose(got, want, atol=atol, rtol=rtol):
-        raise CvError(f"{label}: ONNX Runtime differs from PyTorch, max abs diff {diff:.3g} "
-                      f"(atol {atol:g}, rtol {rtol:g}); nothing written")
+    # float32 rounding grows with magnitude (random-init deep ResNets reach 1e3): atol counts per unit
+    # of the output's peak magnitude once that exceeds 1; rtol is elementwise, as in np.allclose.
+    peak = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+    if not np.allclose(got, want, atol=atol * peak, rtol=rtol):
+        raise CvError(f"{label}: ONNX Runtime differs from PyTorch, max abs diff {diff:.3g} at peak |value| "
+                      f"{peak:.3g} (atol {atol:g} x peak, rtol {rtol:g}); nothing written")
     return diff
 
 
@@ -199,7 +202,15 @@ def export_model_dir(model_dir, *, opset: int = 18, atol: float = 1e-4, rtol: fl
     if atol < 0 or rtol < 0:
         raise CvError("--atol and --rtol must be non-negative")
     t0 = time.perf_counter()
-    step = progress or (lambda msg: None)
+    timings: dict[str, float] = {}
+    current = ["loading", time.perf_counter()]
+
+    def step(msg):  # time per stage for the report, and the progress message
+        now = time.perf_counter()
+        timings[current[0]] = round(now - current[1], 2)
+        current[:] = [msg, now]
+        if progress:
+            progress(msg)
     model_dir = Path(model_dir)
     model, manifest = load_model(model_dir)
     model.eval()
@@ -308,8 +319,7 @@ def export_model_dir(model_dir, *, opset: int = 18, atol: float = 1e-4, rtol: fl
         t = secure_angles(n)
         rot_then = sessions["processing"].run(None, {"x": rotate_np(x_ort, t)})[0]
         then_rot = rotate_np(h_ort, t)
-        scale = max(1.0, float(np.abs(h_ort).max()))
-        rdiff = _compare("processing.onnx rotation property", rot_then, then_rot, atol * scale, rtol)
+        rdiff = _compare("processing.onnx rotation property", rot_then, then_rot, atol, rtol)
         report["rotation"] = {"batch": n, "max_abs_diff": rdiff}
 
     # Everything passed: write the graphs (each atomically), then the report.
@@ -322,7 +332,9 @@ def export_model_dir(model_dir, *, opset: int = 18, atol: float = 1e-4, rtol: fl
         name = triton_name or f"{manifest['arch']}_processing"
         report["triton"] = write_triton_repo(Path(triton_repo), name, protos["processing"],
                                              report["graphs"]["processing"], max_batch_size)
+    step("done")
     report["seconds"] = round(time.perf_counter() - t0, 2)
+    report["timings"] = timings
     atomic_json(report, out / REPORT)
     return report
 
