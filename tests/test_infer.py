@@ -1,0 +1,274 @@
+"""`cvconvert infer` and cvconvert.runtime: ORT only, keys stay on the device, bad inputs fail in one line."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import cvconvert.keys
+from cli.main import app
+from cvconvert.build import convert_to_dir
+from cvconvert.export import export_model_dir
+from cvconvert.modeldir import load_model
+from cvconvert.runtime import Pipeline, choose_fools, fallback_fool
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _png(path: Path, size=(32, 32), mode="L", seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0]) + ((3,) if mode == "RGB" else ())
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The demo's model: complex LeNet for Fashion-MNIST (1x32x32), exported, plus a folder of PNGs."""
+    root = tmp_path_factory.mktemp("infer")
+    out = root / "lenet"
+    convert_to_dir("lenet", out, data="fashion-mnist")
+    export_model_dir(out)
+    images = root / "images"
+    images.mkdir()
+    for i in range(4):
+        _png(images / f"img{i}.png", seed=i)
+    return out, images
+
+
+@pytest.fixture
+def record_keys(monkeypatch):
+    """Every theta sampled (cvconvert.keys.secure_angles is what infer and the Pipeline call)."""
+    seen = []
+    real = cvconvert.keys.secure_angles
+
+    def recording(n):
+        t = real(n)
+        seen.append(t.copy())
+        return t
+
+    monkeypatch.setattr(cvconvert.keys, "secure_angles", recording)
+    monkeypatch.setattr("cvconvert.runtime.secure_angles", recording)
+    return seen
+
+
+def _invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(res, *fragments):
+    assert res.exit_code != 0
+    err = res.stderr.strip().splitlines()
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+    errors = [ln for ln in err if ln.startswith("error:")]
+    assert len(errors) == 1 and err[-1] == errors[0], res.stderr
+    for f in fragments:
+        assert f in errors[0], errors[0]
+    return errors[0]
+
+
+def _key_strings(thetas) -> list[str]:
+    """How a leaked angle would look: its repr and a few fixed-point renderings."""
+    out = []
+    for t in np.concatenate(thetas):
+        out += [repr(float(t))[:8], f"{t:.4f}", f"{t:.6f}"]
+    return out
+
+
+def test_infer_prints_top_k_and_never_the_key(exported, record_keys):
+    model_dir, images = exported
+    res = _invoke("infer", "--model-dir", model_dir, images, "--json", "--top-k", "2")
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert [Path(p["image"]).name for p in report["predictions"]] == [f"img{i}.png" for i in range(4)]
+    names = json.loads((model_dir / "cvconvert.json").read_text())["class_names"]
+    for p in report["predictions"]:
+        assert len(p["top"]) == 2 and all(t["class"] == names[t["index"]] for t in p["top"])
+        assert p["top"][0]["prob"] >= p["top"][1]["prob"] and "theta" not in p
+    assert report["fools"] == "batch" and report["providers"]["processing"] == "CPUExecutionProvider"
+    assert "CPUExecutionProvider" in res.stderr  # says which provider ran
+    assert len(record_keys) == 1 and len(record_keys[0]) == 4
+    leaked = [s for s in _key_strings(record_keys) if s in res.stdout + res.stderr]
+    assert not leaked
+    text = _invoke("infer", "--model-dir", model_dir, images)
+    assert text.exit_code == 0 and len(text.stdout.strip().splitlines()) == 4
+    assert "theta" not in text.stdout + text.stderr
+    assert not [s for s in _key_strings(record_keys[1:]) if s in text.stdout + text.stderr]
+
+    shown = _invoke("infer", "--model-dir", model_dir, images, "--json", "--reveal-key")
+    got = [p["theta"] for p in json.loads(shown.stdout)["predictions"]]
+    np.testing.assert_allclose(got, record_keys[-1], rtol=0, atol=1e-6)
+
+
+def test_processing_receives_only_the_rotated_features(exported, record_keys, caplog):
+    model_dir, images = exported
+    local = Pipeline.from_model_dir(model_dir, provider="cpu")
+    calls = []
+
+    def recorder(*args, **kwargs):
+        calls.append((args, kwargs))
+        return local.process(args[0])
+
+    pipe = Pipeline.from_model_dir(model_dir, provider="cpu", processing=recorder)
+    assert [i.name for i in local.sessions["processing"].get_inputs()] == ["x"]
+    imgs = np.random.default_rng(1).random((3, 1, 32, 32), dtype=np.float32)
+    fools = np.random.default_rng(2).random((3, 1, 32, 32), dtype=np.float32)
+    caplog.set_level(logging.DEBUG)
+    logits = [pipe.predict(imgs, fools) for _ in range(2)]
+    assert len(calls) == 2 and all(len(a) == 1 and not kw for a, kw in calls)
+    x = calls[0][0][0]
+    assert x.shape == (3, 2, 6, 28, 28) and x.dtype == np.float32
+    theta = record_keys[0]
+    # it is exactly the encoder's output for the secret theta: rotated, not the plain (a, b)
+    np.testing.assert_allclose(x, local.encode(imgs, fools, theta), rtol=1e-6, atol=1e-6)
+    plain = local.encode(imgs, fools, np.zeros(3, np.float32))
+    assert np.abs(x - plain).max() > 1e-2
+    np.testing.assert_allclose(np.hypot(x[:, 0], x[:, 1]), np.hypot(plain[:, 0], plain[:, 1]), rtol=1e-4, atol=1e-5)
+    assert np.abs(calls[1][0][0] - x).max() > 1e-2  # a fresh key per call
+    assert not [s for s in _key_strings(record_keys) if s in caplog.text]
+
+    # the right key reproduces the logits; a wrong key changes the predictions
+    h = local.process(x)
+    np.testing.assert_allclose(local.decode(h, theta), logits[0], rtol=1e-5, atol=1e-6)
+    flipped = local.decode(h, theta + np.float32(math.pi))  # Re[h e^{-i(t+pi)}] = -logits
+    assert (flipped.argmax(1) != logits[0].argmax(1)).all()
+    wrong = local.decode(h, cvconvert.keys.secure_angles(3))
+    assert np.abs(wrong - logits[0]).max() > 1e-3 * max(1.0, np.abs(logits[0]).max())
+
+
+def test_runtime_and_infer_import_no_torch(exported):
+    model_dir, images = exported
+    code = ("import sys; from cli.main import app; "
+            f"app(['infer', '--model-dir', {str(model_dir)!r}, {str(images)!r}], standalone_mode=False); "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
+            "print('TORCH', bad[:3], file=sys.stderr); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(res.stdout.strip().splitlines()) == 4
+
+
+def test_fooling_inputs_are_private():
+    imgs = np.random.default_rng(0).random((1, 1, 32, 32), dtype=np.float32)
+    fools, how = choose_fools(imgs)
+    assert how == "noise" and fools.shape == imgs.shape
+    assert np.abs(fools).max() > 0.05 and not np.allclose(fools, imgs)  # never b = 0, never the image
+    assert not np.allclose(fallback_fool(imgs[0]), fallback_fool(imgs[0]))  # fresh randomness
+    assert not np.allclose(np.flip(fools, -1), imgs)
+    batch = np.random.default_rng(1).random((4, 1, 32, 32), dtype=np.float32)
+    fools, how = choose_fools(batch)
+    assert how == "batch" and all(not np.array_equal(f, b) for f, b in zip(fools, batch))
+    pool = np.random.default_rng(2).random((5, 1, 32, 32), dtype=np.float32)
+    fools, how = choose_fools(batch, pool)
+    assert how == "fool-dir" and all(any(np.array_equal(f, p) for p in pool) for f in fools)
+
+
+def test_single_image_warns_and_fool_dir_is_used(exported):
+    model_dir, images = exported
+    one = _invoke("infer", "--model-dir", model_dir, images / "img0.png")
+    assert one.exit_code == 0 and "random noise" in one.stderr
+    with_dir = _invoke("infer", "--model-dir", model_dir, images / "img0.png", "--fool-dir", images, "--json")
+    assert with_dir.exit_code == 0 and json.loads(with_dir.stdout)["fools"] == "fool-dir"
+    assert "random noise" not in with_dir.stderr
+
+
+def test_explicit_graph_paths_find_the_manifest(exported):
+    model_dir, images = exported
+    o = model_dir / "onnx"
+    res = _invoke("infer", "--encoder", o / "encoder.onnx", "--processing", o / "processing.onnx",
+                  "--decoder", o / "decoder.onnx", images, "--provider", "cpu")
+    assert res.exit_code == 0 and len(res.stdout.strip().splitlines()) == 4
+
+
+def test_image_size_and_channels(exported, tmp_path):
+    model_dir, _ = exported
+    small = _png(tmp_path / "small.png", size=(28, 28))
+    _one_line_error(_invoke("infer", "--model-dir", model_dir, small), "28x28", "--resize")
+    res = _invoke("infer", "--model-dir", model_dir, small, "--resize")
+    assert res.exit_code == 0 and "resized from 28x28 to 32x32" in res.stderr
+    rgb = _png(tmp_path / "rgb.png", mode="RGB")
+    res = _invoke("infer", "--model-dir", model_dir, rgb)
+    assert res.exit_code == 0 and "has 3 channel(s), the model takes 1: converted to L" in res.stderr
+
+
+def test_non_image_files(exported, tmp_path):
+    model_dir, _ = exported
+    fake = tmp_path / "fake.png"
+    fake.write_text("not a picture")
+    _one_line_error(_invoke("infer", "--model-dir", model_dir, fake), "fake.png", "not a readable PNG/JPEG")
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    _one_line_error(_invoke("infer", "--model-dir", model_dir, txt), "notes.txt")
+    gif = tmp_path / "a.gif"
+    Image.new("L", (32, 32)).save(gif)
+    _one_line_error(_invoke("infer", "--model-dir", model_dir, gif), "GIF")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(_invoke("infer", "--model-dir", model_dir, empty), "no PNG/JPEG")
+    _one_line_error(_invoke("infer", "--model-dir", model_dir, tmp_path / "missing.png"), "does not exist")
+
+
+def test_model_dir_without_onnx(tmp_path, exported):
+    bare = tmp_path / "bare"
+    convert_to_dir("lenet", bare, data="fashion-mnist")
+    _one_line_error(_invoke("infer", "--model-dir", bare, exported[1]), "no onnx/", "cvconvert export")
+
+
+def _copy_onnx(model_dir: Path, dst: Path, keep_report: bool) -> Path:
+    shutil.copytree(model_dir, dst)
+    if not keep_report:
+        (dst / "onnx" / "export.json").unlink()
+    return dst
+
+
+def test_tampered_graphs(exported, tmp_path):
+    model_dir, images = exported
+    # a valid graph whose weights changed after export: the recorded sha256 catches it
+    d = _copy_onnx(model_dir, tmp_path / "a", keep_report=True)
+    m = onnx.load(str(d / "onnx" / "processing.onnx"))
+    init = max(m.graph.initializer, key=lambda t: np.prod(t.dims))
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 2, init.name))
+    onnx.save(m, str(d / "onnx" / "processing.onnx"))
+    _one_line_error(_invoke("infer", "--model-dir", d, images), "processing.onnx", "modified after export")
+    # a corrupt file with no report next to it: ONNX Runtime refuses to load it
+    d = _copy_onnx(model_dir, tmp_path / "b", keep_report=False)
+    blob = (d / "onnx" / "decoder.onnx").read_bytes()
+    (d / "onnx" / "decoder.onnx").write_bytes(blob[: len(blob) // 2])
+    _one_line_error(_invoke("infer", "--model-dir", d, images), "decoder.onnx", "cannot load")
+
+
+def test_frozen_batch_graph_is_refused(exported, tmp_path):
+    model_dir, images = exported
+    d = _copy_onnx(model_dir, tmp_path / "frozen", keep_report=False)
+    model, _ = load_model(model_dir)
+    model.eval()
+    buf = io.BytesIO()
+    torch.onnx.export(model.processing, (torch.randn(2, 2, 6, 28, 28),), buf, input_names=["x"],
+                      output_names=["h"], opset_version=18, dynamo=False)  # no dynamic axes: batch frozen at 2
+    (d / "onnx" / "processing.onnx").write_bytes(buf.getvalue())
+    _one_line_error(_invoke("infer", "--model-dir", d, images), "processing", "frozen to 2")
+
+
+def test_server_option_without_remote_module(exported, monkeypatch):
+    model_dir, images = exported
+    monkeypatch.setitem(sys.modules, "cvconvert.remote", None)  # as if the module were absent
+    _one_line_error(_invoke("infer", "--model-dir", model_dir, images, "--server", "http://127.0.0.1:9"),
+                    "--server needs cvconvert.remote")
+
+
+def test_bad_provider_and_options(exported):
+    model_dir, images = exported
+    _one_line_error(_invoke("infer", "--model-dir", model_dir, images, "--provider", "tpu"), "unknown provider")
+    _one_line_error(_invoke("infer", images), "--model-dir")
