@@ -253,7 +253,7 @@ class Trainer:
             for p in self.critic_params:
                 p.requires_grad_(True)
             loss = task_loss + cfg.gan_weight * g_loss
-            stats["gan_loss"] = float(g_loss)
+            stats["gan_loss"] = float(g_loss.detach())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         err, n = _errors(logits.detach(), y, self.multilabel)

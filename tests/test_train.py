@@ -1,0 +1,202 @@
+"""`cvconvert train` / `eval`: tiny Fashion-MNIST idx files, a few --max-steps, one-line errors, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from cvconvert.build import convert_to_dir
+from cvconvert.modeldir import load_model
+from cvconvert.train import CHECKPOINT, TrainConfig, Trainer, negatives, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_data import write_fashion  # noqa: E402
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def fm(tmp_path, monkeypatch):
+    monkeypatch.setenv("CVCONVERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CVCONVERT_DATA", raising=False)
+    write_fashion(tmp_path / "fm", n_train=40, n_test=16)
+    return tmp_path / "fm"
+
+
+def _cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    return res.exit_code, res.output
+
+
+def _train_args(d, fm, *extra):
+    return ["train", d, "--data-dir", fm, "--batch-size", 8, "--device", "cpu", "--val-fraction", 0.2, *extra]
+
+
+def _state(d):
+    return {k: v.clone() for k, v in torch.load(Path(d) / "model.pt", weights_only=True).items()}
+
+
+def test_original_trains_and_writes_checkpoints(tmp_path, fm):
+    d = tmp_path / "orig"
+    convert_to_dir("lenet", d, variant="original")
+    before = _state(d)
+    code, out = _cli(*_train_args(d, fm, "--epochs", 2, "--json"))
+    assert code == 0, out
+    recs = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1, 2] and recs[0]["steps"] == 4
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in recs) and recs[0]["train_loss"] != recs[1]["train_loss"]
+    assert "val_error" in recs[1]
+    ckpt = torch.load(d / CHECKPOINT, weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 8
+    after = _state(d)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # model.pt holds trained weights
+    model, manifest = load_model(d)  # and loads back
+    assert manifest["history"]["epochs"] == 2 and manifest["history"]["best"]["epoch"] in (1, 2)
+    assert not list(d.glob(".*tmp")) and not list((d / "checkpoints").glob(".*tmp"))
+    code, out = _cli("eval", d, "--data-dir", fm, "--device", "cpu")
+    assert code == 0, out
+    res = json.loads((d / "eval.json").read_text())
+    assert res["n"] == 16 and 0 <= res["error"] <= 1 and f"{100 * res['error']:.2f}%" in out
+
+
+def test_complex_gan_steps_move_encoder_and_critic(tmp_path):
+    d = tmp_path / "cx"
+    convert_to_dir("lenet", d)
+    model, manifest = load_model(d)
+    cfg = TrainConfig(gan_weight=0.5, lr=1e-3)
+    from cvconvert.train import Dist
+    trainer = Trainer(model, manifest, cfg, torch.device("cpu"), Dist("cpu"), multilabel=False)
+    critic0 = [p.detach().clone() for p in model.discriminator.parameters()]
+    gen0 = [p.detach().clone() for p in model.encoder.features.generator.parameters()]
+    x, y = torch.rand(8, 1, 32, 32), torch.randint(0, 10, (8,))
+    stats = [trainer.train_step(x, y) for _ in range(3)]
+    for key in ("loss", "task_loss", "gan_loss", "critic_loss", "wdist"):
+        vals = [s[key] for s in stats]
+        assert all(torch.isfinite(torch.tensor(vals))), key
+        assert len(set(vals)) > 1, key  # the losses move
+    assert stats[-1]["task_loss"] < stats[0]["task_loss"]  # same batch: the task loss goes down
+    assert any(not torch.equal(a, b) for a, b in zip(critic0, model.discriminator.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(gen0, model.encoder.features.generator.parameters()))
+
+
+def test_negatives_are_rotations_decoded_with_wrong_angles():
+    a, b = torch.randn(14, 3, 4, 4), torch.randn(14, 3, 4, 4)
+    neg = negatives(a, b, k=8, offset=0)
+    # a' = Re[(a + ib) e^{i dtheta}], dtheta = j pi / 8 with j cycling over 1..7
+    for i in range(14):
+        t = torch.tensor((i % 7 + 1) * torch.pi / 8)
+        want = torch.real(torch.complex(a[i], b[i]) * torch.exp(1j * t))
+        assert torch.allclose(neg[i], want, atol=1e-5)
+
+
+def test_complex_cli_smoke_and_finetune_from_original(tmp_path, fm):
+    orig = tmp_path / "orig"
+    convert_to_dir("lenet", orig, variant="original")
+    assert _cli(*_train_args(orig, fm, "--epochs", 1, "--max-steps", 2))[0] == 0
+    cx = tmp_path / "cx"
+    code, out = _cli("convert", "lenet", "--weights", orig, "-o", cx)
+    assert code == 0, out
+    trained_conv1 = torch.load(orig / "model.pt", weights_only=True)["encoder.body.conv1.weight"]
+    assert torch.equal(torch.load(cx / "model.pt", weights_only=True)["encoder.features.body.conv1.weight"],
+                       trained_conv1)
+    code, out = _cli(*_train_args(cx, fm, "--epochs", 1, "--max-steps", 3, "--k", 4))
+    assert code == 0, out
+    rec = json.loads((cx / "metrics.jsonl").read_text())
+    assert rec["steps"] == 3 and rec["partial"] and "train_wdist" in rec and "train_critic_loss" in rec
+    manifest = json.loads((cx / "cvconvert.json").read_text())
+    assert manifest["k"] == 4 and manifest["history"]["gan"]["k"] == 4
+
+
+def test_resume_loses_no_epoch(tmp_path, fm):
+    # original variant: no CSPRNG angles, so a resumed run must equal an uninterrupted one bit for bit
+    a, b = tmp_path / "a", tmp_path / "b"
+    convert_to_dir("lenet", a, variant="original")
+    shutil.copytree(a, b)  # the same initial weights
+    assert _cli(*_train_args(a, fm, "--epochs", 2, "--val-fraction", 0))[0] == 0
+    assert _cli(*_train_args(b, fm, "--epochs", 1, "--val-fraction", 0))[0] == 0
+    code, out = _cli(*_train_args(b, fm, "--epochs", 2, "--val-fraction", 0, "--resume"))
+    assert code == 0, out
+    ca, cb = (torch.load(d / CHECKPOINT, weights_only=True) for d in (a, b))
+    assert cb["epoch"] == 2 and cb["step"] == ca["step"]
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert [json.loads(ln)["epoch"] for ln in (b / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def _one_line_error(code, out, pattern):
+    assert code != 0, out
+    lines = [ln for ln in out.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and pattern in lines[0], out
+    assert "Traceback" not in out
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, fm):
+    d = tmp_path / "m"
+    convert_to_dir("lenet", d, variant="original")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(*_cli(*_train_args(d, fm, "--data", "mnist")), "unknown data set 'mnist'")
+    _one_line_error(*_cli(*_train_args(d, tmp_path / "empty")), "apt-get install dataset-fashion-mnist")
+    _one_line_error(*_cli(*_train_args(tmp_path / "nope", fm)), "does not exist")
+    c10 = tmp_path / "c10"
+    convert_to_dir("lenet", c10, data="cifar10", variant="original")
+    _one_line_error(*_cli(*_train_args(c10, fm, "--data", "fashion-mnist")), "takes input [3, 32, 32]")
+    coarse = tmp_path / "coarse"
+    convert_to_dir("lenet", coarse, variant="original", task="coarse")
+    _one_line_error(*_cli(*_train_args(coarse, fm, "--task", "fine")), "has 4 classes")
+    _one_line_error(*_cli(*_train_args(d, fm, "--resume")), "no checkpoint")
+    (d / "checkpoints").mkdir()
+    (d / CHECKPOINT).write_bytes(b"not a checkpoint")
+    _one_line_error(*_cli(*_train_args(d, fm, "--resume")), "does not load")
+    if not torch.cuda.is_available():
+        _one_line_error(*_cli(*_train_args(d, fm, "--device", "cuda")), "no CUDA device")
+    _one_line_error(*_cli("eval", d, "--data-dir", tmp_path / "empty"), "dataset-fashion-mnist")
+
+
+def test_nan_loss_stops_and_keeps_last_good(tmp_path, fm):
+    d = tmp_path / "m"
+    convert_to_dir("lenet", d, variant="original")
+    assert _cli(*_train_args(d, fm, "--epochs", 1))[0] == 0
+    good = _state(d)
+    ckpt = (d / CHECKPOINT).read_bytes()
+    code, out = _cli(*_train_args(d, fm, "--epochs", 3, "--lr", 1e30))
+    _one_line_error(code, out, "NaN")
+    assert "epoch 1" in out and "kept" in out
+    # the run blew up inside its first epoch: nothing it wrote replaced the previous good files
+    now = _state(d)
+    assert all(torch.equal(good[k], now[k]) for k in good)
+    assert (d / CHECKPOINT).read_bytes() == ckpt
+
+
+def test_torchrun_two_gloo_processes_end_identical(tmp_path, fm):
+    d = tmp_path / "cx"
+    convert_to_dir("lenet", d)
+    dump = tmp_path / "hash"
+    env = {**os.environ, "CVCONVERT_TEST_WEIGHT_DUMP": str(dump), "CVCONVERT_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "cli", "train", str(d), "--data-dir", str(fm), "--batch-size", "4", "--device", "cpu",
+           "--epochs", "1", "--max-steps", "3", "--val-fraction", "0.2", "--json"]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    h0, h1 = (Path(f"{dump}.{r}").read_text() for r in (0, 1))
+    assert h0 == h1
+    summary = json.loads(res.stdout)
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    # rank 0 wrote the files, and they hold the weights both ranks agree on
+    ckpt = torch.load(d / CHECKPOINT, weights_only=True)
+    assert ckpt["step"] == 3
+    import hashlib
+    h = hashlib.sha256()
+    for key, v in sorted(ckpt["model"].items()):
+        h.update(key.encode())
+        h.update(v.contiguous().numpy().tobytes())
+    assert h.hexdigest() == h0
