@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cvconvert import server as srv
 from cvconvert.errors import CvError
@@ -266,6 +268,36 @@ def test_bad_requests_get_json_errors_and_server_keeps_serving(live, local):
         assert isinstance(error, str) and words in error.lower(), (label, error)
         assert "secret-text" not in error  # never echo request content
         assert_still_serves(live, local)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzzed_bodies_get_4xx_json_never_5xx(live, local, data):
+    """Arbitrary bytes, mangled valid requests and odd header lengths: always a 4xx JSON error (or a
+    correct 200), never a 5xx or a dropped connection."""
+    x = feature(local, 1, seed=50)
+    good, headers = _body(x)
+    kind = data.draw(st.sampled_from(["bytes", "flip", "cut", "json"]))
+    if kind == "bytes":
+        body = data.draw(st.binary(max_size=2048))
+    elif kind == "flip":  # corrupt one byte of the JSON header
+        i = data.draw(st.integers(0, int(headers[srv.HEADER_LENGTH]) - 1))
+        body = good[:i] + bytes([good[i] ^ data.draw(st.integers(1, 255))]) + good[i + 1:]
+    elif kind == "cut":
+        body = good[:data.draw(st.integers(0, len(good)))]
+    else:  # structurally odd JSON
+        body = json.dumps(data.draw(st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
+                ["inputs", "outputs", "name", "shape", "datatype", "data", "parameters", "binary_data_size"]), c,
+                max_size=4), max_leaves=12))).encode()
+        headers = {}
+    if data.draw(st.booleans()):
+        headers = {srv.HEADER_LENGTH: str(data.draw(st.integers(-5, len(body) + 5)))}
+    status, resp_headers, reply = raw(live, "POST", f"/v2/models/{NAME}/infer", body, headers)
+    assert status == 200 or 400 <= status < 500, (status, reply[:200])
+    if status != 200:
+        assert isinstance(json.loads(reply)["error"], str)
 
 
 def test_oversized_body_sent_chunked_gets_413(live, local):
@@ -609,6 +641,47 @@ def test_busy_server_answers_503_then_recovers(processing_onnx, local):
         finally:
             slow.close()
         np.testing.assert_allclose(RemoteProcessing(server.url, NAME)(x), reference(local, x), rtol=1e-6, atol=1e-6)
+
+
+def test_runs_are_concurrent_and_off_the_event_loop(processing_onnx, local):
+    """Two requests are inside ONNX Runtime at the same moment (a barrier in the run only opens when both
+    arrive), and the health endpoint answers while they are running."""
+    model = srv.load_model(processing_onnx, NAME)
+    run, gate, release, inside = model.run, threading.Barrier(2, timeout=20), threading.Event(), []
+
+    def gated_run(feeds, names):
+        gate.wait()  # BrokenBarrierError (-> the request fails) if runs were serialised
+        inside.append(1)
+        release.wait(20)
+        return run(feeds, names)
+
+    model.run = gated_run
+    app = srv.build_app(model, srv.ServerOptions(threads=2))
+    xs = [feature(local, 1, seed=60 + i) for i in range(2)]
+    results, errors = {}, []
+    with srv.BackgroundServer(app) as server:
+        def worker(i):
+            try:
+                results[i] = RemoteProcessing(server.url, NAME)(xs[i])
+            except Exception as exc:  # asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while len(inside) < 2 and not gate.broken and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # both runs are parked in the pool now: the event loop must still answer
+        status, _, data = raw(server, "GET", "/v2/health/live")
+        assert status == 200 and json.loads(data) == {"live": True}
+        assert all(t.is_alive() for t in threads)
+        release.set()
+        for t in threads:
+            t.join(30)
+    assert not errors
+    for i, x in enumerate(xs):
+        np.testing.assert_allclose(results[i], reference(local, x), rtol=1e-6, atol=1e-6)
 
 
 def test_allow_nonfinite_passes_nan_through(processing_onnx, local):
