@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import batch_as_pairs, modulus, modulus_sq, pairs_as_batch
+from .functional import EPS, batch_as_pairs, exporting, modulus, modulus_l2, modulus_sq, pairs_as_batch
 
 
 class CConv2d(nn.Module):
@@ -78,13 +78,19 @@ class CDelta(nn.Module):
         return cls(c=c, mode=mode)
 
     def forward(self, x):
-        m = modulus(x)  # [N, C, ...]
+        # keepdim: the factor broadcasts over the pair axis without an Unsqueeze in the exported graph.
+        export = exporting()
         if self.mode == "fixed":
-            c = self.c
-        else:
-            dims = tuple(range(2, m.dim())) if m.dim() > 2 else (1,)
-            c = m.mean(dim=dims, keepdim=True) + self.eps
-        return x * torch.clamp(m / c, max=1.0).unsqueeze(1)
+            if export:  # ReduceL2 -> Mul -> Clip -> Mul: the fewest passes over the tensor in ONNX Runtime
+                m = modulus_l2(x, keepdim=True)
+                return x * torch.clamp(m if self.c == 1.0 else m * (1.0 / self.c), max=1.0)
+            # Eager: min(|f| / c, 1) = sqrt(min(|f|^2, c^2)) / c, one clamp on the square.
+            f = torch.sqrt(torch.clamp(modulus_sq(x, keepdim=True) + EPS, max=self.c * self.c))
+            return x * (f if self.c == 1.0 else f * (1.0 / self.c))
+        m = modulus_l2(x, keepdim=True) if export else modulus(x, keepdim=True)  # [N, 1, C, ...]
+        dims = tuple(range(3, m.dim())) if m.dim() > 3 else (2,)
+        c = m.mean(dim=dims, keepdim=True) + self.eps
+        return x * torch.clamp(m / c, max=1.0)
 
     def extra_repr(self):
         return f"mode={self.mode}" + (f", c={self.c}" if self.mode == "fixed" else "")

@@ -1,0 +1,345 @@
+"""Latency / throughput of the complex split network against the original model, part by part.
+
+Every configuration (model x part x engine) of one batch size is timed round-robin, one call each per
+round, so that both models see the same machine load (the ratios are what matter on a shared CPU).
+Warm-up calls are excluded; the reported latency is the median (p50) and p90 over the timed rounds.
+
+Engines: ONNX Runtime (CPU, or CUDA with IO binding so tensors stay on the GPU between the three parts)
+and PyTorch eager (torch.inference_mode). The ONNX graphs come from DIR/onnx/ when `cvconvert export`
+wrote them; otherwise they are exported here (`export_parts`).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CvError
+
+PARTS = ("encoder", "processing", "decoder")
+STAGES = PARTS + ("end_to_end",)
+
+
+# ----------------------------------------------------------------------------- ONNX graphs
+
+def _inputs(model, n: int, part: str, gen=None):
+    """Example torch inputs of `part` at batch n (random pixels, features and angles)."""
+    import torch
+
+    gen = gen or torch.Generator().manual_seed(0)
+    img = lambda: torch.rand((n,) + tuple(model.spec.input_shape), generator=gen)  # noqa: E731
+    theta = lambda: torch.rand(n, generator=gen) * (2 * math.pi)  # timing only: not a key  # noqa: E731
+    with torch.inference_mode():
+        if part == "encoder":
+            return (img(), img(), theta()) if model.is_complex else (img(),)
+        x = model.encoder(img(), img(), theta()) if model.is_complex else model.encoder(img())
+        if part == "processing":
+            return (x,)
+        h = model.processing(x)
+        return (h, theta()) if model.is_complex else (h,)
+
+
+def _names(model, part: str):
+    if part == "encoder":
+        return (["image", "fool", "theta"] if model.is_complex else ["image"]), ["x"]
+    if part == "processing":
+        return ["x"], ["h"]
+    return (["h", "theta"] if model.is_complex else ["h"]), ["logits"]
+
+
+def prepare_graphs(model_dir, model, manifest: dict, work_dir: Path, log=None) -> tuple[dict[str, Path], str]:
+    """The three ONNX graphs of a model: DIR/onnx/ when `cvconvert export` wrote them, else exported
+    with `cvconvert export` (same folding, validation and graph) into a copy of the model dir under
+    work_dir, so the user's dir is never written to. `model_dir` None: a model built in memory."""
+    from .export import export_model_dir
+    from .modeldir import write_model_dir
+
+    onnx_dir = Path(model_dir) / "onnx" if model_dir is not None else None
+    if onnx_dir is not None and all((onnx_dir / f"{p}.onnx").is_file() for p in PARTS):
+        return {p: onnx_dir / f"{p}.onnx" for p in PARTS}, str(onnx_dir)
+    tmp = Path(work_dir)
+    write_model_dir(tmp, {k: v.detach().cpu() for k, v in model.state_dict().items()}, manifest, force=True)
+    if log:
+        log(f"exporting the {manifest['variant']} model for timing (`cvconvert export` into a temporary copy)")
+    export_model_dir(tmp)
+    return {p: tmp / "onnx" / f"{p}.onnx" for p in PARTS}, "exported by bench (cvconvert export)"
+
+
+# ----------------------------------------------------------------------------- runners
+
+class OrtPipeline:
+    """The three ONNX Runtime sessions of one model; `run(stage, feeds)` times one part or all three."""
+
+    def __init__(self, paths: dict[str, Path], provider: str, threads: int | None, is_complex: bool):
+        import onnxruntime as ort
+
+        from .graphopt import session_options
+
+        self.provider, self.is_complex = provider, is_complex
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+        self.sessions = {p: ort.InferenceSession(str(paths[p]), session_options(threads), providers=providers)
+                         for p in PARTS}
+        if provider == "cuda" and "CUDAExecutionProvider" not in self.sessions["processing"].get_providers():
+            raise CvError("the CUDA execution provider could not be created (see onnxruntime's log)")
+        self.in_names = {p: [i.name for i in s.get_inputs()] for p, s in self.sessions.items()}
+
+    def prepare(self, feeds: dict[str, dict]):
+        """Move the inputs once (CUDA: OrtValues on the device, so timing excludes host copies)."""
+        import onnxruntime as ort
+
+        if self.provider != "cuda":
+            return feeds
+        return {stage: {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in f.items()}
+                for stage, f in feeds.items()}
+
+    def _run_part(self, part, feeds):
+        sess = self.sessions[part]
+        if self.provider != "cuda":
+            return sess.run(None, feeds)[0]
+        binding = sess.io_binding()
+        for k, v in feeds.items():
+            binding.bind_ortvalue_input(k, v)
+        binding.bind_output(sess.get_outputs()[0].name, "cuda", 0)
+        sess.run_with_iobinding(binding)
+        return binding.get_outputs()[0]  # an OrtValue that stays on the GPU
+
+    def run(self, stage: str, feeds: dict):
+        if stage != "end_to_end":
+            out = self._run_part(stage, feeds)
+        else:
+            enc = {k: feeds[k] for k in self.in_names["encoder"]}
+            x = self._run_part("encoder", enc)
+            h = self._run_part("processing", {"x": x})
+            out = self._run_part("decoder", {"h": h, "theta": feeds["theta"]} if self.is_complex else {"h": h})
+        if self.provider == "cuda":
+            out.numpy()  # the result back on the host ends the timed call (synchronises)
+        return out
+
+
+class EagerPipeline:
+    def __init__(self, model, device: str):
+        import torch
+
+        self.model, self.device, self.torch = model.eval().to(device), device, torch
+
+    def prepare(self, feeds):
+        return {stage: {k: self.torch.from_numpy(v).to(self.device) for k, v in f.items()}
+                for stage, f in feeds.items()}
+
+    def run(self, stage: str, feeds: dict):
+        m = self.model
+        with self.torch.inference_mode():
+            if stage == "encoder":
+                out = m.encoder(*feeds.values())
+            elif stage == "processing":
+                out = m.processing(feeds["x"])
+            elif stage == "decoder":
+                out = m.decoder(*feeds.values())
+            else:
+                x = m.encoder(feeds["image"], feeds["fool"], feeds["theta"]) if m.is_complex else m.encoder(feeds["image"])
+                h = m.processing(x)
+                out = m.decoder(h, feeds["theta"]) if m.is_complex else m.decoder(h)
+            if self.device == "cuda":
+                self.torch.cuda.synchronize()
+        return out
+
+
+def stage_feeds(model, n: int) -> dict[str, dict[str, np.ndarray]]:
+    """Numpy inputs per stage at batch n (end_to_end takes the encoder's)."""
+    feeds = {}
+    for part in PARTS:
+        names, _ = _names(model, part)
+        feeds[part] = {k: v.numpy() for k, v in zip(names, _inputs(model, n, part))}
+    feeds["end_to_end"] = {**feeds["encoder"], **({"theta": feeds["decoder"]["theta"]} if model.is_complex else {})}
+    return feeds
+
+
+# ----------------------------------------------------------------------------- timing
+
+@dataclass
+class BenchConfig:
+    batch_sizes: tuple[int, ...] = (1, 32, 128)
+    repeats: int = 20
+    warmup: int = 3
+    provider: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None
+    engines: tuple[str, ...] = ("ort", "eager")
+    stages: tuple[str, ...] = STAGES
+    progress: bool = True
+    meta: dict = field(default_factory=dict)
+
+
+def resolve_provider(provider: str) -> str:
+    import onnxruntime as ort
+
+    if provider not in ("auto", "cpu", "cuda"):
+        raise CvError(f"unknown provider {provider!r} (choose auto, cpu or cuda)")
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if has_cuda:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    if provider == "cuda" and not has_cuda:
+        raise CvError("--provider cuda: no CUDA device / CUDA execution provider here")
+    return "cuda" if provider == "cuda" or (provider == "auto" and has_cuda) else "cpu"
+
+
+def _stats(times: list[float], n: int) -> dict:
+    t = np.asarray(times)
+    p50 = float(np.median(t))
+    return {"p50_ms": p50 * 1e3, "p90_ms": float(np.percentile(t, 90)) * 1e3, "mean_ms": float(t.mean()) * 1e3,
+            "throughput_per_s": n / p50 if p50 > 0 else float("inf"), "runs": len(times)}
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2 ** 20
+
+
+def run_bench(models: dict, graphs: dict, cfg: BenchConfig, log=None) -> dict:
+    """models/graphs: {"complex": SplitModel, "original": SplitModel} and their ONNX paths.
+
+    Returns {"results": [row...], "ratios": [...], "peak_rss_mb": ..., ...}; one row per
+    (batch, model, engine, stage) with p50/p90/mean latency and throughput.
+    """
+    device = resolve_provider(cfg.provider)
+    runners = {}
+    for name, model in models.items():
+        if "ort" in cfg.engines:
+            runners[(name, "ort")] = OrtPipeline(graphs[name], device, cfg.threads, model.is_complex)
+        if "eager" in cfg.engines:
+            runners[(name, "eager")] = EagerPipeline(model, device)
+    if device == "cpu" and "eager" in cfg.engines:
+        import torch
+        from .graphopt import default_threads
+        torch.set_num_threads(cfg.threads or default_threads())  # same pool size as ORT: a fair comparison
+    rows, memory = [], {}
+    total = len(cfg.batch_sizes) * (cfg.warmup + cfg.repeats)
+    progress = _progress(cfg.progress, total)
+    with progress as bar:
+        task = bar.add_task("bench", total=total) if bar else None
+        for n in cfg.batch_sizes:
+            feeds = {name: stage_feeds(m, n) for name, m in models.items()}
+            cases = [(name, eng, stage, r, r.prepare(feeds[name])[stage])
+                     for (name, eng), r in runners.items() for stage in cfg.stages]
+            times = {c[:3]: [] for c in cases}
+            for i in range(cfg.warmup + cfg.repeats):
+                for name, eng, stage, runner, feed in cases:  # round-robin: same load for every case
+                    t0 = time.perf_counter()
+                    runner.run(stage, feed)
+                    dt = time.perf_counter() - t0
+                    if i >= cfg.warmup:
+                        times[(name, eng, stage)].append(dt)
+                if bar:
+                    bar.update(task, advance=1, description=f"batch {n}")
+            for (name, eng, stage), t in times.items():
+                rows.append({"batch": n, "model": name, "engine": eng, "stage": stage, **_stats(t, n)})
+            memory[str(n)] = round(peak_rss_mb(), 1)
+            if device == "cuda":
+                import torch
+                memory[f"{n}_cuda_eager_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    return {"device": device, "engines": list(cfg.engines), "batch_sizes": list(cfg.batch_sizes),
+            "repeats": cfg.repeats, "warmup": cfg.warmup, "threads": cfg.threads or _threads_used(device),
+            "results": rows, "ratios": ratios(rows), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_mb_after_batch": memory, **cfg.meta}
+
+
+def _threads_used(device):
+    from .graphopt import default_threads
+    return default_threads() if device == "cpu" else None
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """complex/original per (batch, engine, stage), and ORT/eager per (batch, model, stage), from p50s."""
+    p50 = {(r["batch"], r["model"], r["engine"], r["stage"]): r["p50_ms"] for r in rows}
+    out = []
+    for (n, model, eng, stage), v in p50.items():
+        if model == "complex" and (n, "original", eng, stage) in p50:
+            out.append({"kind": "complex/original", "batch": n, "engine": eng, "stage": stage,
+                        "ratio": v / p50[(n, "original", eng, stage)]})
+    for (n, model, eng, stage), v in p50.items():
+        if eng == "ort" and (n, model, "eager", stage) in p50:
+            out.append({"kind": "ort/eager", "batch": n, "model": model, "stage": stage,
+                        "ratio": v / p50[(n, model, "eager", stage)]})
+    return out
+
+
+def _progress(enabled: bool, total: int):
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True)
+
+
+# ----------------------------------------------------------------------------- whole command
+
+def load_pair(model_dir, baseline=None, log=None):
+    """(complex model, original model, original's dir or None): the baseline from --baseline, or the
+    same manifest rebuilt with variant original (random weights: timing only)."""
+    from .model import build_model
+    from .modeldir import load_model, spec_from_manifest
+
+    model, manifest = load_model(model_dir)
+    if not model.is_complex:
+        raise CvError(f"{model_dir} holds a {manifest['variant']!r} model; bench needs the complex one "
+                      f"(pass the original with --baseline)")
+    if baseline is not None:
+        orig, om = load_model(baseline)
+        if om["variant"] != "original":
+            raise CvError(f"--baseline {baseline} holds a {om['variant']!r} model, not an original one")
+        if list(om["input_shape"]) != list(manifest["input_shape"]):
+            raise CvError(f"--baseline {baseline} has input shape {om['input_shape']}, "
+                          f"the model {manifest['input_shape']}")
+        return (model, manifest), (orig, om), Path(baseline)
+    import dataclasses
+    spec = dataclasses.replace(spec_from_manifest(manifest), variant="original")
+    if log:
+        log("baseline: the same architecture and split as variant original, random weights (timing only)")
+    return (model, manifest), (build_model(spec).eval(), {**manifest, "variant": "original"}), None
+
+
+def bench_dir(model_dir, baseline=None, cfg: BenchConfig | None = None, log=None) -> dict:
+    cfg = cfg or BenchConfig()
+    if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+        raise CvError("batch sizes must be positive integers")
+    if cfg.repeats < 1 or cfg.warmup < 0:
+        raise CvError("--repeats must be >= 1 and --warmup >= 0")
+    (model, manifest), (orig, om), orig_dir = load_pair(model_dir, baseline, log)
+    with tempfile.TemporaryDirectory(prefix="cvconvert-bench-") as tmp:
+        g_c, src_c = prepare_graphs(Path(model_dir), model, manifest, Path(tmp) / "complex", log)
+        g_o, src_o = prepare_graphs(orig_dir, orig, om, Path(tmp) / "original", log)
+        cfg.meta = {**cfg.meta, "model_dir": str(model_dir), "arch": model.spec.arch,
+                    "baseline": str(orig_dir) if orig_dir else "built from the manifest (variant original)",
+                    "graphs": {"complex": src_c, "original": src_o}, "machine": machine_info()}
+        return run_bench({"complex": model, "original": orig}, {"complex": g_c, "original": g_o}, cfg, log)
+
+
+def machine_info() -> dict:
+    import os
+    import platform
+
+    import onnxruntime as ort
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
