@@ -36,6 +36,7 @@ def train(
     gp_weight: float = typer.Option(10.0, help="WGAN-GP gradient-penalty weight."),
     gan_every: int = typer.Option(1, help="Do the critic + adversarial step on every N-th batch only."),
     val_fraction: float = typer.Option(0.05, help="Share of the training set held out to pick the best epoch."),
+    train_limit: Optional[int] = typer.Option(None, help="Train on a seeded random subset of this many images."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
 ):
     """Train DIR; the best weights go to DIR/model.pt, the last checkpoint to DIR/checkpoints/last.pt."""
@@ -46,11 +47,13 @@ def train(
         raise CvError("--val-fraction must be in [0, 1)")
     if max_steps is not None and max_steps < 1:
         raise CvError("--max-steps must be at least 1")
+    if train_limit is not None and train_limit < 1:
+        raise CvError("--train-limit must be at least 1")
     cfg = TrainConfig(data=data, data_dir=str(data_dir) if data_dir else None, task=task, epochs=epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
                       workers=workers, max_steps=max_steps, resume=resume, k=k, gan_weight=gan_weight,
                       critic_steps=critic_steps, critic_lr=critic_lr, gp_weight=gp_weight, gan_every=gan_every,
-                      val_fraction=val_fraction)
+                      val_fraction=val_fraction, train_limit=train_limit)
     summary = run(model_dir, cfg)
     import os
     if os.environ.get("RANK", "0") != "0":

@@ -70,6 +70,7 @@ class TrainConfig:
     gp_weight: float = 10.0
     gan_every: int = 1
     val_fraction: float = 0.05
+    train_limit: int | None = None
     log_every: int = 50
 
 
@@ -417,6 +418,10 @@ def _train(model_dir: Path, cfg: TrainConfig, device, dist: Dist, log: bool) -> 
     full = get_dataset(name, True, cfg.data_dir, task)
     if len(full) == 0:
         raise CvError(f"{name} training set is empty")
+    if cfg.train_limit is not None and cfg.train_limit < len(full):  # a seeded random subset (benchmarks)
+        from torch.utils.data import Subset
+        keep = torch.randperm(len(full), generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.train_limit]
+        full = Subset(full, sorted(keep.tolist()))
     train_set, val_set = _split_train_val(full, cfg.val_fraction, cfg.seed)
     sampler = DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=cfg.seed) \
         if dist.enabled else None
