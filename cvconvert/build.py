@@ -39,7 +39,7 @@ def load_real_weights(real: nn.Module, weights: Path) -> None:
 
 def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", data="fashion-mnist", task="fine",
                    input_shape=None, num_classes=None, weights=None, gamma=0.5, k=8, activation=None, c=None,
-                   force=False) -> dict:
+                   force=False, fool_sign="none") -> dict:
     import zoo
 
     if variant not in VARIANTS:
@@ -66,7 +66,8 @@ def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", da
         raise CvError(f"cannot build {arch} for input {shape}: {exc}") from None
     if weights is not None:
         load_real_weights(real, weights)
-    spec = ModelSpec(arch, enc_end, dec_start, variant, classes, shape, mean, std, mode, float(cval), float(gamma))
+    spec = ModelSpec(arch, enc_end, dec_start, variant, classes, shape, mean, std, mode, float(cval), float(gamma),
+                     fool_sign)
     model = build_model(spec, real)
     manifest = new_manifest(
         arch=arch, split=label, encoder_end=enc_end, decoder_start=dec_start, variant=variant,
@@ -75,7 +76,8 @@ def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", da
         gamma=float(gamma), class_names=info.class_names if classes == info.num_classes else
         [str(i) for i in range(classes)],
         data={"name": data, "task": info.task, "multilabel": info.multilabel},
-        source_weights=str(weights) if weights else None, history={})
+        source_weights=str(weights) if weights else None, history={},
+        **({"fool_sign": fool_sign} if fool_sign != "none" else {}))  # old readers never see the new key
     write_model_dir(output, model.state_dict(), manifest, force=force)
     return manifest
 

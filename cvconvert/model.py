@@ -52,16 +52,37 @@ class FeatureEncoder(nn.Module):
         return a
 
 
-class ComplexEncoder(nn.Module):
-    """(image, fool, theta) -> x = e^{i theta}(g(image) + i g(fool))."""
+FOOL_SIGNS = ("none", "quadrant")
 
-    def __init__(self, features: FeatureEncoder):
+
+def quadrant_sign(theta: torch.Tensor) -> torch.Tensor:
+    """+1 where theta lies in the 1st or 3rd quarter-circle, -1 in the 2nd or 4th (period pi)."""
+    # sin(2 theta) >= 0 exactly on those quarters; Sin/Where export to ONNX cleanly (float Mod does not)
+    return torch.where(torch.sin(2 * theta) >= 0, 1.0, -1.0).to(theta.dtype)
+
+
+class ComplexEncoder(nn.Module):
+    """(image, fool, theta) -> x = e^{i theta}(g(image) + i s g(fool)).
+
+    s = 1 (``fool_sign="none"``, the paper), or s = quadrant_sign(theta) (``"quadrant"``, the defense of
+    cvconvert/defense.py): the fool's sign then hides which of x's two natural-looking readings holds the
+    real image, and it is a function of the secret theta, so the decoder needs nothing new.
+    """
+
+    def __init__(self, features: FeatureEncoder, fool_sign: str = "none"):
         super().__init__()
         self.features = features
+        self.fool_sign = fool_sign
+
+    def combine(self, a, b, theta):
+        """x from the features a (image) and b (fool): what forward does after g (training calls it)."""
+        if self.fool_sign == "quadrant":
+            b = b * quadrant_sign(theta).reshape((-1,) + (1,) * (b.dim() - 1))
+        return encode(a, b, theta)
 
     def forward(self, image, fool, theta):
         a, b = self.features(torch.cat((image, fool), 0)).chunk(2, 0)
-        return encode(a, b, theta)
+        return self.combine(a, b, theta)
 
 
 class Decoder(nn.Module):
@@ -110,6 +131,7 @@ class ModelSpec:
     activation_mode: str = "channel"
     activation_c: float = 1.0
     gamma: float = 0.0
+    fool_sign: str = "none"  # "quadrant": the fool's sign follows theta's quarter (see ComplexEncoder)
 
 
 class SplitModel(nn.Module):
@@ -154,6 +176,8 @@ def build_model(spec: ModelSpec, real: nn.Module | None = None) -> SplitModel:
 
     if spec.variant not in VARIANTS:
         raise CvError(f"unknown variant {spec.variant!r} (choose from {', '.join(VARIANTS)})")
+    if spec.fool_sign not in FOOL_SIGNS:
+        raise CvError(f"unknown fool_sign {spec.fool_sign!r} (choose from {', '.join(FOOL_SIGNS)})")
     if real is None:
         real = zoo.create_model(spec.arch, spec.num_classes, spec.input_shape)
     parts = splitlib.split_model(real, spec.encoder_end, spec.decoder_start, LEAF_MODULES)
@@ -174,7 +198,7 @@ def build_model(spec: ModelSpec, real: nn.Module | None = None) -> SplitModel:
         names = {n.name: q for n, q in parts.qualnames.items()}
         act = {"mode": spec.activation_mode, "c": spec.activation_c}
         processing = to_complex(processing, names, **act)
-        encoder, decoder = ComplexEncoder(features), ComplexDecoder(Decoder(parts.decoder, bias))
+        encoder, decoder = ComplexEncoder(features, spec.fool_sign), ComplexDecoder(Decoder(parts.decoder, bias))
     else:
         encoder, decoder = features, Decoder(parts.decoder)
     disc = Discriminator(feat[0]) if gan_shaped else None

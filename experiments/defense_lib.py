@@ -1,0 +1,291 @@
+"""Shared code of the phase-hiding experiments: data subsets, one training loop for every variant, and
+the evaluation with attackers trained AFTER training (never the critic of the loop).
+
+Attackers (all know the defense: they simulate x with the public encoder, ``model.encoder.combine``):
+  regressor    SmallCNN on x -> (cos theta, sin theta) (cvconvert.attacks.nets), MSE
+  phase        training-free phase-support estimates (window / channel-weighted mean, calibrated on the
+               attacker's own simulated x; the attacker keeps the one better on its own data)
+  D' grid      the paper's angle attack (cvconvert.attacks.angle): the best-looking reading of x
+  probes       linear probes on |x| and on a for the fine class
+  inversion    U-Net (cvconvert.attacks.nets.UNet) trained on a, and one trained on +-a (sign-agnostic);
+               decoded from a* at the regressor's and D''s angles; "oracle": the best of the four readings
+               theta_hat + j pi/2 (needs the truth: the pair limit that no defense can beat)
+  white-box    optimise (I, I') through the public encoder (cvconvert.attacks.whitebox); how often its
+               first image is the real one (it recovers the pair {I, I'} in any case)
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cvconvert.attacks import angle, nets, phase_support, whitebox
+from cvconvert.attacks.common import Standardize, batched, partners, uniform_angles
+from cvconvert.attacks.fit import Trainer as FitTrainer
+from cvconvert.attacks.metrics import circular_error, per_sample_mae
+from cvconvert.attacks.runner import Budget, Ctx
+from cvconvert.complex.functional import modulus, unrotate_real
+from cvconvert.defense import make_defense
+from cvconvert.model import random_theta
+from cvconvert.modeldir import atomic_json, atomic_torch_save, load_model, read_manifest, MANIFEST, WEIGHTS
+
+torch.set_num_threads(1)  # 2 shared cores: one thread per process is ~10x faster than two fighting
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+def load_data(n_train: int, n_att: int, n_test: int, seed: int = 0) -> dict:
+    """Disjoint subsets of Fashion-MNIST's training set for the model and the attacker; a test subset."""
+    from cvconvert.data import get_dataset
+
+    tr, te = get_dataset("fashion-mnist", True), get_dataset("fashion-mnist", False)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(tr), generator=g)
+    pt = torch.randperm(len(te), generator=g)[:n_test]
+    ytr, yte = torch.tensor(tr.targets), torch.tensor(te.targets)
+    take = lambda ds, y, idx: (ds.images[idx].float() / 255, y[idx])  # noqa: E731
+    return {"train": take(tr, ytr, perm[:n_train]), "att": take(tr, ytr, perm[n_train:n_train + n_att]),
+            "test": take(te, yte, pt)}
+
+
+# --- training --------------------------------------------------------------------------------------------
+
+def _derangement(n: int) -> torch.Tensor:
+    p = torch.randperm(n)
+    out = torch.empty_like(p)
+    out[p] = p.roll(1)
+    return out
+
+
+def train_dir(model_dir, data: dict, epochs: int, defense: str | None = None, weight: float = 0.0,
+              batch_size: int = 64, lr: float = 1e-3, seed: int = 0, paper_gan: float = 0.0) -> dict:
+    """Train DIR in place with task loss (+ the defense's terms, or the paper's WGAN-GP via cvconvert.train's
+    helpers when paper_gan > 0). Every variant goes through this same loop. Returns per-epoch records."""
+    from cvconvert.train import _gradient_penalty, negatives
+
+    torch.manual_seed(seed)
+    model, manifest = load_model(model_dir)
+    d = make_defense(defense, model, {"weight": weight}) if defense else None
+    crit_ids = {id(p) for p in model.discriminator.parameters()} if model.discriminator is not None else set()
+    opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in crit_ids], lr=lr)
+    copt = torch.optim.Adam(model.discriminator.parameters(), lr=lr, betas=(0.5, 0.9)) if paper_gan > 0 else None
+    images, y = data["train"]
+    n = len(images)
+    records, step = [], 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        perm = torch.randperm(n)
+        t0, sums, cnt = time.time(), {}, 0
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = perm[i:i + batch_size]
+            img, tgt = images[idx], y[idx]
+            stats = {}
+            if not model.is_complex:
+                logits = model(img)
+                loss = F.cross_entropy(logits, tgt)
+            else:
+                a = model.encoder.features(img)
+                b = a[_derangement(len(a))]
+                theta = random_theta(len(a))
+                x = model.encoder.combine(a, b, theta)
+                if d is not None:
+                    stats.update(d.update(a, b, x))
+                logits = model.decoder(model.processing(x), theta)
+                loss = F.cross_entropy(logits, tgt)
+                if d is not None:
+                    extra, s2 = d.extra_loss(a, b, x, step)
+                    loss = loss + extra
+                    stats.update(s2)
+                if copt is not None:  # the paper's Eqs. 8-9 exactly as cvconvert train does them
+                    scale = a.pow(2).mean().sqrt() + 1e-8
+                    real, fake = a / scale, negatives(a, b, 8, step) / scale
+                    r, f = real.detach(), fake.detach()
+                    dr, df = model.discriminator(torch.cat((r, f))).chunk(2)
+                    c_loss = df.mean() - dr.mean() + 10 * _gradient_penalty(model.discriminator, r, f)
+                    copt.zero_grad(set_to_none=True)
+                    c_loss.backward()
+                    copt.step()
+                    for p in model.discriminator.parameters():
+                        p.requires_grad_(False)
+                    dr, df = model.discriminator(torch.cat((real, fake))).chunk(2)
+                    for p in model.discriminator.parameters():
+                        p.requires_grad_(True)
+                    loss = loss + paper_gan * (dr.mean() - df.mean())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            cnt += 1
+            stats["loss"] = float(loss.detach())
+            stats["error"] = float((logits.argmax(1) != tgt).float().mean())
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+        rec = {"epoch": epoch, "steps": cnt, "time_s": round(time.time() - t0, 2),
+               **{f"train_{k}": round(v / cnt, 5) for k, v in sums.items()}}
+        records.append(rec)
+        log(f"{Path(model_dir).name} epoch {epoch}: {rec}")
+    atomic_torch_save({k: v.detach() for k, v in model.state_dict().items()}, Path(model_dir) / WEIGHTS)
+    m = read_manifest(model_dir)
+    if d is not None:
+        m.update(d.manifest_updates())
+    m["history"] = {"experiment": "experiments/defense_lib.train_dir", "epochs": epochs, "records": records,
+                    "n_train": n, "batch_size": batch_size, "lr": lr, "paper_gan": paper_gan}
+    atomic_json(m, Path(model_dir) / MANIFEST)
+    return {"records": records, "epoch_time_s": sum(r["time_s"] for r in records) / len(records)}
+
+
+@torch.no_grad()
+def test_error(model, images, y) -> float:
+    model.eval()
+    logits = batched(lambda i: model(i), images)
+    return float((logits.argmax(1) != y).float().mean())
+
+
+# --- attacks ---------------------------------------------------------------------------------------------
+
+def _fit(net, steps, batch_fn, loss_fn, lr=1e-3, bs=64, n=None):
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    gen = torch.Generator().manual_seed(1234)
+    net.train()
+    for _ in range(steps):
+        idx = torch.randint(0, n, (bs,), generator=gen)
+        inp, tgt = batch_fn(idx, gen)
+        loss = loss_fn(net(inp), tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    net.eval()
+    return net
+
+
+def _linear_probe(f_tr, y_tr, f_ev, y_ev, steps=600) -> float:
+    f_tr, f_ev = f_tr.flatten(1), f_ev.flatten(1)
+    mu, sd = f_tr.mean(0), f_tr.std(0) + 1e-6
+    f_tr, f_ev = (f_tr - mu) / sd, (f_ev - mu) / sd
+    net = torch.nn.Linear(f_tr.shape[1], 10)
+    _fit(net, steps, lambda idx, g: (f_tr[idx], y_tr[idx]),
+         lambda o, t: F.cross_entropy(o, t) + 1e-4 * net.weight.pow(2).sum(), bs=128, n=len(f_tr))
+    with torch.no_grad():
+        return float((net(f_ev).argmax(1) == y_ev).float().mean())
+
+
+def evaluate(model_dir, data: dict, steps: dict | None = None, seed: int = 0) -> dict:
+    """Every attack on DIR's transmitted x for the test subset. Returns a flat dict of numbers."""
+    steps = {"regressor": 800, "unet": 400, "dprime_epochs": 2, "probe": 600, "whitebox_n": 48,
+             "whitebox_steps": 120, **(steps or {})}
+    torch.manual_seed(seed)
+    model, _ = load_model(model_dir)
+    model.eval()
+    enc = model.encoder
+    I_att, y_att = data["att"]
+    I_ev, y_ev = data["test"]
+    out = {"test_error": test_error(model, I_ev, y_ev)}
+    if not model.is_complex:
+        a_tr = batched(model.features, I_att)
+        a_ev = batched(model.features, I_ev)
+        out["probe_a_acc"] = _linear_probe(a_tr, y_att, a_ev, y_ev, steps["probe"])
+        u = _unet(a_tr, I_att, steps["unet"])
+        out["recon_mae_a"] = float(per_sample_mae(batched(u, a_ev), I_ev).mean())
+        return out
+    a_tr = batched(model.features, I_att)
+    a_ev = batched(model.features, I_ev)
+    n, ne = len(a_tr), len(a_ev)
+    fool = I_ev[_derangement(ne)]
+    theta = random_theta(ne)  # the victim's secret keys (CSPRNG); only used to score
+    x_ev = batched(lambda i, f, t: enc(i, f, t), I_ev, fool, theta)
+
+    def simulate(idx, gen):  # the attacker's own x: its images, random partners, its own keys
+        t = uniform_angles(len(idx), gen)
+        return enc.combine(a_tr[idx], a_tr[partners(idx, n, gen)], t), t
+
+    # learned regressor
+    g0 = torch.Generator().manual_seed(seed + 1)
+    sample = simulate(torch.arange(min(1024, n)), g0)[0].flatten(1, 2)
+    reg = torch.nn.Sequential(Standardize(sample), nets.SmallCNN(sample.shape[1], 2))
+
+    def reg_batch(idx, gen):
+        x, t = simulate(idx, gen)
+        return x.flatten(1, 2), torch.stack((t.cos(), t.sin()), 1)
+    t0 = time.time()
+    _fit(reg, steps["regressor"], reg_batch, F.mse_loss, n=n)
+    out_r = batched(lambda xb: reg(xb.flatten(1, 2)), x_ev)
+    th_reg = torch.atan2(out_r[:, 1], out_r[:, 0]) % (2 * math.pi)
+    out["angle_regressor"] = float(circular_error(th_reg, theta).mean())
+    out["time_regressor_s"] = round(time.time() - t0, 1)
+
+    # phase support, calibrated on the attacker's own (defense-aware) simulation
+    g1 = torch.Generator().manual_seed(seed + 2)
+    x_cal, t_cal = simulate(torch.arange(min(1024, n)), g1)
+    w = phase_support.channel_weights(a_tr)
+    dd = phase_support.mean_phase(x_cal, w) - t_cal
+    offset = torch.atan2(dd.sin().mean(), dd.cos().mean())
+    cal = {"window": float(circular_error(phase_support.window_estimate(x_cal), t_cal).mean()),
+           "mean": float(circular_error(phase_support.mean_estimate(x_cal, w, offset), t_cal).mean())}
+    est = {"window": phase_support.window_estimate(x_ev), "mean": phase_support.mean_estimate(x_ev, w, offset)}
+    for k, v in est.items():
+        out[f"angle_phase_{k}"] = float(circular_error(v, theta).mean())
+    best = min(cal, key=cal.get)
+    out["angle_phase_support"] = out[f"angle_phase_{best}"]
+
+    # the paper's D' (best-looking reading over an angle grid)
+    ctx = Ctx(torch.device("cpu"), Budget("exp", n, ne, {"dprime": steps["dprime_epochs"]}, 16, 1, (36, 21), 0, 0),
+              FitTrainer(Path(model_dir) / "attack_ckpt", torch.device("cpu"), None, False, seed, {}), None, seed,
+              {"a": a_tr, "images": I_att})
+    (Path(model_dir) / "attack_ckpt").mkdir(exist_ok=True)
+    dnet = angle.train_dprime(ctx)
+    th_d = angle.estimate(ctx, dnet, x_ev)
+    out["angle_dprime"] = float(circular_error(th_d, theta).mean())
+
+    # probes: class of the real image from |x| (rotation-invariant) and from a
+    x_tr_sim = simulate(torch.arange(n), torch.Generator().manual_seed(seed + 3))[0]
+    out["probe_modulus_acc"] = _linear_probe(modulus(x_tr_sim), y_att, modulus(x_ev), y_ev, steps["probe"])
+    out["probe_a_acc"] = _linear_probe(a_tr, y_att, a_ev, y_ev, steps["probe"])
+
+    # inversion
+    u_a = _unet(a_tr, I_att, steps["unet"])
+    u_pm = _unet(a_tr, I_att, steps["unet"], signs=True)
+    mae = lambda net, f: per_sample_mae(batched(net, f), I_ev)  # noqa: E731
+    out["recon_ref_true_key"] = float(mae(u_a, a_ev).mean())
+    out["recon_regressor_angle"] = float(mae(u_a, unrotate_real(x_ev, th_reg)).mean())
+    out["recon_regressor_angle_pm"] = float(mae(u_pm, unrotate_real(x_ev, th_reg)).mean())
+    out["recon_dprime_angle"] = float(mae(u_a, unrotate_real(x_ev, th_d)).mean())
+    out["recon_dprime_angle_pm"] = float(mae(u_pm, unrotate_real(x_ev, th_d)).mean())
+    readings = torch.stack([mae(u_pm, unrotate_real(x_ev, th_d + j * math.pi / 2)) for j in range(4)])
+    out["recon_oracle_best_of_4"] = float(readings.min(0).values.mean())
+    out["recon_fool_true"] = float(per_sample_mae(fool, I_ev).mean())  # MAE between two random images
+    # D''s reading decodes the real image (within 1.2x of the true-key error) or something else?
+    ref = mae(u_a, a_ev)
+    out["dprime_reading_is_real_frac"] = float((mae(u_a, unrotate_real(x_ev, th_d)) <= 1.2 * ref + 0.01)
+                                               .float().mean())
+    # white-box optimisation through the public encoder: is its first image the real one?
+    nw = steps["whitebox_n"]
+    if nw:
+        wI, wJ, wth, _ = whitebox.invert(ctx, enc.features, x_ev[:nw], I_ev.shape[1:], steps["whitebox_steps"])
+        ei, ej = per_sample_mae(wI, I_ev[:nw]), per_sample_mae(wJ, I_ev[:nw])
+        out["whitebox_first_is_real_frac"] = float((ei < ej).float().mean())
+        out["whitebox_pair_best_mae"] = float(torch.minimum(ei, ej).mean())
+        out["angle_whitebox"] = float(circular_error(wth, theta[:nw]).mean())
+    return out
+
+
+def _unet(a_tr, I_tr, steps, signs=False):
+    sample = torch.cat((a_tr[:512], -a_tr[:512])) if signs else a_tr[:1024]
+    net = torch.nn.Sequential(Standardize(sample), nets.UNet(a_tr.shape[1], I_tr.shape[1:], 16, 1))
+
+    def batch(idx, gen):
+        f = a_tr[idx]
+        if signs:  # the sign-agnostic inverter: trained on +a and -a alike
+            f = f * (torch.randint(0, 2, (len(idx),), generator=gen).float() * 2 - 1).reshape(-1, 1, 1, 1)
+        return f, I_tr[idx]
+    return _fit(net, steps, batch, F.l1_loss, n=len(a_tr))

@@ -1,0 +1,163 @@
+"""The phase-hiding defense (cvconvert/defense.py) and the fool-sign encoder option (model.py)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cvconvert.complex.functional import encode
+from cvconvert.defense import DefenseConfig, SignCritic, make_defense, odd_moments
+from cvconvert.errors import CvError
+from cvconvert.model import ModelSpec, build_model, quadrant_sign
+
+
+def tiny(fool_sign="none", variant="complex"):
+    torch.manual_seed(0)
+    spec = ModelSpec("lenet", "conv1", None, variant, 10, (1, 16, 16), [0.5], [0.5], fool_sign=fool_sign)
+    return build_model(spec).eval()  # eval: batch-norm must not mix the image and fool batches
+
+
+def test_quadrant_sign_follows_theta_quarter():
+    q = math.pi / 2
+    theta = torch.tensor([0.1, q + 0.1, 2 * q + 0.1, 3 * q + 0.1, -0.1, 4 * q + 0.1])
+    assert quadrant_sign(theta).tolist() == [1.0, -1.0, 1.0, -1.0, -1.0, 1.0]
+
+
+def test_quadrant_encoder_puts_the_fool_in_the_natural_reading_for_half_the_keys():
+    # x = e^{it}(a + i s b); for s = -1 it equals e^{i(t - pi/2)}(b + i a): the fool becomes the real part
+    m = tiny("quadrant")
+    img, fool = torch.rand(4, 1, 16, 16), torch.rand(4, 1, 16, 16)
+    theta = torch.tensor([0.3, 1.9, 3.5, 5.0])  # quarters 0, 1, 2, 3
+    with torch.no_grad():
+        x = m.encoder(img, fool, theta)
+        a, b = m.encoder.features(img), m.encoder.features(fool)
+    s = torch.tensor([1.0, -1.0, 1.0, -1.0]).reshape(-1, 1, 1, 1)
+    assert torch.allclose(x, encode(a, s * b, theta), atol=1e-5)
+    swapped = encode(b, a, theta - math.pi / 2)
+    assert torch.allclose(x[[1, 3]], swapped[[1, 3]], atol=1e-5)
+    assert not torch.allclose(x[[0, 2]], swapped[[0, 2]], atol=1e-3)
+    # the decoder still decodes with theta alone: logits depend on theta only through the key
+    with torch.no_grad():
+        logits = m(img, fool, theta)
+        again = m.decoder(m.processing(m.encoder.combine(a, s * b * s, theta)), theta)  # s*s = 1: same x
+    assert torch.allclose(logits, again, atol=1e-5)
+
+
+def test_default_encoder_is_unchanged():
+    m = tiny()
+    img, fool, theta = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16), torch.tensor([2.0, 4.5])
+    with torch.no_grad():
+        a, b = m.encoder.features(img), m.encoder.features(fool)
+        assert torch.allclose(m.encoder(img, fool, theta), encode(a, b, theta), atol=1e-6)
+
+
+def test_model_dir_round_trip(tmp_path):
+    from cvconvert.build import convert_to_dir
+    from cvconvert.modeldir import load_model, read_manifest
+
+    convert_to_dir("lenet", tmp_path / "q", input_shape=(1, 16, 16), num_classes=10, fool_sign="quadrant")
+    m, man = load_model(tmp_path / "q")
+    assert man["fool_sign"] == "quadrant" and m.encoder.fool_sign == "quadrant"
+    convert_to_dir("lenet", tmp_path / "p", input_shape=(1, 16, 16), num_classes=10)
+    assert "fool_sign" not in read_manifest(tmp_path / "p")  # old manifests: the key is absent
+    assert load_model(tmp_path / "p")[0].encoder.fool_sign == "none"
+    with pytest.raises(CvError, match="fool_sign"):
+        tiny("sideways")
+
+
+def test_make_defense_errors():
+    m = tiny()
+    with pytest.raises(CvError, match="unknown defense"):
+        make_defense("magic", m)
+    with pytest.raises(CvError, match="unknown defense option"):
+        make_defense("symmetric", m, {"wieght": 1})
+    with pytest.raises(CvError, match="complex model"):
+        make_defense("exchange", tiny(variant="original"))
+    with pytest.raises(CvError, match="weight"):
+        make_defense("symmetric", tiny(), {"weight": -1})
+    d = make_defense("exchange", m)
+    assert m.encoder.fool_sign == "quadrant" and d.manifest_updates()["fool_sign"] == "quadrant"
+    paper = make_defense("paper", tiny())
+    assert paper.uses_paper_gan and not d.uses_paper_gan
+
+
+def test_odd_moments_vanish_for_symmetric_data():
+    z = torch.randn(64, 3, 8, 8)
+    sym = torch.cat((z, -z))
+    assert float(odd_moments(sym)) < 1e-6
+    assert float(odd_moments(sym.abs())) > 0.5  # non-negative features: large mean and skew
+
+
+def _step(m, d, opt, img, y, step):
+    a = m.encoder.features(img)
+    b = a.roll(1, 0)
+    theta = torch.rand(len(a)) * 2 * math.pi
+    x = m.encoder.combine(a, b, theta)
+    cstats = d.update(a, b, x)
+    extra, estats = d.extra_loss(a, b, x, step)
+    loss = F.cross_entropy(m.decoder(m.processing(x), theta), y) + extra
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss), cstats, estats
+
+
+def test_symmetric_defense_trains_and_its_critic_uses_the_features():
+    torch.manual_seed(0)
+    m = tiny().train()
+    d = make_defense("symmetric", m, DefenseConfig(weight=1.0, critic_lr=3e-3))
+    critic_ids = {id(p) for p in d.parameters()}
+    assert not critic_ids & {id(p) for p in m.parameters()}  # the critic is not part of the model
+    params = [p for n, p in m.named_parameters() if not n.startswith("discriminator")]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    img, y = torch.rand(16, 1, 16, 16), torch.randint(0, 10, (16,))
+    before = [p.detach().clone() for p in d.parameters()]
+    enc_before = [p.detach().clone() for p in m.encoder.parameters()]
+    hist = [_step(m, d, opt, img, y, i) for i in range(6)]
+    # the critic's parameters moved, its loss and the encoder's terms changed over the steps
+    assert any(not torch.equal(b, p) for b, p in zip(before, d.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(enc_before, m.encoder.parameters()))
+    closs = [h[1]["sign_critic_loss"] for h in hist]
+    conf = [h[2]["sign_confusion"] for h in hist]
+    assert max(closs) - min(closs) > 1e-3 and max(conf) - min(conf) > 1e-4
+    assert all(math.isfinite(h[0]) for h in hist)
+    # the critic really reads its input: different features give a different loss
+    with torch.no_grad():
+        a = m.encoder.features(img)
+    l1 = float(d.extra_loss(a, a, None, 0)[0])
+    l2 = float(d.extra_loss(torch.randn_like(a), a, None, 0)[0])
+    assert abs(l1 - l2) > 1e-4
+    # extra_loss sends gradient to the encoder only, never to the critic
+    for p in d.parameters():
+        p.grad = None
+    loss, _ = d.extra_loss(m.encoder.features(img), None, None, 0)
+    loss.backward()
+    assert all(p.grad is None for p in d.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.encoder.features.generator.parameters())
+
+
+def test_sign_critic_learns_to_tell_a_from_minus_a():
+    # a non-negative feature gives its sign away: the critic must find that within a few dozen steps
+    torch.manual_seed(0)
+    m = tiny()
+    d = make_defense("symmetric", m, DefenseConfig(weight=0.0, critic_lr=3e-3))
+    a = torch.rand(32, 6, 12, 12) + 0.1
+    for _ in range(40):
+        stats = d.update(a, a, None)
+    assert stats["sign_critic_acc"] > 0.95
+    assert make_defense("symmetric", tiny(), {"weight": 0.0}).extra_loss(a, a, None, 0)[0].item() == 0.0
+
+
+def test_state_dict_round_trip():
+    m = tiny()
+    d = make_defense("symmetric", m)
+    a = torch.randn(8, 6, 12, 12)
+    d.update(a, a, None)
+    d2 = make_defense("symmetric", tiny())
+    d2.load_state_dict(d.state_dict())
+    with torch.no_grad():
+        assert torch.equal(d.critic(a), d2.critic(a))
+    with pytest.raises(CvError, match="does not match"):
+        d2.load_state_dict({"critic": {}})
+    assert isinstance(SignCritic(3, 8, 2)(torch.randn(2, 3)), torch.Tensor)  # flat features work too
