@@ -18,7 +18,7 @@ def serve(
                                                   "model dir, as `export --triton-repo` names it; the Triton folder's "
                                                   "name; else the file name without .onnx)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 exposes it to the network)."),
-    port: int = typer.Option(8000, help="TCP port."),
+    port: int = typer.Option(8000, help="TCP port (0: any free port, printed at start)."),
     max_request_mb: float = typer.Option(64.0, help="Largest request body accepted (MiB); larger ones get 413."),
     threads: Optional[int] = typer.Option(None, help="Inference runs at once (thread pool off the event loop); "
                                                      "default min(4, CPUs)."),
@@ -53,10 +53,13 @@ def serve(
         intra_op_threads = srv.default_intra_op_threads(options.threads)
     served = srv.load_model(model, name, intra_op_threads=intra_op_threads, providers=providers)
     app = srv.build_app(served, options)
+    sock = srv.bind(host, port)
+    port = sock.getsockname()[1]  # the real one when --port 0
     shapes = ", ".join(f"{t.name} {t.datatype}{t.shape}" for t in served.inputs + served.outputs)
     info(f"serving {served.path} as model {served.name!r} ({shapes}) on "
          f"{served.session.get_providers()[0]}")
-    info(f"infer URL: http://{host}:{port}/v2/models/{served.name}/infer  (Ctrl-C stops)")
+    where = f"[{host}]" if ":" in host else host
+    info(f"infer URL: http://{where}:{port}/v2/models/{served.name}/infer  (Ctrl-C stops)")
     if host not in ("127.0.0.1", "localhost", "::1"):
         info("note: no TLS or authentication here; put it behind a reverse proxy or a private network")
-    srv.serve(app, host, port, access_log=access_log)
+    srv.serve(app, sock, access_log=access_log)

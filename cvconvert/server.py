@@ -634,9 +634,34 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, access_log: b
                           timeout_keep_alive=30, server_header=False, lifespan="off")
 
 
-def serve(app, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True) -> None:
+def bind(host: str = "127.0.0.1", port: int = 8000):
+    """A listening socket, or a one-line CvError (port in use, unknown host) before anything is printed."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as exc:
+        raise CvError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise CvError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def serve(app, sock, access_log: bool = True) -> None:
+    """Run until Ctrl-C / SIGTERM (uvicorn finishes the requests in flight first)."""
     import uvicorn
-    uvicorn.Server(uvicorn_config(app, host, port, access_log)).run()
+
+    host, port = sock.getsockname()[:2]
+    try:
+        uvicorn.Server(uvicorn_config(app, host, port, access_log)).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 class BackgroundServer:

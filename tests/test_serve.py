@@ -415,23 +415,23 @@ def test_server_and_client_need_no_torch():
 # ---------------------------------------------------------------------------------------------------
 # the command line
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(90)
 def test_cli_serve_model_dir_end_to_end(processing_onnx, local, tmp_path):
     """`cvconvert serve DIR` for a Triton-style model folder, reached by RemoteProcessing, stopped by Ctrl-C."""
     folder = tmp_path / "repo" / "lenet_processing"
     (folder / "1").mkdir(parents=True)
     (folder / "1" / "model.onnx").write_bytes(processing_onnx.read_bytes())
-    port = _free_port()
-    cmd = [sys.executable, "-m", "cli", "serve", str(folder), "--port", str(port), "--threads", "1"]
+    cmd = [sys.executable, "-m", "cli", "serve", str(folder), "--port", "0", "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    head = []
     try:
+        for line in proc.stderr:  # --port 0: the port the OS gave is printed in the "infer URL" line
+            head.append(line.decode())
+            if line.startswith(b"infer URL:"):
+                break
+        assert head and head[-1].startswith("infer URL: http://127.0.0.1:"), "".join(head)
+        port = int(head[-1].split("http://127.0.0.1:")[1].split("/")[0])
         remote = RemoteProcessing(f"http://127.0.0.1:{port}", "lenet_processing", timeout=10)
         deadline = time.monotonic() + 60
         while not remote.ready():
@@ -448,7 +448,7 @@ def test_cli_serve_model_dir_end_to_end(processing_onnx, local, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-    log = err.decode()
+    log = "".join(head) + err.decode()
     assert "lenet_processing" in log and "/v2/models/lenet_processing/infer" in log
     assert "Traceback" not in log
     assert x.tobytes()[:64].hex() not in log and "binary_data_size" not in log  # no bodies logged
@@ -459,6 +459,8 @@ def test_cli_serve_model_dir_end_to_end(processing_onnx, local, tmp_path):
     (["{onnx}", "--max-request-mb", "0"], "max-request-mb"),
     (["{onnx}", "--port", "70000"], "not a tcp port"),
     (["{txt}"], "not an .onnx file"),
+    (["{onnx}", "--port", "{busy}"], "cannot listen"),
+    (["{onnx}", "--name", "a/b"], "bad model name"),
 ])
 def test_cli_serve_bad_arguments(args, words, processing_onnx, tmp_path):
     from typer.testing import CliRunner
@@ -467,8 +469,11 @@ def test_cli_serve_bad_arguments(args, words, processing_onnx, tmp_path):
 
     txt = tmp_path / "model.txt"
     txt.write_text("x")
-    args = [a.format(onnx=processing_onnx, txt=txt) for a in args]
-    result = CliRunner().invoke(app, ["serve", *args])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = [a.format(onnx=processing_onnx, txt=txt, busy=busy.getsockname()[1]) for a in args]
+        result = CliRunner().invoke(app, ["serve", *args])
     assert result.exit_code == 2
     assert words in result.output.lower()
     assert "Traceback" not in result.output
