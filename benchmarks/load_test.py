@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,25 +41,24 @@ def lenet_processing(folder: Path) -> Path:
     return folder / "lenet"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: Path, name: str, threads: int | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "cli", "serve", str(model), "--name", name, "--port", str(port), "--no-access-log"]
+    cmd = [sys.executable, "-m", "cli", "serve", str(model), "--name", name, "--port", "0", "--no-access-log"]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd + extra, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    url, text = None, ""
+    for line in proc.stderr:  # "infer URL: http://127.0.0.1:PORT/..." once it listens
+        text = line.decode()
+        if text.startswith("infer URL: "):
+            url = text.split()[2].split("/v2/")[0]
+            break
+    if url is None:
+        raise SystemExit(f"server did not start: {text.strip()}")
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep its pipe drained
     probe = RemoteProcessing(url, name, timeout=5)
     deadline = time.monotonic() + 60
     while not probe.ready():
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        if time.monotonic() > deadline:
+        if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise SystemExit("server did not come up within 60 s")
         time.sleep(0.1)
@@ -170,4 +168,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cvconvert.errors import CvError
+
+    try:
+        sys.exit(main())
+    except CvError as exc:
+        sys.exit(f"error: {exc}")
