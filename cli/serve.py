@@ -55,6 +55,8 @@ def serve(
     app = srv.build_app(served, options)
     sock = srv.bind(host, port)
     port = sock.getsockname()[1]  # the real one when --port 0
+    if cuda and served.session.get_providers()[0] != "CUDAExecutionProvider":
+        info("warning: --cuda: the CUDA execution provider did not start (no GPU or CUDA libraries); using CPU")
     shapes = ", ".join(f"{t.name} {t.datatype}{t.shape}" for t in served.inputs + served.outputs)
     info(f"serving {served.path} as model {served.name!r} ({shapes}) on "
          f"{served.session.get_providers()[0]}")
@@ -62,4 +64,8 @@ def serve(
     info(f"infer URL: http://{where}:{port}/v2/models/{served.name}/infer  (Ctrl-C stops)")
     if host not in ("127.0.0.1", "localhost", "::1"):
         info("note: no TLS or authentication here; put it behind a reverse proxy or a private network")
-    srv.serve(app, sock, access_log=access_log)
+    try:
+        srv.serve(app, sock, access_log=access_log)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
+        pass
+    info("stopped")

@@ -161,12 +161,18 @@ def load_model(path: Path | str, name: str | None = None, intra_op_threads: int 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(0, int(intra_op_threads))
     opts.log_severity_level = 3
+    providers = providers or ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in providers:
+        # onnxruntime-gpu logs a multi-line error when CUDA libraries are missing, then falls back to CPU;
+        # the caller reports the provider that actually runs instead.
+        ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(str(onnx_path), sess_options=opts,
-                                       providers=providers or ["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
     except Exception as exc:  # ORT raises several of its own types
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise CvError(f"ONNX Runtime cannot load {onnx_path}: {first}") from None
+    finally:
+        ort.set_default_logger_severity(2)
     return ServedModel(model_name, onnx_path, session,
                        [_spec(i) for i in session.get_inputs()], [_spec(o) for o in session.get_outputs()])
 
@@ -699,6 +705,9 @@ class BackgroundServer:
         if self.thread.is_alive():
             self.thread.join(timeout=10)
         self.sock.close()
+        executor = getattr(getattr(self.server.config.app, "state", None), "executor", None)
+        if executor is not None:
+            executor.shutdown(wait=False)
 
     def __exit__(self, *exc):
         self.close()

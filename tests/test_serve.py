@@ -449,6 +449,7 @@ def test_cli_serve_model_dir_end_to_end(processing_onnx, local, tmp_path):
             proc.kill()
             out, err = proc.communicate()
     log = "".join(head) + err.decode()
+    assert proc.returncode == 0 and log.rstrip().endswith("stopped"), log[-500:]  # Ctrl-C is a clean stop
     assert "lenet_processing" in log and "/v2/models/lenet_processing/infer" in log
     assert "Traceback" not in log
     assert x.tobytes()[:64].hex() not in log and "binary_data_size" not in log  # no bodies logged
