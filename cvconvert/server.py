@@ -369,6 +369,7 @@ class Batcher:
         self.slots: asyncio.Semaphore | None = None
         self.concurrency = concurrency
         self.task = None
+        self.running: set = set()
 
     def _start(self):
         self.queue = asyncio.Queue()
@@ -403,7 +404,9 @@ class Batcher:
                 batch.append(item)
                 rows += n
             await self.slots.acquire()
-            asyncio.get_running_loop().create_task(self._run(batch))
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self.running.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self.running.discard)
 
     async def _run(self, batch):
         try:
