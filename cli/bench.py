@@ -65,12 +65,15 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal and console.width < 132:
+        console = Console(width=132)  # piped / captured: do not squeeze the table into 80 columns
     m = report.get("machine", {})
     console.print(f"[bold]{report['arch']}[/] on {report['device']} ({m.get('cpu', '?')}, {report['threads']} threads), "
                   f"median of {report['repeats']} runs after {report['warmup']} warm-up; baseline: {report['baseline']}")
     t = Table(title="latency (ms) and throughput (samples/s)")
-    for col in ("batch", "engine", "stage", "complex p50", "complex p90", "original p50", "original p90",
-                "complex/s", "original/s", "complex/original"):
+    t.caption = "cplx = complex split network, orig = original model; /s = samples per second at p50"
+    for col in ("batch", "engine", "stage", "cplx p50", "cplx p90", "orig p50", "orig p90",
+                "cplx/s", "orig/s", "cplx/orig"):
         t.add_column(col, justify="right")
     rows = {(r["batch"], r["engine"], r["stage"], r["model"]): r for r in report["results"]}
     for (n, eng, stage, model), r in rows.items():

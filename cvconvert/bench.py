@@ -316,8 +316,11 @@ def bench_dir(model_dir, baseline=None, cfg: BenchConfig | None = None, log=None
         raise CvError("--repeats must be >= 1 and --warmup >= 0")
     (model, manifest), (orig, om), orig_dir = load_pair(model_dir, baseline, log)
     with tempfile.TemporaryDirectory(prefix="cvconvert-bench-") as tmp:
-        g_c, src_c = prepare_graphs(Path(model_dir), model, manifest, Path(tmp) / "complex", log)
-        g_o, src_o = prepare_graphs(orig_dir, orig, om, Path(tmp) / "original", log)
+        g_c = g_o = None
+        src_c = src_o = "not used (no ort engine)"
+        if "ort" in cfg.engines:
+            g_c, src_c = prepare_graphs(Path(model_dir), model, manifest, Path(tmp) / "complex", log)
+            g_o, src_o = prepare_graphs(orig_dir, orig, om, Path(tmp) / "original", log)
         cfg.meta = {**cfg.meta, "model_dir": str(model_dir), "arch": model.spec.arch,
                     "baseline": str(orig_dir) if orig_dir else "built from the manifest (variant original)",
                     "graphs": {"complex": src_c, "original": src_o}, "machine": machine_info()}

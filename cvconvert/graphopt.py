@@ -1,65 +1,19 @@
-"""Speed-only rewrites of a processing module before ONNX export, and the ONNX Runtime session options
-the benchmarks found fastest. Nothing here changes what a model computes beyond float rounding.
+"""Speed-only choices for the exported graphs, measured in docs/performance.md; nothing here changes
+what a model computes beyond float rounding.
 
-Hook for export: ``fold_batchnorm(model.processing)`` before ``torch.onnx.export`` (eval-mode norm-only
-batch-norm is a positive per-channel scale, so folding it into the previous bias-free conv keeps the
-rotation property), and ``session_options()`` / ``SESSION_CONFIG`` for every ONNX Runtime session.
+- ``custom_translations()``: pass as ``custom_translation_table`` to ``torch.onnx.export(dynamo=True)``
+  (cvconvert/export.py does): max-modulus pooling's MaxPool indices without the stock second MaxPool.
+- ``session_options()``: the ONNX Runtime session options (all graph optimisations, fixed intra-op
+  pool, no spinning); ``save_session_config`` stores them in a graph's metadata.
 """
 
 from __future__ import annotations
 
-import copy
 import os
-
-import torch
-from torch import fx, nn
-
-from .complex.layers import CBatchNorm, CConv2d, CLinear
 
 # Saved in the ONNX metadata by `save_session_config` and read back by `session_options`.
 SESSION_CONFIG_KEY = "cvconvert.ort_session"
 SESSION_CONFIG = {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL"}
-
-
-def fold_batchnorm(module: nn.Module) -> nn.Module:
-    """A copy of `module` (eval) where every CBatchNorm (or real BatchNorm) right after a conv/linear
-    used only by it is folded into that layer's weight. Non-fx modules are returned copied unchanged."""
-    module = copy.deepcopy(module).eval()
-    if not isinstance(module, fx.GraphModule):
-        return module
-    gm, changed = module, False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module":
-            continue
-        bn = gm.get_submodule(node.target)
-        prev = node.args[0] if node.args else None
-        if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
-            continue
-        layer = gm.get_submodule(prev.target)
-        if isinstance(bn, CBatchNorm) and isinstance(layer, (CConv2d, CLinear)):
-            scale, shift = bn.scale().detach(), None
-        elif isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm1d)) and isinstance(layer, (nn.Conv2d, nn.Linear)) \
-                and bn.track_running_stats and bn.running_var is not None:
-            inv = torch.rsqrt(bn.running_var + bn.eps)
-            scale = inv * bn.weight.detach() if bn.affine else inv
-            shift = (bn.bias.detach() if bn.affine else 0) - bn.running_mean * scale
-        else:
-            continue
-        with torch.no_grad():
-            w = layer.weight
-            w.mul_(scale.reshape((-1,) + (1,) * (w.dim() - 1)))
-            if shift is not None:
-                if layer.bias is None:
-                    layer.bias = nn.Parameter(torch.zeros(w.shape[0]))
-                layer.bias.mul_(scale).add_(shift)
-        node.replace_all_uses_with(prev)
-        gm.graph.erase_node(node)
-        changed = True
-    if changed:
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        gm.recompile()
-    return gm
 
 
 def default_threads() -> int:

@@ -1,0 +1,153 @@
+"""`cvconvert bench` and the fast processing graph: every field of the report, pooling formulations
+(eager and exported) against a brute-force loop including ties, and export validation of the graph."""
+
+import json
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from cvconvert.complex import CDelta, CMaxModPool2d, rotate
+from cvconvert.graphopt import custom_translations, read_session_config, save_session_config, session_options
+
+runner = CliRunner()
+
+
+def brute_maxmod(x, k, s, p):
+    """Loop reference: in each window the element of largest |f|^2, the first one (row-major) on ties."""
+    n, _, c, h, w = x.shape
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    out = torch.zeros(n, 2, c, ho, wo)
+    for i in range(n):
+        for ch in range(c):
+            for oy in range(ho):
+                for ox in range(wo):
+                    best, arg = -1.0, None
+                    for dy in range(k):
+                        for dx in range(k):
+                            y, xx = oy * s - p + dy, ox * s - p + dx
+                            if 0 <= y < h and 0 <= xx < w:
+                                m = float(x[i, 0, ch, y, xx] ** 2 + x[i, 1, ch, y, xx] ** 2)
+                                if m > best:
+                                    best, arg = m, (y, xx)
+                    out[i, :, ch, oy, ox] = x[i, :, ch, arg[0], arg[1]]
+    return out
+
+
+def tied(n, c, h, w):
+    """Every element has |f| = 1 exactly ((+-0.6, +-0.8) and (+-0.8, +-0.6) square to the same float),
+    with random phases: every window is a tie that only the first-in-window rule decides."""
+    pairs = torch.tensor([[0.6, 0.8], [0.8, 0.6], [-0.6, 0.8], [0.8, -0.6], [-0.8, -0.6], [0.6, -0.8]])
+    return pairs[torch.randint(len(pairs), (n, c, h, w))].permute(0, 4, 1, 2, 3).contiguous()
+
+
+def export_session(module, example, tmp_path, name):
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(module.eval(), (example,), str(path), input_names=["x"], output_names=["h"], dynamo=True,
+                      dynamic_shapes=({0: torch.export.Dim("N", min=1)},), opset_version=18, external_data=False,
+                      custom_translation_table=custom_translations(), verbose=False)
+    return ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 2, 1), (3, 1, 0)])
+def test_pooling_graph_matches_brute_force_with_ties(k, s, p, tmp_path):
+    pool = CMaxModPool2d(k, s, p)
+    sess = export_session(pool, torch.randn(2, 2, 4, 7, 6), tmp_path, f"pool{k}{s}{p}")
+    # N, C >= 2 (a per-plane / flattened index mix-up only shows there), random data and all-ties data,
+    # at a batch size other than the export example's.
+    for x in (torch.randn(3, 2, 4, 7, 6), tied(3, 4, 7, 6)):
+        want = brute_maxmod(x, k, s, p)
+        torch.testing.assert_close(pool(x), want, rtol=0, atol=0)
+        np.testing.assert_array_equal(sess.run(None, {"x": x.numpy()})[0], want.numpy())
+    # The tie rule really decides something here: the last maximum would differ.
+    x = tied(2, 2, 4, 4)
+    assert not torch.equal(brute_maxmod(x, 2, 2, 0), x[..., 1::2, 1::2])
+
+
+@pytest.mark.parametrize("delta", [CDelta(c=1.0), CDelta(c=0.5), CDelta(mode="channel")], ids=["c1", "c05", "channel"])
+def test_delta_graph_matches_eager_and_is_equivariant(delta, tmp_path):
+    sess = export_session(delta, torch.randn(2, 2, 3, 5, 5), tmp_path, "delta")
+    x = torch.randn(4, 2, 3, 5, 5) * 2
+    y = sess.run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(y, delta(x).numpy(), rtol=1e-5, atol=1e-6)
+    t = torch.rand(4) * 2 * math.pi
+    y_rot = sess.run(None, {"x": rotate(x, t).numpy()})[0]
+    np.testing.assert_allclose(y_rot, rotate(torch.from_numpy(y), t).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_session_config_round_trip(tmp_path):
+    sess = export_session(CDelta(c=1.0), torch.randn(2, 2, 1, 2, 2), tmp_path, "cfg")
+    path = tmp_path / "cfg.onnx"
+    save_session_config(path, {"graph_optimization_level": "ORT_ENABLE_EXTENDED"})
+    assert read_session_config(path)["graph_optimization_level"] == "ORT_ENABLE_EXTENDED"
+    s2 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert read_session_config(s2)["graph_optimization_level"] == "ORT_ENABLE_EXTENDED"
+    assert sess.get_modelmeta() is not None
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A LeNet split network on 16x16 inputs, exported by `cvconvert export` (processing has two
+    max-modulus pools and four delta layers: the formulations above, inside the validated export)."""
+    from cvconvert.build import convert_to_dir
+    from cvconvert.export import export_model_dir
+
+    d = tmp_path_factory.mktemp("bench") / "lenet"
+    convert_to_dir("lenet", d, input_shape=(1, 16, 16), num_classes=3)
+    report = export_model_dir(d)
+    return d, report
+
+
+def test_exported_fast_graph_passes_validation(tiny):
+    _, report = tiny
+    # export_model_dir raises on any mismatch; check that the checks ran on the fast formulations.
+    assert report["ok"] and report["rotation"]["max_abs_diff"] < 1e-4
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(tiny[0] / "onnx" / "processing.onnx")).graph.node}
+    assert {"ReduceL2", "Mod", "GatherElements"} <= ops  # delta's modulus; pooling's per-plane index
+    assert "Split" not in ops and "Transpose" not in ops
+
+
+def test_bench_json_has_every_field(tiny):
+    d, _ = tiny
+    res = runner.invoke(app, ["bench", str(d), "--batch-sizes", "1,2", "--repeats", "2", "--warmup", "1",
+                              "--provider", "cpu", "--threads", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    for key in ("device", "engines", "batch_sizes", "repeats", "warmup", "threads", "results", "ratios",
+                "peak_rss_mb", "peak_rss_mb_after_batch", "machine", "graphs", "baseline", "arch"):
+        assert key in report, key
+    assert report["device"] == "cpu" and report["batch_sizes"] == [1, 2]
+    combos = {(r["batch"], r["model"], r["engine"], r["stage"]) for r in report["results"]}
+    assert combos == {(n, m, e, s) for n in (1, 2) for m in ("complex", "original") for e in ("ort", "eager")
+                      for s in ("encoder", "processing", "decoder", "end_to_end")}
+    for r in report["results"]:
+        assert r["runs"] == 2
+        assert 0 < r["p50_ms"] <= r["p90_ms"] and r["throughput_per_s"] > 0
+    kinds = {(r["kind"], r["stage"]) for r in report["ratios"]}
+    assert ("complex/original", "processing") in kinds and ("ort/eager", "end_to_end") in kinds
+    assert all(r["ratio"] > 0 for r in report["ratios"])
+    assert report["graphs"]["complex"].endswith("onnx")  # DIR/onnx/ from the export, not re-exported
+    assert report["peak_rss_mb"] > 0
+
+
+def test_bench_table_and_bad_inputs(tiny, tmp_path):
+    d, _ = tiny
+    # eager only: no ONNX graphs needed (the ORT path is covered above)
+    res = runner.invoke(app, ["bench", str(d), "--batch-sizes", "2", "--repeats", "1", "--warmup", "0",
+                              "--engines", "eager", "--provider", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "cplx/orig" in res.stdout and "end_to_end" in res.stdout and "peak memory" in res.stdout
+    for args, msg in [(["--batch-sizes", "1,x"], "batch-sizes"), (["--batch-sizes", "0"], "positive"),
+                      (["--repeats", "0"], "repeats"), (["--provider", "tpu"], "provider"),
+                      (["--engines", "tvm"], "engines")]:
+        res = runner.invoke(app, ["bench", str(d), *args])
+        assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, (args, res.output)
+    res = runner.invoke(app, ["bench", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = runner.invoke(app, ["bench", str(d), "--baseline", str(d)])
+    assert res.exit_code == 2 and "not an original" in res.output
