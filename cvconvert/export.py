@@ -28,6 +28,7 @@ from . import __version__
 from .complex.functional import encode
 from .complex.layers import CBatchNorm, CConv2d, CLinear
 from .errors import CvError
+from .graphopt import custom_translations as graph_translations  # bench hook (issue 7)
 from .keys import secure_angles
 from .modeldir import atomic_write, atomic_json, load_model
 from .runtime import (ONNX_DIR, REPORT, SIGNATURES, check_signature, expected_shapes, make_session,
@@ -98,7 +99,9 @@ def _to_onnx(module: nn.Module, args: tuple, inputs: tuple, outputs: tuple, opse
         try:
             prog = torch.onnx.export(module, args, None, input_names=list(inputs), output_names=list(outputs),
                                      dynamic_shapes=shapes, opset_version=opset, dynamo=True, verbose=False,
-                                     external_data=False)
+                                     external_data=False,
+                                     # bench hook (issue 7): faster max-modulus pooling graph, see graphopt.py
+                                     custom_translation_table=graph_translations())
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise CvError(f"torch.onnx.export failed: {first}") from None
