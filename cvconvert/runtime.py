@@ -97,11 +97,9 @@ def make_session(path, provider: str = "auto") -> ort.InferenceSession:
     providers = [PROVIDERS["cuda"], PROVIDERS["cpu"]] if want_cuda else [PROVIDERS["cpu"]]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    # onnxruntime-gpu logs a multi-line error when CUDA libraries are missing and falls back to CPU;
-    # we report the provider that actually ran instead, in one line.
-    old = None
     if want_cuda:
-        old = 2
+        # onnxruntime-gpu logs a multi-line error when the CUDA libraries are missing, then falls back
+        # to CPU; we report the provider that actually ran instead, in one line.
         ort.set_default_logger_severity(4)
     try:
         what = path if isinstance(path, (bytes, bytearray)) else str(path)
@@ -110,8 +108,8 @@ def make_session(path, provider: str = "auto") -> ort.InferenceSession:
         name = "graph" if isinstance(path, (bytes, bytearray)) else str(path)
         raise CvError(f"cannot load {name} with ONNX Runtime: {_one_line(exc)}") from None
     finally:
-        if old is not None:
-            ort.set_default_logger_severity(old)
+        if want_cuda:
+            ort.set_default_logger_severity(2)  # onnxruntime's default (warning)
     if provider == "cuda" and sess.get_providers()[0] != PROVIDERS["cuda"]:
         raise CvError("--provider cuda: the CUDA execution provider failed to start (CUDA/cuDNN libraries "
                       "missing?); use --provider auto or cpu")
