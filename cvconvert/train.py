@@ -8,7 +8,9 @@ angles j pi / k (j = 1..k-1, cycled over the batch so every angle is used in eve
 
 WGAN variant (our choice, documented in README): WGAN-GP (Gulrajani et al. 2017) with the penalty on a
 subset of the batch (``GP_SAMPLES`` interpolates) to keep the double backward cheap, Adam(0.5, 0.9) for
-the critic. Critic and model steps alternate on every ``gan_every``-th batch. The critic sees the features
+the critic. Critic and model steps alternate on every ``gan_every``-th batch, and the game is played on
+the first ``gan_batch`` samples of each (shuffled) batch: the critic costs about as much per sample as
+the generator, and on all 128 samples it doubled the step time (docs/results.md). The critic sees the features
 divided by the batch's RMS of a (not detached), so the encoder cannot win the game by shrinking its
 features towards zero (the processing part's delta with c = E|f| is scale-free, so nothing else would
 stop it).
@@ -46,7 +48,7 @@ from .modeldir import MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 METRICS = "metrics.jsonl"
-GP_SAMPLES = 32
+GP_SAMPLES = 16
 
 
 @dataclass
@@ -64,11 +66,12 @@ class TrainConfig:
     max_steps: int | None = None
     resume: bool = False
     k: int | None = None
-    gan_weight: float = 0.1
+    gan_weight: float = 0.01
     critic_steps: int = 1
     critic_lr: float | None = None
     gp_weight: float = 10.0
     gan_every: int = 1
+    gan_batch: int = 32
     val_fraction: float = 0.05
     train_limit: int | None = None
     log_every: int = 50
@@ -233,7 +236,9 @@ class Trainer:
         loss = task_loss
         if gan:
             scale = a.pow(2).mean().sqrt() + 1e-8
-            real, fake = a / scale, negatives(a, b, self.k, self.step) / scale
+            # the game on a slice of the (already shuffled) batch: the critic's cost is the GAN's cost
+            n = min(cfg.gan_batch, a.shape[0])
+            real, fake = a[:n] / scale, negatives(a[:n], b[:n], self.k, self.step) / scale
             # critic: maximise D(a) - D(a') (WGAN-GP), on the detached features of this very forward pass
             for _ in range(cfg.critic_steps):
                 r, f = real.detach(), fake.detach()
