@@ -89,6 +89,8 @@ class Dist:
         self.enabled = self.world > 1
         if self.enabled and not torch.distributed.is_initialized():
             backend = "nccl" if device_kind == "cuda" else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(self.local_rank)
             torch.distributed.init_process_group(backend)
 
     @property
@@ -118,13 +120,6 @@ class Dist:
     def barrier(self):
         if self.enabled:
             torch.distributed.barrier()
-
-    def broadcast_flag(self, value: bool, device) -> bool:
-        if not self.enabled:
-            return value
-        t = torch.tensor([1.0 if value else 0.0], device=device)
-        torch.distributed.broadcast(t, 0)
-        return bool(t.item())
 
     def close(self):
         if self.enabled and torch.distributed.is_initialized():
