@@ -291,12 +291,12 @@ def load_pair(model_dir, baseline=None, log=None):
 
     model, manifest = load_model(model_dir)
     if not model.is_complex:
-        raise CvError(f"{model_dir} holds a {manifest['variant']!r} model; bench needs the complex one "
+        raise CvError(f"{model_dir} holds the {manifest['variant']!r} variant; bench needs the complex one "
                       f"(pass the original with --baseline)")
     if baseline is not None:
         orig, om = load_model(baseline)
         if om["variant"] != "original":
-            raise CvError(f"--baseline {baseline} holds a {om['variant']!r} model, not an original one")
+            raise CvError(f"--baseline {baseline} holds the {om['variant']!r} variant, not an original one")
         if list(om["input_shape"]) != list(manifest["input_shape"]):
             raise CvError(f"--baseline {baseline} has input shape {om['input_shape']}, "
                           f"the model {manifest['input_shape']}")
@@ -314,6 +314,7 @@ def bench_dir(model_dir, baseline=None, cfg: BenchConfig | None = None, log=None
         raise CvError("batch sizes must be positive integers")
     if cfg.repeats < 1 or cfg.warmup < 0:
         raise CvError("--repeats must be >= 1 and --warmup >= 0")
+    resolve_provider(cfg.provider)  # refuse --provider cuda before any export work
     (model, manifest), (orig, om), orig_dir = load_pair(model_dir, baseline, log)
     with tempfile.TemporaryDirectory(prefix="cvconvert-bench-") as tmp:
         g_c = g_o = None
