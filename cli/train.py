@@ -36,7 +36,8 @@ def train(
     critic_lr: Optional[float] = typer.Option(None, help="Critic learning rate (default: --lr)."),
     gp_weight: float = typer.Option(10.0, help="WGAN-GP gradient-penalty weight."),
     gan_every: int = typer.Option(1, help="Do the critic + adversarial step on every N-th batch only."),
-    gan_batch: int = typer.Option(32, help="Samples per batch that the critic and the adversarial loss see."),
+    gan_batch: Optional[int] = typer.Option(None, help="Samples of each batch the critic and the adversarial "
+                                                       "loss see (default: all; fewer is cheaper)."),
     val_fraction: float = typer.Option(0.05, help="Share of the training set held out to pick the best epoch."),
     train_limit: Optional[int] = typer.Option(None, help="Train on a seeded random subset of this many images."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
@@ -49,7 +50,7 @@ def train(
         raise CvError("--val-fraction must be in [0, 1)")
     if max_steps is not None and max_steps < 1:
         raise CvError("--max-steps must be at least 1")
-    if gan_batch < 2:
+    if gan_batch is not None and gan_batch < 2:
         raise CvError("--gan-batch must be at least 2")
     if train_limit is not None and train_limit < 1:
         raise CvError("--train-limit must be at least 1")

@@ -8,9 +8,10 @@ angles j pi / k (j = 1..k-1, cycled over the batch so every angle is used in eve
 
 WGAN variant (our choice, documented in README): WGAN-GP (Gulrajani et al. 2017) with the penalty on a
 subset of the batch (``GP_SAMPLES`` interpolates) to keep the double backward cheap, Adam(0.5, 0.9) for
-the critic. Critic and model steps alternate on every ``gan_every``-th batch, and the game is played on
-the first ``gan_batch`` samples of each (shuffled) batch: the critic costs about as much per sample as
-the generator, and on all 128 samples it doubled the step time (docs/results.md). The critic sees the features
+the critic. Critic and model steps alternate on every ``gan_every``-th batch. ``gan_batch`` plays the
+game on only the first n samples of each (shuffled) batch: cheaper (the critic costs about as much per
+sample as the generator), but 32 of 128 cost accuracy in our LeNet runs, so the default is the whole
+batch (docs/results.md). The critic sees the features
 divided by the batch's RMS of a (not detached), so the encoder cannot win the game by shrinking its
 features towards zero (the processing part's delta with c = E|f| is scale-free, so nothing else would
 stop it).
@@ -71,7 +72,7 @@ class TrainConfig:
     critic_lr: float | None = None
     gp_weight: float = 10.0
     gan_every: int = 1
-    gan_batch: int = 32
+    gan_batch: int | None = None  # None: the whole batch
     val_fraction: float = 0.05
     train_limit: int | None = None
     log_every: int = 50
@@ -232,7 +233,7 @@ class Trainer:
         if gan:
             scale = a.pow(2).mean().sqrt() + 1e-8
             # the game on a slice of the (already shuffled) batch: the critic's cost is the GAN's cost
-            n = min(cfg.gan_batch, a.shape[0])
+            n = min(cfg.gan_batch or a.shape[0], a.shape[0])
             real, fake = a[:n] / scale, negatives(a[:n], b[:n], self.k, self.step) / scale
             # critic: maximise D(a) - D(a') (WGAN-GP), on the detached features of this very forward pass
             for _ in range(cfg.critic_steps):
