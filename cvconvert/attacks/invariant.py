@@ -1,0 +1,30 @@
+"""Adaptive attack with no angle at all: |x_k| and x_j conj(x_k) do not change when x is rotated,
+so a network trained on them (on the attacker's own simulated x) is immune to any hidden key.
+
+Re(x_j conj x_k) = a_j a_k + b_j b_k and Im(x_j conj x_k) = b_j a_k - a_j b_k, per pixel."""
+
+from __future__ import annotations
+
+import torch
+
+from ..complex.functional import modulus
+
+MAX_PAIRS = 64
+
+
+def channel_pairs(c: int) -> torch.Tensor:
+    """All channel pairs j < k, or, for wide features, each channel with its next few neighbours."""
+    pairs = [(j, k) for j in range(c) for k in range(j + 1, c)]
+    if len(pairs) > MAX_PAIRS:
+        d = max(1, MAX_PAIRS // c)
+        pairs = [(j, (j + s) % c) for j in range(c) for s in range(1, d + 1)][:MAX_PAIRS]
+    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+
+
+def invariants(x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """x [N, 2, C, ...] -> [N, C + 2P, ...]: moduli, then Re and Im of x_j conj(x_k)."""
+    re, im = x[:, 0], x[:, 1]
+    j, k = pairs[:, 0].to(x.device), pairs[:, 1].to(x.device)
+    cross_re = re[:, j] * re[:, k] + im[:, j] * im[:, k]
+    cross_im = im[:, j] * re[:, k] - re[:, j] * im[:, k]
+    return torch.cat((modulus(x), cross_re, cross_im), 1)

@@ -1,0 +1,41 @@
+"""Adaptive attack: a CNN trained on the attacker's own simulated x to predict (cos theta, sin theta).
+
+An independent reproduction recovered theta to about 0.08 rad on CIFAR ResNets this way. It needs no
+discriminator: the key leaks whenever the distribution of x is not rotation-invariant."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..complex.functional import encode
+from .common import Standardize, batched, partners, uniform_angles
+from .inversion import flat_x
+from .metrics import circular_error
+from .nets import SmallCNN
+
+
+def train(ctx, eval_x: torch.Tensor, eval_theta: torch.Tensor):
+    a_tr = ctx.tr["a"]
+    n = len(a_tr)
+    gen0 = torch.Generator().manual_seed(ctx.seed + 1)
+    idx0 = torch.arange(min(1024, n))
+    sample = flat_x(encode(a_tr[idx0], a_tr[partners(idx0, n, gen0)], uniform_angles(len(idx0), gen0)))
+    net = torch.nn.Sequential(Standardize(sample), SmallCNN(sample.shape[1], 2))
+
+    def batch_fn(idx, gen):
+        t = uniform_angles(len(idx), gen)
+        x = encode(a_tr[idx], a_tr[partners(idx, n, gen)], t)
+        return flat_x(x).to(ctx.device), torch.stack((t.cos(), t.sin()), 1).to(ctx.device)
+
+    def eval_fn():  # per-epoch angle error on the victim's x (logged only, never used to select)
+        return float(circular_error(predict(ctx, net, eval_x), eval_theta).mean())
+
+    hist = ctx.trainer.fit("angle_regressor", net, n, batch_fn, F.mse_loss, epochs=ctx.budget.epochs("regressor"),
+                           batch_size=64, eval_fn=eval_fn)
+    return net, hist
+
+
+def predict(ctx, net, x: torch.Tensor) -> torch.Tensor:
+    out = batched(lambda xb: net(flat_x(xb)), x, batch_size=256, device=ctx.device)
+    return torch.atan2(out[:, 1], out[:, 0]) % (2 * torch.pi)

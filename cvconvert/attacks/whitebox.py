@@ -1,0 +1,52 @@
+"""Adaptive white-box attack: optimise images I, I' so that rotate(g(I) + i g(I'), theta) matches x,
+through the public encoder g. For fixed I, I' the best theta has a closed form,
+theta = arg sum conj(g(I) + i g(I')) x, so only the images are searched by gradient descent.
+
+The answer is a pair: x is equally explained by (I, I', theta) and, when the features are symmetric
+enough, by (I', -I, theta + pi/2), so the attacker learns the pair {I, I'} but not which one is real."""
+
+from __future__ import annotations
+
+import torch
+
+from ..complex.functional import encode
+
+
+def closed_form_theta(a, b, x):
+    re, im = x[:, 0], x[:, 1]
+    dims = tuple(range(1, a.dim()))
+    return torch.atan2((a * im - b * re).sum(dims), (a * re + b * im).sum(dims))
+
+
+def invert(ctx, g, x: torch.Tensor, image_shape, steps: int, lr: float = 0.05):
+    """Returns (I_hat, I'_hat, theta_hat, final relative residual) for every x."""
+    for p in g.parameters():
+        p.requires_grad_(False)
+    g.eval()
+    outs = []
+    task = ctx.progress.add_task("white-box inversion", total=steps * ((len(x) + 127) // 128)) \
+        if ctx.progress is not None else None
+    gen = torch.Generator().manual_seed(ctx.seed + 3)
+    for i in range(0, len(x), 128):
+        xb = x[i:i + 128].to(ctx.device)
+        n = len(xb)
+        z = (0.5 * torch.randn((2 * n,) + tuple(image_shape), generator=gen)).to(ctx.device).requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=lr)
+        norm = xb.pow(2).flatten(1).sum(1)
+        for _ in range(steps):
+            a, b = g(torch.sigmoid(z)).chunk(2, 0)
+            theta = closed_form_theta(a, b, xb)
+            res = (encode(a, b, theta) - xb).pow(2).flatten(1).sum(1) / norm
+            opt.zero_grad(set_to_none=True)
+            res.sum().backward()
+            opt.step()
+            if task is not None:
+                ctx.progress.advance(task)
+        with torch.no_grad():
+            imgs = torch.sigmoid(z)
+            a, b = g(imgs).chunk(2, 0)
+            theta = closed_form_theta(a, b, xb)
+            res = (encode(a, b, theta) - xb).pow(2).flatten(1).sum(1) / norm
+            first, second = imgs.chunk(2, 0)
+        outs.append((first.cpu(), second.cpu(), (theta % (2 * torch.pi)).cpu(), res.cpu()))
+    return tuple(torch.cat(t) for t in zip(*outs))
