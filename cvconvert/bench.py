@@ -215,10 +215,18 @@ def run_bench(models: dict, graphs: dict, cfg: BenchConfig, log=None) -> dict:
             runners[(name, "ort")] = OrtPipeline(graphs[name], device, cfg.threads, model.is_complex)
         if "eager" in cfg.engines:
             runners[(name, "eager")] = EagerPipeline(model, device)
-    if device == "cpu" and "eager" in cfg.engines:
-        import torch
-        from .graphopt import default_threads
-        torch.set_num_threads(cfg.threads or default_threads())  # same pool size as ORT: a fair comparison
+    import torch
+    saved_threads = torch.get_num_threads()
+    try:
+        if device == "cpu" and "eager" in cfg.engines:
+            from .graphopt import default_threads
+            torch.set_num_threads(cfg.threads or default_threads())  # same pool size as ORT: a fair comparison
+        return _timed_rounds(models, runners, cfg, device)
+    finally:
+        torch.set_num_threads(saved_threads)  # library callers keep their own setting
+
+
+def _timed_rounds(models, runners, cfg: BenchConfig, device: str) -> dict:
     rows, memory = [], {}
     total = len(cfg.batch_sizes) * (cfg.warmup + cfg.repeats)
     progress = _progress(cfg.progress, total)

@@ -114,9 +114,11 @@ def test_exported_fast_graph_passes_validation(tiny):
 
 def test_bench_json_has_every_field(tiny):
     d, _ = tiny
+    threads = torch.get_num_threads()
     res = runner.invoke(app, ["bench", str(d), "--batch-sizes", "1,2", "--repeats", "2", "--warmup", "1",
                               "--provider", "cpu", "--threads", "1", "--json"])
     assert res.exit_code == 0, res.output
+    assert torch.get_num_threads() == threads  # --threads does not leak into the caller's process
     report = json.loads(res.stdout)
     for key in ("device", "engines", "batch_sizes", "repeats", "warmup", "threads", "results", "ratios",
                 "peak_rss_mb", "peak_rss_mb_after_batch", "machine", "graphs", "baseline", "arch"):
