@@ -26,8 +26,14 @@ data:
 test: install data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# convert -> short train -> export (validated) -> infer on Fashion-MNIST test images written as PNGs.
 demo: install data
 	$(VENV)/bin/cvconvert convert lenet --split paper --data fashion-mnist -o $(DEMO_DIR) --force
+	$(VENV)/bin/cvconvert train $(DEMO_DIR) --data fashion-mnist --epochs 1 --train-limit 3000 --max-steps 60 --val-fraction 0.05
+	$(VENV)/bin/cvconvert export $(DEMO_DIR)
+	$(PY) scripts/fmnist_samples.py $(DEMO_DIR)-images --count 8
+	$(PY) scripts/fmnist_samples.py $(DEMO_DIR)-fools --count 32 --offset 5000
+	$(VENV)/bin/cvconvert infer --model-dir $(DEMO_DIR) $(DEMO_DIR)-images --fool-dir $(DEMO_DIR)-fools
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

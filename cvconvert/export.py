@@ -27,7 +27,6 @@ import torch.fx as fx
 from torch import nn
 
 from . import __version__
-from .complex.functional import encode
 from .complex.layers import CBatchNorm, CConv2d, CLinear
 from .errors import CvError
 from .graphopt import custom_translations as graph_translations  # bench hook (issue 7)
@@ -215,7 +214,7 @@ def export_model_dir(model_dir, *, opset: int = 18, atol: float = 1e-4, rtol: fl
         processing, folded = fold_complex_batchnorm(model.processing)
     else:
         processing, folded = fold_real_batchnorm(model.processing)
-    parts = {"encoder": _ComplexEncoder(model.encoder) if cplx else model.encoder, "processing": processing,
+    parts = {"encoder": model.encoder, "processing": processing,
              "decoder": model.decoder}
 
     def torch_inputs(n):
@@ -329,20 +328,6 @@ def export_model_dir(model_dir, *, opset: int = 18, atol: float = 1e-4, rtol: fl
     report["timings"] = timings
     atomic_json(report, out / REPORT)
     return report
-
-
-class _ComplexEncoder(nn.Module):
-    """model.encoder with the batch split written export-friendly: ``chunk(2, 0)`` on the cat of image
-    and fool makes torch.export guard on N == 2 (a frozen batch); unflatten(0, (2, -1)) does not.
-    Same weights and the same maths; validation compares it to model.encoder itself."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.features = encoder.features
-
-    def forward(self, image, fool, theta):
-        ab = self.features(torch.cat((image, fool), 0)).unflatten(0, (2, -1))
-        return encode(ab[0], ab[1], theta)
 
 
 class _Original(nn.Module):

@@ -81,8 +81,9 @@ class ComplexEncoder(nn.Module):
         return encode(a, b, theta)
 
     def forward(self, image, fool, theta):
-        a, b = self.features(torch.cat((image, fool), 0)).chunk(2, 0)
-        return self.combine(a, b, theta)
+        # unflatten(0, (2, -1)), not chunk(2, 0): chunk makes torch.export freeze the batch at its example size.
+        ab = self.features(torch.cat((image, fool), 0)).unflatten(0, (2, -1))
+        return self.combine(ab[0], ab[1], theta)
 
 
 class Decoder(nn.Module):
