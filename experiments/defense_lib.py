@@ -263,6 +263,17 @@ def evaluate(model_dir, data: dict, steps: dict | None = None, seed: int = 0) ->
     out["recon_dprime_angle_pm"] = float(mae(u_pm, unrotate_real(x_ev, th_d)).mean())
     readings = torch.stack([mae(u_pm, unrotate_real(x_ev, th_d + j * math.pi / 2)) for j in range(4)])
     out["recon_oracle_best_of_4"] = float(readings.min(0).values.mean())
+    # the eight readings theta_reg + j pi/4: the natural ones sit at +-pi/4 from the MSE regressor's
+    # mid-point under the exchange defense. "snap": the attacker keeps the reading D' finds most natural
+    # (no truth needed); "oracle8": the best of the eight by the true error (the pair limit)
+    cands = [unrotate_real(x_ev, th_reg + j * math.pi / 4) for j in range(8)]
+    errs = torch.stack([mae(u_a, c) for c in cands])
+    scores = torch.stack([batched(dnet, c) for c in cands])
+    pick = scores.argmax(0)
+    out["recon_snap_dprime"] = float(errs.gather(0, pick[None]).mean())
+    out["recon_oracle_best_of_8"] = float(errs.min(0).values.mean())
+    out["snap_reading_is_real_frac"] = float((errs.gather(0, pick[None])[0] <= 1.2 * mae(u_a, a_ev) + 0.01)
+                                             .float().mean())
     out["recon_fool_true"] = float(per_sample_mae(fool, I_ev).mean())  # MAE between two random images
     # D''s reading decodes the real image (within 1.2x of the true-key error) or something else?
     ref = mae(u_a, a_ev)
