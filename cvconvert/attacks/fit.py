@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,7 @@ class Trainer:
         net.to(self.device)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
-        file = self.ckpt_dir / f"{name}.pt"
+        file = self.ckpt_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".pt")
         meta = {**self.meta, "name": name, "epochs": epochs, "n_items": n_items, "batch_size": batch_size}
         digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
         start, history = 0, []

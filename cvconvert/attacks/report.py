@@ -87,7 +87,8 @@ def _f(v, nd=4):
 
 def _table(head: list, rows: list) -> list:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    cell = lambda c: (c if isinstance(c, str) else _f(c)).replace("|", "\\|")  # noqa: E731 (|x| in names)
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
     return lines + [""]
 
 

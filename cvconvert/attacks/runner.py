@@ -395,7 +395,7 @@ def _audit(ctx: Ctx, model, base, tr, ev, with_prop: bool, R: dict):
         grid.append((f"{name}: dec(a)", bdec[name][1][:k]))
     grid.append(("complex: dec(a), true key", ref[:k]))
     for name, r in recon.items():
-        grid.append((name.split(":")[0] + ": " + name.split(": ", 1)[-1][:28], r[:k]))
+        grid.append((name.split(":")[0] + ": " + name.split(": ", 1)[-1][:40], r[:k]))
     kw = min(k, nw)
     grid.append(("white-box I_hat", wI[:kw]))
     grid.append(("white-box I'_hat", wJ[:kw]))
