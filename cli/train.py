@@ -38,6 +38,10 @@ def train(
     gan_every: int = typer.Option(1, help="Do the critic + adversarial step on every N-th batch only."),
     gan_batch: Optional[int] = typer.Option(None, help="Samples of each batch the critic and the adversarial "
                                                        "loss see (default: all; fewer is cheaper)."),
+    defense: str = typer.Option("paper", help="Phase-hiding defense of the complex variant: paper (Eqs. 8-9 "
+                                              "WGAN) | exchange (theta-quadrant fool sign) | symmetric (exchange + "
+                                              "a sign critic); see docs/results.md."),
+    defense_weight: float = typer.Option(0.1, help="Weight of the symmetric defense's loss."),
     val_fraction: float = typer.Option(0.05, help="Share of the training set held out to pick the best epoch."),
     train_limit: Optional[int] = typer.Option(None, help="Train on a seeded random subset of this many images."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
@@ -58,7 +62,7 @@ def train(
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
                       workers=workers, max_steps=max_steps, resume=resume, k=k, gan_weight=gan_weight,
                       critic_steps=critic_steps, critic_lr=critic_lr, gp_weight=gp_weight, gan_every=gan_every,
-                      gan_batch=gan_batch,
+                      gan_batch=gan_batch, defense=defense, defense_weight=defense_weight,
                       val_fraction=val_fraction, train_limit=train_limit)
     summary = run(model_dir, cfg)
     import os

@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .complex.functional import encode
 from .datasets import dataset_info
 from .errors import CvError
 from .model import random_theta
@@ -73,6 +72,8 @@ class TrainConfig:
     gp_weight: float = 10.0
     gan_every: int = 1
     gan_batch: int | None = None  # None: the whole batch
+    defense: str = "paper"  # cvconvert/defense.py: paper | exchange | symmetric
+    defense_weight: float = 0.1
     val_fraction: float = 0.05
     train_limit: int | None = None
     log_every: int = 50
@@ -211,25 +212,43 @@ class Trainer:
         if self.critic is not None:
             self.critic_params = list(self.critic.parameters())
             self.copt = torch.optim.Adam(self.critic_params, lr=cfg.critic_lr or cfg.lr, betas=(0.5, 0.9))
+        self.defense = None
+        if model.is_complex:
+            from .defense import make_defense
+            self.defense = make_defense(cfg.defense, model, {"weight": cfg.defense_weight})
+            if hasattr(self.defense, "to"):
+                self.defense.to(device)
+            if not self.defense.uses_paper_gan:
+                self.critic = None  # the defense replaces the paper's WGAN term
+            if dist.enabled and self.defense.parameters():
+                raise CvError(f"--defense {cfg.defense} keeps a per-process critic: run it without torchrun")
+        elif cfg.defense != "paper":
+            raise CvError(f"--defense {cfg.defense} needs a complex model (this one is {manifest['variant']!r})")
         self.step = 0
 
     def _task(self, image):
         """Logits, and for the complex variant the real features a and their fooling counterparts b."""
         m = self.model
         if not m.is_complex:
-            return m(image), None, None
+            return m(image), None, None, None
         a = m.encoder.features(image)
         b = a[_derangement(a.shape[0], a.device)]
         theta = random_theta(a.shape[0], a.device)  # training angles need no secrecy, but cost nothing
-        return m.decoder(m.processing(encode(a, b, theta)), theta), a, b
+        x = m.encoder.combine(a, b, theta)  # the encoder's own mixing (a defense may change it)
+        return m.decoder(m.processing(x), theta), a, b, x
 
     def train_step(self, image, y) -> dict:
         cfg, m = self.cfg, self.model
         gan = self.critic is not None and cfg.gan_weight > 0 and self.step % cfg.gan_every == 0
-        logits, a, b = self._task(image)
+        logits, a, b, x = self._task(image)
         task_loss = self.loss_fn(logits, y)
         stats = {}
         loss = task_loss
+        if self.defense is not None and not self.defense.uses_paper_gan:
+            stats.update(self.defense.update(a, b, x))
+            d_loss, d_stats = self.defense.extra_loss(a, b, x, self.step)
+            loss = loss + d_loss
+            stats.update(d_stats)
         if gan:
             scale = a.pow(2).mean().sqrt() + 1e-8
             # the game on a slice of the (already shuffled) batch: the critic's cost is the GAN's cost
@@ -254,7 +273,7 @@ class Trainer:
             g_loss = d_real.mean() - d_fake.mean()
             for p in self.critic_params:
                 p.requires_grad_(True)
-            loss = task_loss + cfg.gan_weight * g_loss
+            loss = loss + cfg.gan_weight * g_loss
             stats["gan_loss"] = float(g_loss.detach())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -444,6 +463,8 @@ def _train(model_dir: Path, cfg: TrainConfig, device, dist: Dist, log: bool) -> 
             trainer.opt.load_state_dict(ckpt["optimizer"])
             if trainer.copt is not None and ckpt.get("critic_optimizer"):
                 trainer.copt.load_state_dict(ckpt["critic_optimizer"])
+            if trainer.defense is not None and ckpt.get("defense"):
+                trainer.defense.load_state_dict(ckpt["defense"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CvError(f"checkpoint {ckpt_path}: optimizer state does not match: {str(exc)[:200]}") from None
         start_epoch, records, best = ckpt["epoch"] + 1, list(json.loads(ckpt.get("metrics", "[]"))), ckpt.get("best")
@@ -535,6 +556,7 @@ def _save(model_dir, model, trainer, epoch, records, best, improved, cfg, manife
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt = {"model": state, "optimizer": trainer.opt.state_dict(),
             "critic_optimizer": trainer.copt.state_dict() if trainer.copt is not None else None,
+            "defense": trainer.defense.state_dict() if trainer.defense is not None else None,
             "epoch": epoch, "step": trainer.step, "best": best, "rng": _rng_state(device),
             "metrics": json.dumps(records), "epochs_planned": cfg.epochs, "config": json.dumps(asdict(cfg))}
     atomic_torch_save(ckpt, model_dir / CHECKPOINT)
@@ -555,6 +577,8 @@ def _save(model_dir, model, trainer, epoch, records, best, improved, cfg, manife
         "seed": cfg.seed}
     if cfg.k is not None:
         current["k"] = cfg.k
+    if trainer.defense is not None:  # e.g. fool_sign: quadrant, so load_model rebuilds the same encoder
+        current.update(trainer.defense.manifest_updates())
     atomic_json(current, model_dir / MANIFEST)
 
 

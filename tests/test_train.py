@@ -202,3 +202,33 @@ def test_torchrun_two_gloo_processes_end_identical(tmp_path, fm):
         h.update(key.encode())
         h.update(v.contiguous().numpy().tobytes())
     assert h.hexdigest() == h0
+
+
+def test_train_defense_option_persists_and_keeps_decoding(tmp_path, fm):
+    """`--defense exchange` trains, records fool_sign in the manifest, and the reloaded model still decodes."""
+    from cvconvert.complex.functional import unrotate_real
+    from cvconvert.model import quadrant_sign
+
+    d = tmp_path / "ex"
+    convert_to_dir("lenet", d)
+    code, out = _cli(*_train_args(d, fm, "--max-steps", 3, "--defense", "exchange"))
+    assert code == 0, out
+    model, manifest = load_model(d)
+    assert manifest["fool_sign"] == "quadrant" and manifest["defense"]["name"] == "exchange"
+    assert model.encoder.fool_sign == "quadrant"
+    img, fool = torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32)
+    theta = torch.tensor([0.3, 2.0, 3.5, 5.0])  # one angle in each quarter-circle
+    model.eval()
+    with torch.no_grad():
+        x = model.encoder(img, fool, theta)
+        a, b = model.features(img), model.features(fool)
+    torch.testing.assert_close(unrotate_real(x, theta), a, atol=1e-5, rtol=1e-4)
+    s = quadrant_sign(theta).view(-1, 1, 1, 1)
+    torch.testing.assert_close(unrotate_real(x, theta + torch.pi / 2), s * b, atol=1e-5, rtol=1e-4)
+    assert s.flatten().tolist() == [1.0, -1.0, 1.0, -1.0]
+    code, out = _cli(*_train_args(tmp_path / "ex", fm, "--max-steps", 1, "--defense", "nope"))
+    assert code != 0 and "unknown defense 'nope'" in out
+    orig = tmp_path / "orig"
+    convert_to_dir("lenet", orig, variant="original")
+    code, out = _cli(*_train_args(orig, fm, "--max-steps", 1, "--defense", "exchange"))
+    assert code != 0 and "needs a complex model" in out
