@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..complex.functional import encode, unrotate_real
 from ..gan import Discriminator
-from .common import Standardize, partners, uniform_angles
+from .common import Standardize, partners
 
 
 def train_dprime(ctx) -> torch.nn.Module:

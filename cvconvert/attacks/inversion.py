@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..complex.functional import encode, pairs_as_batch
+from ..complex.functional import encode
 from .common import Standardize, batched, partners, uniform_angles
 from .nets import UNet
 
@@ -61,5 +61,3 @@ def baseline(ctx, name: str, a_tr: torch.Tensor):
     return train_unet(ctx, f"{name}_inversion_from_a", lambda idx, gen: a_tr[idx], len(a_tr), a_tr[:1024],
                       ctx.tr["images"])
 
-
-__all__ = ["attack1", "attack2", "baseline", "decode", "flat_x", "simulate_x", "pairs_as_batch"]

@@ -22,10 +22,10 @@ import torch
 from ..complex.functional import unrotate_real
 from ..datasets import dataset_info
 from ..errors import CvError
-from ..modeldir import load_model, read_manifest
+from ..modeldir import load_model
 from ..model import random_theta
 from . import angle, inference, invariant, inversion, phase_support, regressor, whitebox
-from .common import batched, partners, uniform_angles
+from .common import batched
 from .data import has_property, load_split, stack_subset
 from .fit import Trainer
 from .metrics import (angle_summary, chance_error, circular_error, error_rate, per_sample_mae, reconstruction)
