@@ -31,7 +31,7 @@ from .complex.layers import CBatchNorm, CConv2d, CLinear
 from .errors import CvError
 from .graphopt import custom_translations as graph_translations  # bench hook (issue 7)
 from .keys import secure_angles
-from .modeldir import atomic_write, atomic_json, load_model
+from .modeldir import atomic_json, atomic_write, load_model, swap_dir
 from .runtime import (ONNX_DIR, REPORT, SIGNATURES, check_signature, expected_shapes, make_session,
                       session_signature)
 
@@ -389,14 +389,7 @@ def write_triton_repo(repo: Path, name: str, blob: bytes, sig: dict, max_batch_s
         (tmp / "1" / "model.onnx").write_bytes(blob)
         (tmp / "config.pbtxt").write_text(text)
         tmp.chmod(0o755)
-        old = None
-        if target.exists():
-            old = repo / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -66,6 +66,18 @@ def check_output_dir(path: Path, force: bool) -> None:
         raise CvError(f"output directory {path} is not empty (use --force to replace it)")
 
 
+def swap_dir(tmp: Path, target: Path) -> None:
+    """Put the finished folder tmp in target's place; an existing target is moved aside, then removed."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_model_dir(path: Path | str, state_dict: dict, manifest: dict, force: bool = False) -> Path:
     """Write a whole model dir into a temporary sibling, then swap it into place."""
     import torch
@@ -78,13 +90,7 @@ def write_model_dir(path: Path | str, state_dict: dict, manifest: dict, force: b
         os.chmod(tmp, 0o777 & ~_umask())
         torch.save(state_dict, tmp / WEIGHTS)
         atomic_json(manifest, tmp / MANIFEST)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,6 +9,7 @@ from torch import nn
 from cvconvert.complex import (CAdaptiveAvgPool2d, CAvgPool2d, CBatchNorm, CConv2d, CDelta, CDropout, CFlatten,
                                CLinear, CMaxModPool2d, CShortcutA, rotate, unrotate_real)
 from cvconvert.complex.functional import encode, modulus
+from reference import brute_maxmod, tied
 
 
 def rand_x(*shape):
@@ -100,26 +101,6 @@ def test_batchnorm_running_stats_and_scale():
     torch.testing.assert_close((y[:, 0] ** 2 + y[:, 1] ** 2).mean(dim=(0, 2, 3)), torch.ones(3), rtol=1e-3, atol=1e-3)
 
 
-def brute_maxmod(x, k, s, p):
-    n, _, c, h, w = x.shape
-    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-    out = torch.zeros(n, 2, c, ho, wo)
-    for i in range(n):
-        for ch in range(c):
-            for oy in range(ho):
-                for ox in range(wo):
-                    best, arg = -1.0, None
-                    for dy in range(k):
-                        for dx in range(k):
-                            y, xx = oy * s - p + dy, ox * s - p + dx
-                            if 0 <= y < h and 0 <= xx < w:
-                                m = float(x[i, 0, ch, y, xx] ** 2 + x[i, 1, ch, y, xx] ** 2)
-                                if m > best:  # strict: the first maximum wins ties
-                                    best, arg = m, (y, xx)
-                    out[i, :, ch, oy, ox] = x[i, :, ch, arg[0], arg[1]]
-    return out
-
-
 @pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 2, 1), (3, 1, 0)])
 def test_maxmod_pool_matches_brute_force(k, s, p):
     x = rand_x(3, 2, 7, 6)
@@ -128,10 +109,7 @@ def test_maxmod_pool_matches_brute_force(k, s, p):
 
 def test_maxmod_pool_ties_pick_first_in_window():
     # Same modulus, different phase in every window: the first element (row-major) must win.
-    # (+-0.6, +-0.8) and (+-0.8, +-0.6) have bit-identical squared moduli (float addition commutes).
-    pairs = torch.tensor([[0.6, 0.8], [0.8, 0.6], [-0.6, 0.8], [0.8, -0.6], [-0.8, -0.6], [0.6, -0.8]])
-    pick = pairs[torch.randint(len(pairs), (2, 3, 4, 4))]  # [2, 3, 4, 4, 2]
-    x = pick.permute(0, 4, 1, 2, 3).contiguous()
+    x = tied(2, 3, 4, 4)
     torch.testing.assert_close(CMaxModPool2d(2)(x), brute_maxmod(x, 2, 2, 0))
     torch.testing.assert_close(CMaxModPool2d(2)(x), x[..., ::2, ::2])
 
