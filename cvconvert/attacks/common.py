@@ -41,3 +41,10 @@ def partners(idx: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
 def uniform_angles(n: int, gen: torch.Generator) -> torch.Tensor:
     # The attacker's own simulated keys (not secret): a seeded generator is fine here.
     return torch.rand(n, generator=gen) * (2 * torch.pi)
+
+
+def combiner(model):
+    """x from (a, b, theta) exactly as the public encoder forms it (the attacker reads the released code:
+    with fool_sign="quadrant" the fool's sign follows theta), falling back to the paper's encode."""
+    from ..complex.functional import encode
+    return getattr(model.encoder, "combine", encode)

@@ -43,17 +43,19 @@ def attack1(ctx):
                       ctx.tr["images"])
 
 
-def simulate_x(a_tr: torch.Tensor, idx, gen) -> torch.Tensor:
-    """The attacker's own x for its images: a random fooling partner and a random key."""
+def simulate_x(ctx, idx, gen) -> torch.Tensor:
+    """The attacker's own x for its images: a random fooling partner and a random key, combined the way
+    the public encoder does."""
+    a_tr = ctx.tr["a"]
     b = a_tr[partners(idx, len(a_tr), gen)]
-    return encode(a_tr[idx], b, uniform_angles(len(idx), gen))
+    return (ctx.combine or encode)(a_tr[idx], b, uniform_angles(len(idx), gen))
 
 
 def attack2(ctx):
     a_tr = ctx.tr["a"]
     gen = torch.Generator().manual_seed(ctx.seed)
-    sample = flat_x(simulate_x(a_tr, torch.arange(min(1024, len(a_tr))), gen))
-    return train_unet(ctx, "inversion2_from_x", lambda idx, g: flat_x(simulate_x(a_tr, idx, g)), len(a_tr),
+    sample = flat_x(simulate_x(ctx, torch.arange(min(1024, len(a_tr))), gen))
+    return train_unet(ctx, "inversion2_from_x", lambda idx, g: flat_x(simulate_x(ctx, idx, g)), len(a_tr),
                       sample, ctx.tr["images"])
 
 

@@ -43,13 +43,13 @@ def mean_phase(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.atan2(s[:, 1], s[:, 0])
 
 
-def calibrate(a_tr: torch.Tensor, seed: int, n: int = 1024):
+def calibrate(ctx, a_tr: torch.Tensor, seed: int, n: int = 1024):
     """The constant offset of the mean estimator, and the attacker's own simulated x to score both
     estimators on (so the better one is chosen without looking at the victim's data)."""
     gen = torch.Generator().manual_seed(seed + 2)
     idx = torch.arange(min(n, len(a_tr)))
     t = uniform_angles(len(idx), gen)
-    x = encode(a_tr[idx], a_tr[partners(idx, len(a_tr), gen)], t)
+    x = (ctx.combine or encode)(a_tr[idx], a_tr[partners(idx, len(a_tr), gen)], t)
     w = channel_weights(a_tr)
     d = mean_phase(x, w) - t
     offset = torch.atan2(d.sin().mean(), d.cos().mean())

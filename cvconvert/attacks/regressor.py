@@ -20,12 +20,13 @@ def train(ctx, eval_x: torch.Tensor, eval_theta: torch.Tensor):
     n = len(a_tr)
     gen0 = torch.Generator().manual_seed(ctx.seed + 1)
     idx0 = torch.arange(min(1024, n))
-    sample = flat_x(encode(a_tr[idx0], a_tr[partners(idx0, n, gen0)], uniform_angles(len(idx0), gen0)))
+    enc = ctx.combine or encode
+    sample = flat_x(enc(a_tr[idx0], a_tr[partners(idx0, n, gen0)], uniform_angles(len(idx0), gen0)))
     net = torch.nn.Sequential(Standardize(sample), SmallCNN(sample.shape[1], 2))
 
     def batch_fn(idx, gen):
         t = uniform_angles(len(idx), gen)
-        x = encode(a_tr[idx], a_tr[partners(idx, n, gen)], t)
+        x = enc(a_tr[idx], a_tr[partners(idx, n, gen)], t)
         return flat_x(x).to(ctx.device), torch.stack((t.cos(), t.sin()), 1).to(ctx.device)
 
     def eval_fn():  # per-epoch angle error on the victim's x (logged only, never used to select)

@@ -25,7 +25,7 @@ from ..errors import CvError
 from ..modeldir import load_model
 from ..model import random_theta
 from . import angle, inference, invariant, inversion, phase_support, regressor, whitebox
-from .common import batched
+from .common import batched, combiner
 from .data import has_property, load_split, stack_subset
 from .fit import Trainer
 from .metrics import (angle_summary, chance_error, circular_error, error_rate, per_sample_mae, reconstruction)
@@ -78,6 +78,7 @@ class Ctx:
     progress: object
     seed: int
     tr: dict = field(default_factory=dict)
+    combine: object = None  # (a, b, theta) -> x, as the public encoder does it
 
 
 def available_memory() -> int:
@@ -231,6 +232,7 @@ def _victim(model, images: torch.Tensor, dev) -> tuple:
 
 def _audit(ctx: Ctx, model, base, tr, ev, with_prop: bool, R: dict):
     dev = ctx.device
+    ctx.combine = combiner(model)
     R["timings"] = {}
     clock = [time.time(), time.process_time()]
 
@@ -266,7 +268,7 @@ def _audit(ctx: Ctx, model, base, tr, ev, with_prop: bool, R: dict):
     rnet, R["history"]["angle regressor (eval, rad)"] = regressor.train(ctx, x_ev, theta_ev)
     th_reg = regressor.predict(ctx, rnet, x_ev)
     angles["learned regressor (cos, sin)"] = circular_error(th_reg, theta_ev)
-    w, offset, x_cal, t_cal = phase_support.calibrate(ctx.tr["a"], ctx.seed)
+    w, offset, x_cal, t_cal = phase_support.calibrate(ctx, ctx.tr["a"], ctx.seed)
     cal_err = {"window": float(circular_error(phase_support.window_estimate(x_cal), t_cal).mean()),
                "mean": float(circular_error(phase_support.mean_estimate(x_cal, w, offset), t_cal).mean())}
     th_win = phase_support.window_estimate(x_ev)
@@ -289,7 +291,7 @@ def _audit(ctx: Ctx, model, base, tr, ev, with_prop: bool, R: dict):
     }
     # rotation-invariant inversion and probe
     pairs = invariant.channel_pairs(ctx.tr["a"].shape[1])
-    inv_fn = lambda idx, gen: invariant.invariants(inversion.simulate_x(ctx.tr["a"], idx, gen), pairs)  # noqa
+    inv_fn = lambda idx, gen: invariant.invariants(inversion.simulate_x(ctx, idx, gen), pairs)  # noqa
     g0 = torch.Generator().manual_seed(ctx.seed + 4)
     inv_sample = inv_fn(torch.arange(min(1024, len(I_tr))), g0)
     uinv, R["history"]["invariant U-Net L1 (train)"] = inversion.train_unet(
@@ -350,7 +352,7 @@ def _audit(ctx: Ctx, model, base, tr, ev, with_prop: bool, R: dict):
                      "error": error_rate(inference.predict(ctx, raw, I_ev), P_ev), "chance": chance})
         # complex: a* for the attacker's own images, from its own simulated x and the same D' search
         gsim = torch.Generator().manual_seed(ctx.seed + 5)
-        x_tr = inversion.simulate_x(ctx.tr["a"], torch.arange(len(I_tr)), gsim)
+        x_tr = inversion.simulate_x(ctx, torch.arange(len(I_tr)), gsim)
         a_star_tr = unrotate_real(x_tr, angle.estimate(ctx, dnet, x_tr, "angle grid (attacker)"))
         d_tr, d_ev = dec(u1, a_star_tr), recon["inversion 1: dec(a*), paper D' angle"]
         targets = [("complex", a_star_tr, a_star, d_tr, d_ev)]

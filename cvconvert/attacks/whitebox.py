@@ -18,11 +18,21 @@ def closed_form_theta(a, b, x):
     return torch.atan2((a * im - b * re).sum(dims), (a * re + b * im).sum(dims))
 
 
+def _fit_theta(enc, a, b, x, norm):
+    """Closed-form theta for fool sign +1 and -1 (an encoder may flip the fool's sign with theta);
+    keep, per sample, whichever the encoder's own rule reproduces best."""
+    cands = [closed_form_theta(a, b, x), closed_form_theta(a, -b, x)]
+    res = torch.stack([(enc(a, b, t) - x).pow(2).flatten(1).sum(1) / norm for t in cands])
+    best = res.argmin(0)
+    return torch.where(best == 0, cands[0], cands[1]), res.gather(0, best[None]).squeeze(0)
+
+
 def invert(ctx, g, x: torch.Tensor, image_shape, steps: int, lr: float = 0.05):
     """Returns (I_hat, I'_hat, theta_hat, final relative residual) for every x."""
     for p in g.parameters():
         p.requires_grad_(False)
     g.eval()
+    enc = ctx.combine or encode
     outs = []
     task = ctx.progress.add_task("white-box inversion", total=steps * ((len(x) + 127) // 128)) \
         if ctx.progress is not None else None
@@ -35,8 +45,7 @@ def invert(ctx, g, x: torch.Tensor, image_shape, steps: int, lr: float = 0.05):
         norm = xb.pow(2).flatten(1).sum(1)
         for _ in range(steps):
             a, b = g(torch.sigmoid(z)).chunk(2, 0)
-            theta = closed_form_theta(a, b, xb)
-            res = (encode(a, b, theta) - xb).pow(2).flatten(1).sum(1) / norm
+            theta, res = _fit_theta(enc, a, b, xb, norm)
             opt.zero_grad(set_to_none=True)
             res.sum().backward()
             opt.step()
@@ -45,8 +54,7 @@ def invert(ctx, g, x: torch.Tensor, image_shape, steps: int, lr: float = 0.05):
         with torch.no_grad():
             imgs = torch.sigmoid(z)
             a, b = g(imgs).chunk(2, 0)
-            theta = closed_form_theta(a, b, xb)
-            res = (encode(a, b, theta) - xb).pow(2).flatten(1).sum(1) / norm
+            theta, res = _fit_theta(enc, a, b, xb, norm)
             first, second = imgs.chunk(2, 0)
         outs.append((first.cpu(), second.cpu(), (theta % (2 * torch.pi)).cpu(), res.cpu()))
     return tuple(torch.cat(t) for t in zip(*outs))
