@@ -100,7 +100,7 @@ def _step(m, d, opt, img, y, step):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss), cstats, estats
+    return float(loss.detach()), cstats, estats
 
 
 def test_symmetric_defense_trains_and_its_critic_uses_the_features():
