@@ -33,7 +33,8 @@ a = (a[None] if c == 1 else a.transpose(2, 0, 1))[None]
 theta = (np.frombuffer(os.urandom(4), np.uint32).astype(np.float32) / 2**32 * 2 * np.pi)
 x = s["encoder"].run(None, {"image": a, "fool": a[..., ::-1].copy(), "theta": theta})[0]
 h = s["processing"].run(None, {"x": x})[0]
-print(int(s["decoder"].run(None, {"h": h, "theta": theta})[0].argmax()))
+logits = s["decoder"].run(None, {"h": h, "theta": theta})[0]
+print(int(logits.argmax()))
 """
 
 
