@@ -35,7 +35,17 @@ NAME = "processing"
 
 
 # ---------------------------------------------------------------------------------------------------
-# fixtures
+# fixtures and helpers
+
+
+def run_in_threads(worker, n: int, timeout: float = 60) -> None:
+    """worker(i) for i < n, each in its own thread, all started before any is joined."""
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
@@ -188,11 +198,7 @@ def test_concurrent_clients_get_their_own_answers(live, local):
         except Exception as exc:  # collected, asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_in_threads(worker, 8)
     assert not errors
     for i, x in enumerate(xs):
         np.testing.assert_allclose(results[i], reference(local, x), rtol=1e-6, atol=1e-6)
@@ -515,11 +521,7 @@ def test_dynamic_batching_gives_each_client_its_own_rows(processing_onnx, local)
             except Exception as exc:  # asserted below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        run_in_threads(worker, len(xs))
     assert not errors
     for i, x in enumerate(xs):
         np.testing.assert_allclose(results[i], reference(local, x), rtol=1e-5, atol=1e-5)
