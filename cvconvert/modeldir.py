@@ -129,15 +129,20 @@ def spec_from_manifest(m: dict):
                      gamma=m.get("gamma", 0.0), fool_sign=m.get("fool_sign", "none"))
 
 
-def load_state_dict(file: Path | str) -> dict:
+def torch_load(file: Path | str, failure: str):
+    """torch.load of plain tensors only (weights_only); any failure is one CvError line `failure: why`."""
     import torch
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CvError(f"{failure}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}") from None
+
+
+def load_state_dict(file: Path | str) -> dict:
     file = Path(file)
     if not file.is_file():
         raise CvError(f"weights file {file} does not exist")
-    try:
-        sd = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CvError(f"cannot load weights {file}: {str(exc).splitlines()[0]}") from None
+    sd = torch_load(file, f"cannot load weights {file}")
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # a training checkpoint
     if not isinstance(sd, dict):

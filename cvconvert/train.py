@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from .datasets import dataset_info
 from .errors import CvError
 from .model import random_theta
-from .modeldir import MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_write, load_model, read_manifest
+from .modeldir import (MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_write, load_model, read_manifest,
+                       torch_load)
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 METRICS = "metrics.jsonl"
@@ -346,10 +347,7 @@ def _set_rng_state(state: dict, device) -> None:
 def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise CvError(f"--resume: no checkpoint at {path} (train without --resume first)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CvError(f"checkpoint {path} does not load: {(str(exc).splitlines() or [''])[0][:200]}") from None
+    ckpt = torch_load(path, f"checkpoint {path} does not load")
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch"} <= set(ckpt):
         raise CvError(f"checkpoint {path} is not a cvconvert training checkpoint")
     return ckpt

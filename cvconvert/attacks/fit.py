@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..errors import CvError
-from ..modeldir import atomic_torch_save
+from ..modeldir import atomic_torch_save, torch_load
 
 
 @dataclass
@@ -39,10 +39,7 @@ class Trainer:
         digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
         start, history = 0, []
         if self.resume and file.is_file():
-            try:
-                ck = torch.load(file, map_location=self.device, weights_only=True)
-            except Exception as exc:
-                raise CvError(f"cannot read attacker checkpoint {file}: {str(exc).splitlines()[0]}") from None
+            ck = torch_load(file, f"cannot read attacker checkpoint {file}")  # optimizers move state to the params
             if ck.get("digest") != digest:
                 raise CvError(f"checkpoint {file} was made with other settings (model, data or budget); "
                               f"run without --resume to start over")
