@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from cvconvert.errors import CvError
+from cvconvert.errors import CvError, one_line
 
 app = typer.Typer(name="cvconvert", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Private split inference: convert a CNN into a complex-valued split network, train, "
@@ -47,7 +47,7 @@ def command(name: str | None = None, **kwargs):
             except Exception as exc:  # never a traceback for users; CVCONVERT_DEBUG=1 shows it
                 if os.environ.get("CVCONVERT_DEBUG"):
                     raise
-                first = (str(exc).strip().splitlines() or [""])[0][:500]
+                first = one_line(exc, 500)
                 fail(f"{type(exc).__name__}: {first} (set CVCONVERT_DEBUG=1 for the traceback)", 1)
 
         return app.command(name, **kwargs)(wrapped)

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .datasets import CELEBA_PROPERTY_ATTRS, CELEBA_TASK_ATTRS, FASHION_COARSE, dataset_info
-from .errors import CvError
+from .errors import CvError, one_line
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -156,7 +156,7 @@ def _fashion(train: bool, data_dir, task: str, info):
         try:
             ds = FashionMNIST(str(root), train=train, download=False)
         except (RuntimeError, ValueError, OSError, AssertionError) as exc:
-            raise CvError(f"cannot read Fashion-MNIST from {src}: {str(exc).splitlines()[0]}") from None
+            raise CvError(f"cannot read Fashion-MNIST from {src}: {one_line(exc)}") from None
     elif data_dir is not None:
         raise _missing("fashion-mnist", where)
     else:  # torchvision's download, as a last resort
@@ -294,7 +294,7 @@ def _folder(name: str, train: bool, info):
     try:
         ds = ImageFolder(str(path), transform=_image_transform(info.input_shape))
     except (FileNotFoundError, RuntimeError) as exc:
-        raise CvError(f"image folder {path}: {str(exc).splitlines()[0]}") from None
+        raise CvError(f"image folder {path}: {one_line(exc)}") from None
     if ds.classes != info.class_names:
         raise CvError(f"image folder {path} has classes {ds.classes[:5]}..., train/ has {info.class_names[:5]}...")
     return ItemsView(ds, lambda y: (y, -1), info)

@@ -7,3 +7,8 @@ class CvError(Exception):
 
 class ConversionError(CvError):
     """The converter cannot make a model rotation-equivariant as asked."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none), cut to `limit`."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

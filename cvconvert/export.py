@@ -28,7 +28,7 @@ from torch import nn
 
 from . import __version__
 from .complex.layers import CBatchNorm, CConv2d, CLinear
-from .errors import CvError
+from .errors import CvError, one_line
 from .graphopt import custom_translations as graph_translations  # bench hook (issue 7)
 from .keys import secure_angles
 from .modeldir import atomic_json, atomic_write, load_model, swap_dir
@@ -104,7 +104,7 @@ def _to_onnx(module: nn.Module, args: tuple, inputs: tuple, outputs: tuple, opse
                                      # bench hook (issue 7): faster max-modulus pooling graph, see graphopt.py
                                      custom_translation_table=graph_translations())
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            first = one_line(exc)
             raise CvError(f"torch.onnx.export failed: {first}") from None
     proto = prog.model_proto
     proto.producer_name, proto.producer_version = "cvconvert", __version__
@@ -123,7 +123,7 @@ def check_graph(label: str, proto: onnx.ModelProto, names: tuple, shapes: dict, 
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
-        raise CvError(f"{label}: onnx.checker failed: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise CvError(f"{label}: onnx.checker failed: {one_line(exc)}") from None
     got_opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if got_opset < max(MIN_OPSET, opset):
         raise CvError(f"{label}: opset {got_opset} < {max(MIN_OPSET, opset)}")
@@ -275,7 +275,7 @@ def export_model_dir(model_dir, *, opset: int = 18, atol: float = 1e-4, rtol: fl
             try:
                 got = sessions[part].run(None, feed)[0]
             except Exception as exc:
-                raise CvError(f"{label}: ONNX Runtime failed: {str(exc).strip().splitlines()[0][:300]}") from None
+                raise CvError(f"{label}: ONNX Runtime failed: {one_line(exc)}") from None
             if noisy and part == "encoder":
                 diff = _noisy_check(label, got, want.numpy(), float(manifest.get("gamma", 0.0)), atol, rtol)
             elif noisy and part == "original":

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from . import FORMAT_VERSION, __version__
-from .errors import CvError
+from .errors import CvError, one_line
 
 MANIFEST = "cvconvert.json"
 WEIGHTS = "model.pt"
@@ -135,7 +135,7 @@ def torch_load(file: Path | str, failure: str):
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CvError(f"{failure}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}") from None
+        raise CvError(f"{failure}: {one_line(exc, 200)}") from None
 
 
 def load_state_dict(file: Path | str) -> dict:

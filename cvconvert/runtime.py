@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from .errors import CvError
+from .errors import CvError, one_line
 from .keys import secure_angles
 from .modeldir import read_manifest
 
@@ -82,10 +82,6 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _one_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-
-
 def make_session(path, provider: str = "auto") -> ort.InferenceSession:
     """An InferenceSession on the chosen execution provider; CvError when it cannot load or run there."""
     if provider not in ("auto", "cpu", "cuda"):
@@ -106,7 +102,7 @@ def make_session(path, provider: str = "auto") -> ort.InferenceSession:
         sess = ort.InferenceSession(what, sess_options=opts, providers=providers)
     except Exception as exc:
         name = "graph" if isinstance(path, (bytes, bytearray)) else str(path)
-        raise CvError(f"cannot load {name} with ONNX Runtime: {_one_line(exc)}") from None
+        raise CvError(f"cannot load {name} with ONNX Runtime: {one_line(exc)}") from None
     finally:
         if want_cuda:
             ort.set_default_logger_severity(2)  # onnxruntime's default (warning)
@@ -231,7 +227,7 @@ class Pipeline:
         try:
             return self.sessions[part].run(None, feeds)[0]
         except Exception as exc:
-            raise CvError(f"{part} graph failed: {_one_line(exc)}") from None
+            raise CvError(f"{part} graph failed: {one_line(exc)}") from None
 
     def _local_processing(self, x: np.ndarray) -> np.ndarray:
         return self._run("processing", {"x": x})

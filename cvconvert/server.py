@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import CvError
+from .errors import CvError, one_line
 
 log = logging.getLogger("cvconvert.serve")
 
@@ -169,7 +169,7 @@ def load_model(path: Path | str, name: str | None = None, intra_op_threads: int 
     try:
         session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
     except Exception as exc:  # ORT raises several of its own types
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        first = one_line(exc)
         raise CvError(f"ONNX Runtime cannot load {onnx_path}: {first}") from None
     finally:
         ort.set_default_logger_severity(2)
@@ -597,7 +597,7 @@ def build_app(models: list[ServedModel] | ServedModel, options: ServerOptions | 
                 else:
                     results = await loop.run_in_executor(executor, model.run, feeds, names)
             except Exception as exc:  # ORT rejects what the metadata checks let through (e.g. batch mismatch)
-                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                first = one_line(exc)
                 raise RequestError(f"inference failed: {type(exc).__name__}: {first}") from None
             if not options.allow_nonfinite and not all(_finite(r) for r in results):
                 raise RequestError("the model's output holds non-finite values (inputs out of range?)")

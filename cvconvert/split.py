@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 from torchvision.models.feature_extraction import NodePathTracer
 
-from .errors import CvError
+from .errors import CvError, one_line
 
 
 @dataclass
@@ -30,7 +30,7 @@ def trace(model: nn.Module, leaf_modules=()) -> tuple[fx.GraphModule, dict]:
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types for untraceable control flow
-        raise CvError(f"cannot trace {type(model).__name__} with torch.fx: {str(exc).splitlines()[0]}") from None
+        raise CvError(f"cannot trace {type(model).__name__} with torch.fx: {one_line(exc)}") from None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     names = {gm_node: tracer.node_to_qualname.get(orig, gm_node.name)
              for gm_node, orig in zip(gm.graph.nodes, graph.nodes)}

@@ -24,6 +24,7 @@ from ..datasets import dataset_info
 from ..errors import CvError
 from ..modeldir import load_model
 from ..model import random_theta
+from ..train import pick_device
 from . import angle, inference, invariant, inversion, phase_support, regressor, whitebox
 from .common import batched, combiner
 from .data import has_property, load_split, stack_subset
@@ -154,7 +155,7 @@ def run_audit(model_dir, data: str, out, data_dir=None, task: str | None = None,
         raise CvError(f"{data} images are {list(info.input_shape)} but the model takes {list(spec.input_shape)}")
     seen: dict = {}
     base = [_load_baseline(p, spec, seen) for p in baselines]
-    dev = _device(device)
+    dev = pick_device(device)
     torch.manual_seed(seed)
 
     gen = torch.Generator().manual_seed(seed)
@@ -193,17 +194,6 @@ def run_audit(model_dir, data: str, out, data_dir=None, task: str | None = None,
                  "property": bool(with_prop), "budget": asdict(budget), "device": str(dev), "seed": seed,
                  "elapsed_s": round(time.time() - t0, 1), "estimated_memory_gib": round(need / 2**30, 2)}
     return R
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CvError(f"device {name!r} requested but CUDA is not available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise CvError(f"unknown device {name!r} (cpu, cuda, cuda:N or auto)") from None
 
 
 def _fingerprint(path) -> str:
