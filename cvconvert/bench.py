@@ -34,8 +34,9 @@ def _inputs(model, n: int, part: str, gen=None):
     import torch
 
     gen = gen or torch.Generator().manual_seed(0)
-    img = lambda: torch.rand((n,) + tuple(model.spec.input_shape), generator=gen)  # noqa: E731
-    theta = lambda: torch.rand(n, generator=gen) * (2 * math.pi)  # timing only: not a key  # noqa: E731
+    dev = next(model.parameters()).device  # the eager runner may have moved the model to the GPU already
+    img = lambda: torch.rand((n,) + tuple(model.spec.input_shape), generator=gen).to(dev)  # noqa: E731
+    theta = lambda: (torch.rand(n, generator=gen) * (2 * math.pi)).to(dev)  # timing only: not a key  # noqa: E731
     with torch.inference_mode():
         if part == "encoder":
             return (img(), img(), theta()) if model.is_complex else (img(),)
@@ -156,7 +157,7 @@ def stage_feeds(model, n: int) -> dict[str, dict[str, np.ndarray]]:
     feeds = {}
     for part in PARTS:
         names, _ = _names(model, part)
-        feeds[part] = {k: v.numpy() for k, v in zip(names, _inputs(model, n, part))}
+        feeds[part] = {k: v.cpu().numpy() for k, v in zip(names, _inputs(model, n, part))}
     feeds["end_to_end"] = {**feeds["encoder"], **({"theta": feeds["decoder"]["theta"]} if model.is_complex else {})}
     return feeds
 
