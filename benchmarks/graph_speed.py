@@ -29,7 +29,7 @@ def main():
     import onnxruntime as ort
 
     from cvconvert.bench import prepare_graphs
-    from cvconvert.graphopt import session_options
+    from cvconvert.ortsession import session_options
     from cvconvert.modeldir import load_model
 
     if len(args.dirs) % 2:

@@ -79,16 +79,10 @@ class OrtPipeline:
     """The three ONNX Runtime sessions of one model; `run(stage, feeds)` times one part or all three."""
 
     def __init__(self, paths: dict[str, Path], provider: str, threads: int | None, is_complex: bool):
-        import onnxruntime as ort
-
-        from .graphopt import session_options
+        from .runtime import make_session
 
         self.provider, self.is_complex = provider, is_complex
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
-        self.sessions = {p: ort.InferenceSession(str(paths[p]), session_options(threads), providers=providers)
-                         for p in PARTS}
-        if provider == "cuda" and "CUDAExecutionProvider" not in self.sessions["processing"].get_providers():
-            raise CvError("the CUDA execution provider could not be created (see onnxruntime's log)")
+        self.sessions = {p: make_session(paths[p], provider, threads) for p in PARTS}  # the runtime's options
         self.in_names = {p: [i.name for i in s.get_inputs()] for p, s in self.sessions.items()}
 
     def prepare(self, feeds: dict[str, dict]):
@@ -220,7 +214,7 @@ def run_bench(models: dict, graphs: dict, cfg: BenchConfig, log=None) -> dict:
     saved_threads = torch.get_num_threads()
     try:
         if device == "cpu" and "eager" in cfg.engines:
-            from .graphopt import default_threads
+            from .ortsession import default_threads
             torch.set_num_threads(cfg.threads or default_threads())  # same pool size as ORT: a fair comparison
         return _timed_rounds(models, runners, cfg, device)
     finally:
@@ -260,7 +254,7 @@ def _timed_rounds(models, runners, cfg: BenchConfig, device: str) -> dict:
 
 
 def _threads_used(device):
-    from .graphopt import default_threads
+    from .ortsession import default_threads
     return default_threads() if device == "cpu" else None
 
 

@@ -32,6 +32,7 @@ from .errors import CvError, one_line
 from .graphopt import custom_translations as graph_translations  # bench hook (issue 7)
 from .keys import secure_angles
 from .modeldir import atomic_json, atomic_write, load_model, swap_dir
+from .ortsession import add_session_config
 from .runtime import (ONNX_DIR, REPORT, SIGNATURES, check_signature, expected_shapes, make_session,
                       session_signature)
 
@@ -242,6 +243,7 @@ def export_model_dir(model_dir, *, opset: int = 18, atol: float = 1e-4, rtol: fl
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress; stdout is --json's
             proto = _to_onnx(mod, examples[part], *names[part], opset)
         sig = check_graph(f"{part}.onnx", proto, names[part], shapes, opset)
+        add_session_config(proto)  # the runtime reads the measured ORT options back from the graph
         blob = proto.SerializeToString()
         sess = make_session(blob, "cpu")
         ins, outs = session_signature(sess)

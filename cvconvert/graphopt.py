@@ -3,75 +3,12 @@ what a model computes beyond float rounding.
 
 - ``custom_translations()``: pass as ``custom_translation_table`` to ``torch.onnx.export(dynamo=True)``
   (cvconvert/export.py does): max-modulus pooling's MaxPool indices without the stock second MaxPool.
-- ``session_options()``: the ONNX Runtime session options (all graph optimisations, fixed intra-op
-  pool, no spinning); ``save_session_config`` stores them in a graph's metadata.
+
+The ONNX Runtime session options that go with these graphs are in ``cvconvert/ortsession.py`` (torch-free,
+shared by infer, serve and bench).
 """
 
 from __future__ import annotations
-
-import os
-
-# Saved in the ONNX metadata by `save_session_config` and read back by `session_options`.
-SESSION_CONFIG_KEY = "cvconvert.ort_session"
-SESSION_CONFIG = {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL"}
-
-
-def default_threads() -> int:
-    """Physical-core-sized intra-op pool: ORT's default spins one thread per logical CPU."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def session_options(threads: int | None = None, config: dict | None = None):
-    """ONNX Runtime session options: all graph optimisations (NCHWc conv layout and fusions), sequential
-    execution, a fixed intra-op pool with no inter-op pool."""
-    import onnxruntime as ort
-
-    cfg = {**SESSION_CONFIG, **(config or {})}
-    so = ort.SessionOptions()
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg["graph_optimization_level"])
-    so.execution_mode = getattr(ort.ExecutionMode, cfg["execution_mode"])
-    so.intra_op_num_threads = threads or default_threads()
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    if not cfg.get("spin", False):
-        # Busy-waiting worker threads steal the cores from whatever runs next (the next part, PyTorch,
-        # other processes): on a small shared CPU that costs more than the wake-up latency it saves.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return so
-
-
-def save_session_config(onnx_path, config: dict | None = None) -> None:
-    """Store the chosen session options in the model's metadata_props (read by `read_session_config`)."""
-    import json
-
-    import onnx
-
-    from .modeldir import atomic_write
-
-    model = onnx.load(str(onnx_path))
-    for p in list(model.metadata_props):
-        if p.key == SESSION_CONFIG_KEY:
-            model.metadata_props.remove(p)
-    model.metadata_props.add(key=SESSION_CONFIG_KEY, value=json.dumps({**SESSION_CONFIG, **(config or {})}))
-    atomic_write(onnx_path, lambda tmp: onnx.save(model, tmp))
-
-
-def read_session_config(session_or_path) -> dict:
-    import json
-
-    if isinstance(session_or_path, (str, os.PathLike)):
-        import onnx
-        props = {p.key: p.value for p in onnx.load(str(session_or_path), load_external_data=False).metadata_props}
-    else:
-        props = session_or_path.get_modelmeta().custom_metadata_map
-    try:
-        return json.loads(props.get(SESSION_CONFIG_KEY, "{}"))
-    except ValueError:
-        return {}
-
 
 def _pair(v, default):
     v = list(v) if v else list(default)

@@ -25,6 +25,7 @@ import onnxruntime as ort
 from .errors import CvError, one_line
 from .keys import secure_angles
 from .modeldir import read_manifest
+from .ortsession import create_session
 
 ONNX_DIR = "onnx"
 REPORT = "export.json"  # written by `cvconvert export` next to the graphs: signatures, sha256, validation
@@ -82,7 +83,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def make_session(path, provider: str = "auto") -> ort.InferenceSession:
+def make_session(path, provider: str = "auto", threads: int | None = None) -> ort.InferenceSession:
     """An InferenceSession on the chosen execution provider; CvError when it cannot load or run there."""
     if provider not in ("auto", "cpu", "cuda"):
         raise CvError(f"unknown provider {provider!r} (auto, cpu or cuda)")
@@ -91,21 +92,7 @@ def make_session(path, provider: str = "auto") -> ort.InferenceSession:
     if provider == "cuda" and PROVIDERS["cuda"] not in avail:
         raise CvError(f"--provider cuda: this onnxruntime has no CUDA execution provider (has {', '.join(avail)})")
     providers = [PROVIDERS["cuda"], PROVIDERS["cpu"]] if want_cuda else [PROVIDERS["cpu"]]
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if want_cuda:
-        # onnxruntime-gpu logs a multi-line error when the CUDA libraries are missing, then falls back
-        # to CPU; we report the provider that actually ran instead, in one line.
-        ort.set_default_logger_severity(4)
-    try:
-        what = path if isinstance(path, (bytes, bytearray)) else str(path)
-        sess = ort.InferenceSession(what, sess_options=opts, providers=providers)
-    except Exception as exc:
-        name = "graph" if isinstance(path, (bytes, bytearray)) else str(path)
-        raise CvError(f"cannot load {name} with ONNX Runtime: {one_line(exc)}") from None
-    finally:
-        if want_cuda:
-            ort.set_default_logger_severity(2)  # onnxruntime's default (warning)
+    sess = create_session(path, providers, threads)
     if provider == "cuda" and sess.get_providers()[0] != PROVIDERS["cuda"]:
         raise CvError("--provider cuda: the CUDA execution provider failed to start (CUDA/cuDNN libraries "
                       "missing?); use --provider auto or cpu")

@@ -152,27 +152,13 @@ def _manifest_name(model_dir: Path) -> str:
 
 def load_model(path: Path | str, name: str | None = None, intra_op_threads: int = 0,
                providers: list[str] | None = None) -> ServedModel:
-    """intra_op_threads: ONNX Runtime threads per run; 0 = ORT's default (one per core)."""
-    import onnxruntime as ort
+    """intra_op_threads: ONNX Runtime threads per run; 0 = the CPUs this process may use."""
+    from .ortsession import create_session
 
     onnx_path, model_name = resolve_model_path(path, name)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", model_name or ""):
         raise CvError(f"bad model name {model_name!r}: use letters, digits, '_', '-', '.'")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(0, int(intra_op_threads))
-    opts.log_severity_level = 3
-    providers = providers or ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in providers:
-        # onnxruntime-gpu logs a multi-line error when CUDA libraries are missing, then falls back to CPU;
-        # the caller reports the provider that actually runs instead.
-        ort.set_default_logger_severity(4)
-    try:
-        session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
-    except Exception as exc:  # ORT raises several of its own types
-        first = one_line(exc)
-        raise CvError(f"ONNX Runtime cannot load {onnx_path}: {first}") from None
-    finally:
-        ort.set_default_logger_severity(2)
+    session = create_session(onnx_path, providers or ["CPUExecutionProvider"], intra_op_threads or None)
     return ServedModel(model_name, onnx_path, session,
                        [_spec(i) for i in session.get_inputs()], [_spec(o) for o in session.get_outputs()])
 

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from cli.main import app
 from cvconvert.complex import CDelta, CMaxModPool2d, rotate
 from reference import brute_maxmod, tied
-from cvconvert.graphopt import custom_translations, read_session_config, save_session_config, session_options
+from cvconvert.graphopt import custom_translations
+from cvconvert.errors import CvError
+from cvconvert.ortsession import SESSION_CONFIG, SESSION_CONFIG_KEY, add_session_config, create_session, session_config, session_options
 
 runner = CliRunner()
 
@@ -53,13 +55,24 @@ def test_delta_graph_matches_eager_and_is_equivariant(delta, tmp_path):
 
 
 def test_session_config_round_trip(tmp_path):
-    sess = export_session(CDelta(c=1.0), torch.randn(2, 2, 1, 2, 2), tmp_path, "cfg")
+    """A graph's recorded ORT options are read back, and a session is re-made with them."""
+    import onnx
+
+    export_session(CDelta(c=1.0), torch.randn(2, 2, 1, 2, 2), tmp_path, "cfg")
     path = tmp_path / "cfg.onnx"
-    save_session_config(path, {"graph_optimization_level": "ORT_ENABLE_EXTENDED"})
-    assert read_session_config(path)["graph_optimization_level"] == "ORT_ENABLE_EXTENDED"
-    s2 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert read_session_config(s2)["graph_optimization_level"] == "ORT_ENABLE_EXTENDED"
-    assert sess.get_modelmeta() is not None
+    proto = onnx.load(str(path))
+    add_session_config(proto, {"graph_optimization_level": "ORT_ENABLE_EXTENDED"})
+    add_session_config(proto, {"graph_optimization_level": "ORT_ENABLE_BASIC"})  # replaces, never duplicates
+    assert [p.key for p in proto.metadata_props].count(SESSION_CONFIG_KEY) == 1
+    onnx.save(proto, str(path))
+    sess = create_session(path, ["CPUExecutionProvider"], threads=1)
+    assert session_config(sess)["graph_optimization_level"] == "ORT_ENABLE_BASIC"
+    with pytest.raises(CvError, match="session config"):
+        session_options(1, {"graph_optimization_level": "ORT_FASTEST"})
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a graph")
+    with pytest.raises(CvError, match="cannot load"):
+        create_session(bad, ["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +96,11 @@ def test_exported_fast_graph_passes_validation(tiny):
     ops = {n.op_type for n in onnx.load(str(tiny[0] / "onnx" / "processing.onnx")).graph.node}
     assert {"ReduceL2", "Mod", "GatherElements"} <= ops  # delta's modulus; pooling's per-plane index
     assert "Split" not in ops and "Transpose" not in ops
+    # Every graph carries the measured session options, and the runtime's sessions read them back.
+    from cvconvert.runtime import PARTS, make_session
+    for part in PARTS:
+        sess = make_session(tiny[0] / "onnx" / f"{part}.onnx", "cpu")
+        assert session_config(sess) == SESSION_CONFIG
 
 
 def test_bench_json_has_every_field(tiny):
