@@ -26,6 +26,8 @@ def convert(
     k: int = typer.Option(8, help="k-anonymity: 1 real + k-1 rotated negatives per sample in GAN training."),
     activation: Optional[str] = typer.Option(None, help="fixed | channel (delta's constant c; default per model)."),
     c: Optional[float] = typer.Option(None, help="The constant c for --activation fixed."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the random initialisation (same seed: the variants "
+                                                  "start from the same real weights)."),
     force: bool = typer.Option(False, help="Replace a non-empty output directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
 ):
@@ -34,7 +36,7 @@ def convert(
 
     manifest = convert_to_dir(arch, output, split=split, variant=variant, data=data, task=task,
                               input_shape=parse_shape(input_shape), num_classes=num_classes, weights=weights,
-                              gamma=gamma, k=k, activation=activation, c=c, force=force)
+                              gamma=gamma, k=k, activation=activation, c=c, force=force, seed=seed)
     if as_json:
         emit_json(manifest)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .datasets import dataset_info
@@ -39,7 +40,9 @@ def load_real_weights(real: nn.Module, weights: Path) -> None:
 
 def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", data="fashion-mnist", task="fine",
                    input_shape=None, num_classes=None, weights=None, gamma=0.5, k=8, activation=None, c=None,
-                   force=False, fool_sign="none") -> dict:
+                   force=False, fool_sign="none", seed: int | None = None) -> dict:
+    """seed: initialise every random weight from it (variants converted with the same seed start from
+    the same real weights); None draws them from torch's global generator as before."""
     import zoo
 
     if variant not in VARIANTS:
@@ -60,15 +63,20 @@ def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", da
     mode, cval = activation or mode, c if c is not None else cval
     if mode not in ("fixed", "channel"):
         raise CvError(f"unknown activation {mode!r} (fixed or channel)")
-    try:
-        real = zoo.create_model(arch, classes, shape)
-    except (ValueError, RuntimeError) as exc:
-        raise CvError(f"cannot build {arch} for input {shape}: {exc}") from None
-    if weights is not None:
-        load_real_weights(real, weights)
+    if seed is not None and not 0 <= seed < 2 ** 63:
+        raise CvError(f"--seed {seed}: must be between 0 and 2^63 - 1")
     spec = ModelSpec(arch, enc_end, dec_start, variant, classes, shape, mean, std, mode, float(cval), float(gamma),
                      fool_sign)
-    model = build_model(spec, real)
+    with torch.random.fork_rng(devices=[]):  # a seed never changes the caller's generator
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            real = zoo.create_model(arch, classes, shape)
+        except (ValueError, RuntimeError) as exc:
+            raise CvError(f"cannot build {arch} for input {shape}: {exc}") from None
+        if weights is not None:
+            load_real_weights(real, weights)
+        model = build_model(spec, real)
     manifest = new_manifest(
         arch=arch, split=label, encoder_end=enc_end, decoder_start=dec_start, variant=variant,
         num_classes=classes, input_shape=list(shape), normalization={"mean": mean, "std": std},
@@ -77,6 +85,7 @@ def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", da
         [str(i) for i in range(classes)],
         data={"name": data, "task": info.task, "multilabel": info.multilabel},
         source_weights=str(weights) if weights else None, history={},
+        **({"init_seed": seed} if seed is not None else {}),
         **({"fool_sign": fool_sign} if fool_sign != "none" else {}))  # old readers never see the new key
     write_model_dir(output, model.state_dict(), manifest, force=force)
     return manifest

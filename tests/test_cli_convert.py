@@ -78,6 +78,24 @@ def test_convert_baselines_and_weights_roundtrip(tmp_path):
     assert torch.equal(load_model(tmp_path / "c2")[0].processing.fc1.weight, real.fc1.weight)
 
 
+def test_convert_seed_fixes_the_initialisation(tmp_path):
+    """Same seed: the same weights, and the original and complex variants share the real conv weights."""
+    for name, variant, seed in (("a", "complex", 7), ("b", "complex", 7), ("o", "original", 7), ("c", "complex", 8)):
+        res = run("convert", "lenet", "-o", tmp_path / name, "--variant", variant, "--seed", seed)
+        assert res.exit_code == 0, res.output
+    a, b, o, c = (load_model(tmp_path / n)[0].state_dict() for n in ("a", "b", "o", "c"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(a["processing.conv2.weight"], o["processing.conv2.weight"])
+    assert not torch.equal(a["processing.conv2.weight"], c["processing.conv2.weight"])
+    assert read_manifest(tmp_path / "a")["init_seed"] == 7
+    assert run("convert", "lenet", "-o", tmp_path / "u").exit_code == 0
+    assert "init_seed" not in read_manifest(tmp_path / "u")  # unseeded: the manifest is as before
+    before = torch.random.get_rng_state()
+    run("convert", "lenet", "-o", tmp_path / "d", "--seed", 1)
+    assert torch.equal(before, torch.random.get_rng_state())  # the caller's generator is left alone
+    assert_one_line_error(run("convert", "lenet", "-o", tmp_path / "e", "--seed", -1), "--seed -1")
+
+
 def test_convert_bad_inputs(tmp_path):
     assert_one_line_error(run("convert", "nosuchnet", "-o", tmp_path / "a"), "unknown architecture 'nosuchnet'")
     assert_one_line_error(run("convert", "resnet20", "--split", "gamma", "-o", tmp_path / "a"), "unknown split 'gamma'")
