@@ -362,9 +362,9 @@ def triton_config_text(name: str, sig: dict, max_batch_size: int) -> str:
     cfg = pb.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime",
                          max_batch_size=max_batch_size)
     # max_batch_size > 0: Triton adds the batch axis itself, so dims exclude it.
-    for io, entries in ((cfg.input, sig["inputs"]), (cfg.output, sig["outputs"])):
+    for tensors, entries in ((cfg.input, sig["inputs"]), (cfg.output, sig["outputs"])):
         for e in entries:
-            io.add(name=e["name"], data_type=pb.TYPE_FP32, dims=[int(d) for d in e["shape"][1:]])
+            tensors.add(name=e["name"], data_type=pb.TYPE_FP32, dims=[int(d) for d in e["shape"][1:]])
     prefs = [b for b in (4, 8, 16, 32) if b <= max_batch_size] or [max_batch_size]
     cfg.dynamic_batching.preferred_batch_size.extend(prefs)
     cfg.dynamic_batching.max_queue_delay_microseconds = 100

@@ -7,7 +7,6 @@ exporter takes seconds per graph); CVCONVERT_FAST_TESTS=1 skips the sweep while 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from pathlib import Path
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from cvconvert.build import convert_to_dir
 from cvconvert.modeldir import load_model
-from cvconvert.train import CHECKPOINT, TrainConfig, Trainer, negatives, train
+from cvconvert.train import CHECKPOINT, TrainConfig, Trainer, negatives
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import write_fashion  # noqa: E402
