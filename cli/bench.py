@@ -34,6 +34,7 @@ def bench(
     engines: str = typer.Option("ort,eager", help="ort, eager or both (comma-separated)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for ONNX Runtime and PyTorch (default: the CPUs "
                                                      "this process may use)."),
+    plot: Optional[Path] = typer.Option(None, help="Also draw the latencies and ratios as a PNG here."),
     as_json: bool = typer.Option(False, "--json", help="Print every measurement as JSON on stdout."),
 ):
     """Time encoder, processing, decoder and end to end, complex vs original, ONNX Runtime vs PyTorch eager."""
@@ -51,9 +52,15 @@ def bench(
         raise CvError("--threads must be at least 1")
     if not model_dir.exists():
         raise CvError(f"model directory {model_dir} does not exist")
+    if plot is not None and not plot.resolve().parent.is_dir():
+        raise CvError(f"--plot {plot}: folder {plot.parent} does not exist")
     cfg = BenchConfig(batch_sizes=sizes, repeats=repeats, warmup=warmup, provider=provider, threads=threads,
                       engines=eng, progress=not as_json)
     report = bench_dir(model_dir, baseline, cfg, log=info)
+    if plot is not None:
+        from cvconvert.bench import plot_report
+        plot_report(report, plot)
+        info(f"wrote {plot}")
     if as_json:
         emit_json(report)
     else:

@@ -350,3 +350,49 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+# ----------------------------------------------------------------------------- picture
+
+def plot_report(report: dict, path) -> None:
+    """p50 latency per stage, original vs complex for each engine, one panel per batch size (log
+    scale), with the complex/original ratio above each complex bar; written atomically as PNG."""
+    from .figures import pyplot, save_png
+
+    plt = pyplot()
+    from matplotlib.ticker import FuncFormatter
+
+    p50 = {(r["batch"], r["model"], r["engine"], r["stage"]): r["p50_ms"] for r in report["results"]}
+    stages = [s for s in STAGES if any(k[3] == s for k in p50)]
+    engines = report["engines"]
+    sizes = report["batch_sizes"]
+    colors = {"original": "#9db4c8", "complex": "#c8553d"}
+    width = 0.8 / (2 * len(engines))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.4 * len(sizes), 3.8), squeeze=False)
+    for ax, n in zip(axes[0], sizes):
+        for j, eng in enumerate(engines):
+            for k, model in enumerate(("original", "complex")):
+                offset = (2 * j + k - (2 * len(engines) - 1) / 2) * width
+                xs = [i + offset for i in range(len(stages))]
+                ys = [p50.get((n, model, eng, s), float("nan")) for s in stages]
+                ax.bar(xs, ys, width, color=colors[model], edgecolor="black", linewidth=0.4,
+                       hatch="//" if eng == "eager" else None, label=f"{model} ({eng})")
+                if model == "complex":
+                    for x, s, y in zip(xs, stages, ys):
+                        base = p50.get((n, "original", eng, s))
+                        if base:
+                            ax.annotate(f"{y / base:.1f}x", (x, y), ha="center", va="bottom", fontsize=6)
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, 1, 2 rather than 5x10^-1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="both", labelsize=7)
+        ax.set_xticks(range(len(stages)), [s.replace("_", " ") for s in stages], fontsize=8)
+        ax.set_title(f"batch {n}", fontsize=9)
+    axes[0][0].set_ylabel("p50 latency (ms), log scale", fontsize=8)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    where = report.get("machine", {}).get("gpu") if report["device"] == "cuda" else \
+        f"{report.get('machine', {}).get('cpu', 'CPU')}, {report['threads']} threads"
+    fig.suptitle(f"{report['arch']}: complex split network vs original on {report['device']} ({where}); "
+                 "labels: complex/original", fontsize=9)
+    save_png(fig, path)

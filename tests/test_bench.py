@@ -103,12 +103,17 @@ def test_exported_fast_graph_passes_validation(tiny):
         assert session_config(sess) == SESSION_CONFIG
 
 
-def test_bench_json_has_every_field(tiny):
+def test_bench_json_has_every_field(tiny, tmp_path):
     d, _ = tiny
     threads = torch.get_num_threads()
+    png = tmp_path / "bench.png"
     res = runner.invoke(app, ["bench", str(d), "--batch-sizes", "1,2", "--repeats", "2", "--warmup", "1",
-                              "--provider", "cpu", "--threads", "1", "--json"])
+                              "--provider", "cpu", "--threads", "1", "--json", "--plot", str(png)])
     assert res.exit_code == 0, res.output
+    from PIL import Image
+    with Image.open(png) as im:  # a real PNG, two panels wide (one per batch size)
+        assert im.format == "PNG" and im.size[0] > im.size[1] > 100
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]  # no temporary file left behind
     assert torch.get_num_threads() == threads  # --threads does not leak into the caller's process
     report = json.loads(res.stdout)
     for key in ("device", "engines", "batch_sizes", "repeats", "warmup", "threads", "results", "ratios",
@@ -137,7 +142,7 @@ def test_bench_table_and_bad_inputs(tiny, tmp_path):
     assert "cplx/orig" in res.stdout and "end_to_end" in res.stdout and "peak memory" in res.stdout
     for args, msg in [(["--batch-sizes", "1,x"], "batch-sizes"), (["--batch-sizes", "0"], "positive"),
                       (["--repeats", "0"], "repeats"), (["--provider", "tpu"], "provider"),
-                      (["--engines", "tvm"], "engines")]:
+                      (["--engines", "tvm"], "engines"), (["--plot", str(tmp_path / "no" / "b.png")], "does not exist")]:
         res = runner.invoke(app, ["bench", str(d), *args])
         assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, (args, res.output)
     res = runner.invoke(app, ["bench", str(tmp_path / "nope")])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..figures import pyplot, save_png
 from ..modeldir import atomic_json, atomic_write
 
 # The paper's published numbers, to print beside ours where the setting is comparable.
@@ -155,12 +156,6 @@ def markdown(R: dict) -> str:
     return "\n".join(L)
 
 
-def _save(fig, path: Path):
-    import matplotlib.pyplot as plt
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
-
-
 def _show(ax, img):
     img = img.detach().float().clamp(0, 1).cpu()
     if img.shape[0] == 1:
@@ -172,9 +167,7 @@ def _show(ax, img):
 
 
 def _figures(R: dict, pics: dict, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = pics["grid"]
     cols = max(len(r[1]) for r in rows)
@@ -187,7 +180,7 @@ def _figures(R: dict, pics: dict, out: Path) -> None:
             else:
                 ax.axis("off")
         axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    _save(fig, out / FIGURES["reconstructions"])
+    save_png(fig, out / FIGURES["reconstructions"])
 
     inputs, sweep, ts = pics["sweep"]
     fig, axes = plt.subplots(len(inputs), len(ts) + 1, figsize=(1.1 * (len(ts) + 1), 1.2 * len(inputs)), squeeze=False)
@@ -198,7 +191,7 @@ def _figures(R: dict, pics: dict, out: Path) -> None:
             if i == 0:
                 axes[0][j + 1].set_title(f"t={t:.2f}", fontsize=7)
     axes[0][0].set_title("input", fontsize=7)
-    _save(fig, out / FIGURES["rotation_sweep"])
+    save_png(fig, out / FIGURES["rotation_sweep"])
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, err in pics["angles"].items():
@@ -207,7 +200,7 @@ def _figures(R: dict, pics: dict, out: Path) -> None:
     ax.set_xlabel("|theta_hat - theta| (rad)")
     ax.set_ylabel("density")
     ax.legend(fontsize=6)
-    _save(fig, out / FIGURES["angle_errors"])
+    save_png(fig, out / FIGURES["angle_errors"])
 
     hist = {k: v for k, v in R["history"].items() if "(train)" not in k}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -220,4 +213,4 @@ def _figures(R: dict, pics: dict, out: Path) -> None:
         ax.set_xlabel("epoch")
         if ax.lines:
             ax.legend(fontsize=6)
-    _save(fig, out / FIGURES["attack_error_per_epoch"])
+    save_png(fig, out / FIGURES["attack_error_per_epoch"])
