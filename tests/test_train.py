@@ -211,9 +211,13 @@ def test_train_defense_option_persists_and_keeps_decoding(tmp_path, fm):
 
     d = tmp_path / "ex"
     convert_to_dir("lenet", d)
+    before = load_model(d)[0].state_dict()
     code, out = _cli(*_train_args(d, fm, "--max-steps", 3, "--defense", "exchange"))
     assert code == 0, out
     model, manifest = load_model(d)
+    after = model.state_dict()
+    for k in ("encoder.features.body.conv1.weight", "processing.conv2.weight", "decoder.decoder.bias"):
+        assert k in after and not torch.equal(before[k], after[k]), k  # the three parts all trained
     assert manifest["fool_sign"] == "quadrant" and manifest["defense"]["name"] == "exchange"
     assert model.encoder.fool_sign == "quadrant"
     img, fool = torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32)
