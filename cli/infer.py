@@ -105,7 +105,7 @@ def infer(
     from cvconvert.errors import CvError
     from cvconvert.keys import secure_angles
     from cvconvert.modeldir import read_manifest
-    from cvconvert.runtime import Pipeline, choose_fools
+    from cvconvert.runtime import Pipeline, choose_fools, export_provenance
 
     if top_k < 1 or batch_size < 1:
         raise CvError("--top-k and --batch-size must be at least 1")
@@ -117,6 +117,9 @@ def infer(
         man = read_manifest(manifest or model_dir)
         if not onnx_dir.is_dir():
             raise CvError(f"{model_dir} has no onnx/ folder: run `cvconvert export {model_dir}` first")
+        if export_provenance(model_dir) == "stale":
+            info(f"warning: {onnx_dir} was exported from an earlier {model_dir}/model.pt (trained since?); "
+                 f"these graphs run, not the current weights: re-run `cvconvert export {model_dir}`")
         encoder, processing, decoder = (onnx_dir / f"{p}.onnx" for p in ("encoder", "processing", "decoder"))
     else:
         if encoder is None or decoder is None or (processing is None and server is None):

@@ -31,10 +31,10 @@ from .complex.layers import CBatchNorm, CConv2d, CLinear
 from .errors import CvError, one_line
 from .graphopt import custom_translations as graph_translations  # bench hook (issue 7)
 from .keys import secure_angles
-from .modeldir import atomic_json, atomic_write, load_model, swap_dir
+from .modeldir import WEIGHTS, atomic_json, atomic_write, load_model, swap_dir
 from .ortsession import add_session_config
 from .runtime import (ONNX_DIR, REPORT, SIGNATURES, check_signature, expected_shapes, make_session,
-                      session_signature)
+                      session_signature, sha256)
 
 EXAMPLE_BATCH = 2  # >= 2 so no batch dim can be specialised to 1 (notes/onnx-pitfalls.md)
 CHECK_BATCHES = (1, 3, 8)
@@ -204,6 +204,7 @@ def export_model_dir(model_dir, *, opset: int = 18, atol: float = 1e-4, rtol: fl
         if progress:
             progress(msg)
     model_dir = Path(model_dir)
+    weights_sha = sha256(model_dir / WEIGHTS) if (model_dir / WEIGHTS).is_file() else None  # before loading
     model, manifest = load_model(model_dir)
     model.eval()
     cplx = model.is_complex
@@ -235,6 +236,7 @@ def export_model_dir(model_dir, *, opset: int = 18, atol: float = 1e-4, rtol: fl
 
     shapes = expected_shapes(manifest, tuple(h.shape[1:]))
     report = {"model_dir": str(model_dir), "arch": manifest["arch"], "variant": manifest["variant"],
+              "weights_sha256": weights_sha,  # which model.pt these graphs come from (runtime.export_provenance)
               "opset": opset, "exporter": f"torch.onnx dynamo (torch {torch.__version__})", "atol": atol,
               "rtol": rtol, "folded_batchnorms": folded, "graphs": {}}
     protos, sessions = {}, {}

@@ -83,6 +83,25 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def export_provenance(model_dir) -> str:
+    """Whether DIR/onnx/ was exported from DIR's current model.pt: "current", "stale" (trained or
+    replaced since), "unknown" (no record, e.g. an older export) or "not exported"."""
+    model_dir = Path(model_dir)
+    report = model_dir / ONNX_DIR / REPORT
+    if not (model_dir / ONNX_DIR).is_dir():
+        return "not exported"
+    if not report.is_file():
+        return "unknown"
+    try:
+        recorded = json.loads(report.read_text()).get("weights_sha256")
+    except (ValueError, AttributeError):
+        return "unknown"
+    weights = model_dir / "model.pt"
+    if not recorded or not weights.is_file():
+        return "unknown"
+    return "current" if sha256(weights) == recorded else "stale"
+
+
 def make_session(path, provider: str = "auto", threads: int | None = None) -> ort.InferenceSession:
     """An InferenceSession on the chosen execution provider; CvError when it cannot load or run there."""
     if provider not in ("auto", "cpu", "cuda"):

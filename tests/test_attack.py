@@ -91,6 +91,7 @@ def test_audit_report_fields_pictures_and_attacks_beat_chance(tiny, models, tmp_
     R = json.loads((out / "report.json").read_text())
     m = R["meta"]
     assert (m["n_attacker_train"], m["n_eval"], m["property"]) == (N_TRAIN, N_EVAL, True)
+    assert m["exported_graphs"] == "not exported"  # the report says which weights it audited
     t = R["tables"]
     assert {r["model"] for r in t["utility"]} == {"complex", "original"}
     angles = {r["attack"]: r for r in t["angle"]}
@@ -115,6 +116,7 @@ def test_audit_report_fields_pictures_and_attacks_beat_chance(tiny, models, tmp_
     md = (out / "report.md").read_text()
     for heading in ("## Utility", "## Angle estimation", "## Reconstruction", "## Property inference", "## Verdicts"):
         assert heading in md
+    assert "its ONNX graphs (`onnx/`): not exported yet" in md
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
     # Nothing protects the original variant: inversion from its a beats the constant (mean) image,

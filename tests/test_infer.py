@@ -226,6 +226,27 @@ def test_model_dir_without_onnx(tmp_path, exported):
     _one_line_error(_invoke("infer", "--model-dir", bare, exported[1]), "no onnx/", "cvconvert export")
 
 
+def test_stale_export_is_flagged(exported, tmp_path):
+    """infer warns when model.pt changed after export (the graphs, not the new weights, would run)."""
+    from cvconvert.runtime import export_provenance
+
+    d = _copy_onnx(exported[0], tmp_path / "copy", keep_report=True)
+    assert export_provenance(d) == "current"
+    res = _invoke("infer", "--model-dir", d, exported[1])
+    assert res.exit_code == 0 and "exported from an earlier" not in res.stderr
+    sd = torch.load(d / "model.pt", weights_only=True)
+    sd["processing.conv2.weight"] += 1.0  # e.g. trained further after the export
+    torch.save(sd, d / "model.pt")
+    assert export_provenance(d) == "stale"
+    res = _invoke("infer", "--model-dir", d, exported[1])
+    assert res.exit_code == 0, res.output
+    assert "exported from an earlier" in res.stderr and "cvconvert export" in res.stderr
+    (d / "onnx" / "export.json").unlink()
+    assert export_provenance(d) == "unknown"  # graphs without their export record
+    shutil.rmtree(d / "onnx")
+    assert export_provenance(d) == "not exported"
+
+
 def _copy_onnx(model_dir: Path, dst: Path, keep_report: bool) -> Path:
     shutil.copytree(model_dir, dst)
     if not keep_report:

@@ -100,6 +100,13 @@ def markdown(R: dict) -> str:
          f"{m['n_attacker_train']} public training images, and the victim's transmitted x for {m['n_eval']} test "
          f"images (the secret theta and fooling images are never shown to it). Budget `{m['budget']['name']}`, "
          f"device {m['device']}, seed {m['seed']}, {m['elapsed_s']} s.", ""]
+    graphs = {"current": "exported from exactly these weights (model.pt sha256 matches export.json)",
+              "stale": "STALE: exported from an earlier model.pt, so what is deployed is not what was audited; "
+                       "re-export and re-audit",
+              "unknown": "exported, but the export does not record its model.pt (older export): re-export to check",
+              "not exported": "not exported yet"}.get(m.get("exported_graphs"))
+    if graphs:
+        L += [f"Audited weights: `{m['model_dir']}/model.pt`; its ONNX graphs (`onnx/`): {graphs}.", ""]
     if m["baselines"]:
         L += ["Baselines: " + ", ".join(f"{k} (`{v}`)" for k, v in m["baselines"].items()), ""]
     L += ["## Verdicts", ""]

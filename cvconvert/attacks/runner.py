@@ -187,7 +187,9 @@ def run_audit(model_dir, data: str, out, data_dir=None, task: str | None = None,
     R: dict = {"tables": {}, "history": {}, "figures": {}}
     with progress:
         _audit(ctx, model, base, tr, ev, with_prop, R)
+    from ..runtime import export_provenance
     R["meta"] = {"model_dir": str(model_dir), "arch": spec.arch, "variant": spec.variant,
+                 "exported_graphs": export_provenance(model_dir),
                  "split": manifest.get("split"), "feature_shape": list(model.feature_shape),
                  "baselines": {name: str(p) for (name, _, _), p in zip(base, baselines)},
                  "data": data, "task": task, "n_attacker_train": n_tr, "n_eval": n_ev,
