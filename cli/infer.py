@@ -144,6 +144,11 @@ def infer(
         pool = np.stack([load_image(f, shape, resize) for f in collect_images([fool_dir])])
     if pipe.complex:
         fools, how = choose_fools(x, pool)
+        if how == "noise" and man.get("fool_sign") == "quadrant":
+            # The exchange defense hides which reading of x is the image only if the fool looks as natural
+            # as the image; a noise fool would point the attacker straight at the real one.
+            raise CvError("one image and no --fool-dir: this model uses the exchange defense, which needs a real "
+                          "fooling image (a noise fool would show which reading is the image); pass --fool-dir")
         if how == "noise":
             info("warning: one image and no --fool-dir: its fooling input is smooth random noise, which hides "
                  "less than a real image would (see README); pass --fool-dir")

@@ -184,6 +184,19 @@ def test_single_image_warns_and_fool_dir_is_used(exported):
     assert "random noise" not in with_dir.stderr
 
 
+def test_exchange_model_refuses_a_noise_fool(exported, tmp_path):
+    """With the exchange defense a noise fool would give the real reading away: a real one is required."""
+    d = _copy_onnx(exported[0], tmp_path / "ex", keep_report=True)
+    man = json.loads((d / "cvconvert.json").read_text())
+    (d / "cvconvert.json").write_text(json.dumps({**man, "fool_sign": "quadrant"}))
+    images = exported[1]
+    _one_line_error(_invoke("infer", "--model-dir", d, images / "img0.png"), "exchange defense", "--fool-dir")
+    res = _invoke("infer", "--model-dir", d, images / "img0.png", "--fool-dir", images, "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["fools"] == "fool-dir"
+    res = _invoke("infer", "--model-dir", d, images, "--json")  # a batch: the other images are the fools
+    assert res.exit_code == 0 and json.loads(res.stdout)["fools"] == "batch"
+
+
 def test_explicit_graph_paths_find_the_manifest(exported):
     model_dir, images = exported
     o = model_dir / "onnx"
