@@ -105,7 +105,7 @@ def infer(
     from cvconvert.errors import CvError
     from cvconvert.keys import secure_angles
     from cvconvert.modeldir import read_manifest
-    from cvconvert.runtime import Pipeline, choose_fools, export_provenance
+    from cvconvert.runtime import Pipeline, check_fools, choose_fools, export_provenance
 
     if top_k < 1 or batch_size < 1:
         raise CvError("--top-k and --batch-size must be at least 1")
@@ -144,11 +144,7 @@ def infer(
         pool = np.stack([load_image(f, shape, resize) for f in collect_images([fool_dir])])
     if pipe.complex:
         fools, how = choose_fools(x, pool)
-        if how == "noise" and man.get("fool_sign") == "quadrant":
-            # The exchange defense hides which reading of x is the image only if the fool looks as natural
-            # as the image; a noise fool would point the attacker straight at the real one.
-            raise CvError("one image and no --fool-dir: this model uses the exchange defense, which needs a real "
-                          "fooling image (a noise fool would show which reading is the image); pass --fool-dir")
+        check_fools(man, how)
         if how == "noise":
             info("warning: one image and no --fool-dir: its fooling input is smooth random noise, which hides "
                  "less than a real image would (see README); pass --fool-dir")

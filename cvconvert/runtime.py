@@ -156,6 +156,14 @@ def choose_fools(images: np.ndarray, pool: np.ndarray | None = None) -> tuple[np
     return np.stack([fallback_fool(im) for im in images]), "noise"
 
 
+def check_fools(manifest: dict, how: str) -> None:
+    """The exchange defense (manifest fool_sign "quadrant") hides which reading of x is the image only
+    if the fool looks as natural as the image: a noise fool would point the attacker at the real one."""
+    if how == "noise" and manifest.get("fool_sign") == "quadrant":
+        raise CvError("one image and no fooling images: this model uses the exchange defense, which needs a real "
+                      "fooling image (a noise fool would show which reading is the image); pass --fool-dir")
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -267,7 +275,8 @@ class Pipeline:
         if not self.complex:
             return self.decode(self.process(self.encode(images)))
         if fools is None:
-            fools, _ = choose_fools(images, fool_pool)
+            fools, how = choose_fools(images, fool_pool)
+            check_fools(self.manifest, how)
         if theta is None:
             theta = secure_angles(len(images))
         return self.decode(self.process(self.encode(images, fools, theta)), theta)

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 import cvconvert.keys
 from cli.main import app
 from cvconvert.build import convert_to_dir
+from cvconvert.errors import CvError
 from cvconvert.export import export_model_dir
 from cvconvert.modeldir import load_model
 from cvconvert.runtime import Pipeline, choose_fools, fallback_fool
@@ -195,6 +196,11 @@ def test_exchange_model_refuses_a_noise_fool(exported, tmp_path):
     assert res.exit_code == 0 and json.loads(res.stdout)["fools"] == "fool-dir"
     res = _invoke("infer", "--model-dir", d, images, "--json")  # a batch: the other images are the fools
     assert res.exit_code == 0 and json.loads(res.stdout)["fools"] == "batch"
+    # the library refuses it too
+    pipe = Pipeline.from_model_dir(d, provider="cpu")
+    with pytest.raises(CvError, match="exchange defense"):
+        pipe.predict(np.zeros((1, 1, 32, 32), np.float32))
+    assert pipe.predict(np.zeros((2, 1, 32, 32), np.float32)).shape == (2, 10)
 
 
 def test_explicit_graph_paths_find_the_manifest(exported):
