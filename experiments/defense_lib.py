@@ -50,11 +50,13 @@ def load_data(n_train: int, n_att: int, n_test: int, seed: int = 0) -> dict:
     tr, te = get_dataset("fashion-mnist", True), get_dataset("fashion-mnist", False)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(tr), generator=g)
-    pt = torch.randperm(len(te), generator=g)[:n_test]
+    pt_all = torch.randperm(len(te), generator=g)
+    pt = pt_all[:n_test]
     ytr, yte = torch.tensor(tr.targets), torch.tensor(te.targets)
     take = lambda ds, y, idx: (ds.images[idx].float() / 255, y[idx])  # noqa: E731
+    # "pool": the test images outside the scored subset, the victim device's fooling images (far rule)
     return {"train": take(tr, ytr, perm[:n_train]), "att": take(tr, ytr, perm[n_train:n_train + n_att]),
-            "test": take(te, yte, pt)}
+            "test": take(te, yte, pt), "pool": take(te, yte, pt_all[n_test:])[0]}
 
 
 # --- training --------------------------------------------------------------------------------------------
@@ -66,8 +68,84 @@ def _derangement(n: int) -> torch.Tensor:
     return out
 
 
+def pixel_dist(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Mean absolute pixel distance between every image of u [N, ...] and every image of v [M, ...]: [N, M]."""
+    return torch.cdist(u.flatten(1).float(), v.flatten(1).float(), p=1) / u[0].numel()
+
+
+def farthest(images: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+    """For each image, the index (into cands) of the candidate with the largest mean-absolute pixel distance
+    (the "far" fool rule). An image's own copy is at distance 0, so it is never chosen unless all are equal."""
+    return pixel_dist(images, cands).argmax(1)
+
+
+def far_partners(images: torch.Tensor, pool_size: int = 64, chunk: int = 64):
+    """partners(idx, n, gen) with the far rule over IMAGES: each chunk of `chunk` indices draws its own
+    random pool of `pool_size` other images and each index takes the farthest of them."""
+    n = len(images)
+
+    def fn(idx, n_, gen):
+        out = []
+        for i in range(0, len(idx), chunk):
+            part = idx[i:i + chunk]
+            pool = torch.randperm(n, generator=gen)[:pool_size]
+            out.append(pool[farthest(images[part], images[pool])])
+        return torch.cat(out)
+    return fn
+
+
+def match_weights(images: torch.Tensor, lam: float, iters: int = 100) -> torch.Tensor:
+    """The "match" rule's pairing law over a set of images [..., K, C, H, W] -> W [..., K, K]: symmetric,
+    doubly stochastic (Sinkhorn on exp(lam * D / mean D), zero diagonal). Drawing an image i of an iid set
+    uniformly and its fool j ~ W[i] gives P(i, j) = W_ij / K = P(j, i): the pair (I, I') stays exchangeable
+    (the exchange defense's argument holds) while larger lam favours far pairs."""
+    flat = images.flatten(-3).double()
+    D = torch.cdist(flat, flat, p=1) / flat.shape[-1]
+    logk = lam * D / D.mean(dim=(-1, -2), keepdim=True)
+    logk = logk.masked_fill(torch.eye(D.shape[-1], dtype=torch.bool), float("-inf"))
+    lu = torch.zeros(D.shape[:-1], dtype=torch.float64)
+    for _ in range(iters):  # symmetric Sinkhorn: u * (K u) = 1
+        lu = 0.5 * (lu - torch.logsumexp(logk + lu[..., None, :], -1))
+    return (lu[..., :, None] + logk + lu[..., None, :]).exp()
+
+
+def match_partners(images: torch.Tensor, lam: float, set_size: int = 64):
+    """partners(idx, n, gen) with the match rule: each index's set = itself + set_size - 1 random others."""
+    n = len(images)
+
+    def fn(idx, n_, gen):
+        others = torch.stack([torch.randperm(n - 1, generator=gen)[:set_size - 1] for _ in range(len(idx))])
+        others = others + (others >= idx[:, None]).long()
+        sets = torch.cat((idx[:, None], others), 1)
+        w = match_weights(images[sets], lam)[:, 0]
+        return sets.gather(1, torch.multinomial(w.float(), 1, generator=gen)).squeeze(1)
+    return fn
+
+
+def victim_match_fools(images, pool, lam, gen, set_size: int = 64):
+    out = []
+    for i in range(0, len(images), 256):
+        part = images[i:i + 256]
+        cand = torch.stack([torch.randperm(len(pool), generator=gen)[:set_size - 1] for _ in range(len(part))])
+        sets = torch.cat((part[:, None], pool[cand]), 1)
+        w = match_weights(sets, lam)[:, 0]
+        out.append(sets[torch.arange(len(part)), torch.multinomial(w.float(), 1, generator=gen).squeeze(1)])
+    return torch.cat(out)
+
+
+def victim_far_fools(images: torch.Tensor, pool: torch.Tensor, pool_size: int, gen, chunk: int = 64):
+    """The victim device's far fools: per chunk of 64 images, a fresh random pool of held-out images."""
+    out = []
+    for i in range(0, len(images), chunk):
+        part = images[i:i + chunk]
+        cands = pool[torch.randperm(len(pool), generator=gen)[:pool_size]]
+        out.append(cands[farthest(part, cands)])
+    return torch.cat(out)
+
+
 def train_dir(model_dir, data: dict, epochs: int, defense: str | None = None, weight: float = 0.0,
-              batch_size: int = 64, lr: float = 1e-3, seed: int = 0, paper_gan: float = 0.0) -> dict:
+              batch_size: int = 64, lr: float = 1e-3, seed: int = 0, paper_gan: float = 0.0,
+              fool_rule: str = "random", fool_pool: int = 0, match_lam: float = 16.0) -> dict:
     """Train DIR in place with task loss (+ the defense's terms, or the paper's WGAN-GP via cvconvert.train's
     helpers when paper_gan > 0). Every variant goes through this same loop. Returns per-epoch records."""
     from cvconvert.train import _gradient_penalty, negatives
@@ -94,7 +172,19 @@ def train_dir(model_dir, data: dict, epochs: int, defense: str | None = None, we
                 loss = F.cross_entropy(logits, tgt)
             else:
                 a = model.encoder.features(img)
-                b = a[_derangement(len(a))]
+                if fool_rule == "far" and fool_pool:  # the farthest of FOOL_POOL random other batch images
+                    cand = torch.stack([torch.randperm(len(a) - 1)[:fool_pool] for _ in range(len(a))])
+                    cand = cand + (cand >= torch.arange(len(a))[:, None]).long()  # skip the image itself
+                    dist = (img[:, None] - img[cand]).abs().flatten(2).mean(2)
+                    fidx = cand.gather(1, dist.argmax(1, keepdim=True)).squeeze(1)
+                elif fool_rule == "far":
+                    fidx = farthest(img, img)
+                elif fool_rule == "match":
+                    fidx = torch.multinomial(match_weights(img, match_lam).float(), 1).squeeze(1)
+                else:
+                    fidx = _derangement(len(a))
+                b = a[fidx]
+                stats["fool_dist"] = float((img - img[fidx]).abs().flatten(1).mean(1).mean())
                 theta = random_theta(len(a))
                 x = model.encoder.combine(a, b, theta)
                 if d is not None:
@@ -138,7 +228,9 @@ def train_dir(model_dir, data: dict, epochs: int, defense: str | None = None, we
     if d is not None:
         m.update(d.manifest_updates())
     m["history"] = {"experiment": "experiments/defense_lib.train_dir", "epochs": epochs, "records": records,
-                    "n_train": n, "batch_size": batch_size, "lr": lr, "paper_gan": paper_gan}
+                    "n_train": n, "batch_size": batch_size, "lr": lr, "paper_gan": paper_gan,
+                    "fool_rule": fool_rule, "fool_pool": fool_pool,
+                    "match_lam": match_lam}
     atomic_json(m, Path(model_dir) / MANIFEST)
     return {"records": records, "epoch_time_s": sum(r["time_s"] for r in records) / len(records)}
 
@@ -180,8 +272,13 @@ def _linear_probe(f_tr, y_tr, f_ev, y_ev, steps=600) -> float:
         return float((net(f_ev).argmax(1) == y_ev).float().mean())
 
 
-def evaluate(model_dir, data: dict, steps: dict | None = None, seed: int = 0) -> dict:
-    """Every attack on DIR's transmitted x for the test subset. Returns a flat dict of numbers."""
+def evaluate(model_dir, data: dict, steps: dict | None = None, seed: int = 0, fool_rule: str = "random",
+             pool_size: int = 64, match_lam: float = 16.0) -> dict:
+    """Every attack on DIR's transmitted x for the test subset. Returns a flat dict of numbers.
+
+    fool_rule "far": the victim's fool for each test image is the farthest (mean-absolute pixel distance) of
+    a fresh random pool of POOL_SIZE held-out test images per chunk of 64, and every attacker simulates x
+    with the same rule over its own images (Kerckhoffs: it knows the rule, not the pool or theta)."""
     steps = {"regressor": 800, "unet": 400, "dprime_epochs": 2, "probe": 600, "whitebox_n": 48,
              "whitebox_steps": 120, **(steps or {})}
     torch.manual_seed(seed)
@@ -201,13 +298,26 @@ def evaluate(model_dir, data: dict, steps: dict | None = None, seed: int = 0) ->
     a_tr = batched(model.features, I_att)
     a_ev = batched(model.features, I_ev)
     n, ne = len(a_tr), len(a_ev)
-    fool = I_ev[_derangement(ne)]
+    if fool_rule == "far":
+        fool = victim_far_fools(I_ev, data["pool"], pool_size, torch.Generator().manual_seed(seed + 7))
+        part_fn = far_partners(I_att, pool_size)
+    elif fool_rule == "match":  # the image + 63 others, fool drawn from the symmetric Sinkhorn law
+        fool = victim_match_fools(I_ev, data["pool"], match_lam, torch.Generator().manual_seed(seed + 7))
+        part_fn = match_partners(I_att, match_lam)
+    else:
+        fool = I_ev[_derangement(ne)]
+        part_fn = partners
     theta = random_theta(ne)  # the victim's secret keys (CSPRNG); only used to score
     x_ev = batched(lambda i, f, t: enc(i, f, t), I_ev, fool, theta)
+    b_ev = batched(model.features, fool)
+    with torch.no_grad():  # utility with the deployment's fools (test_error above: model(i)'s rolled fool)
+        logits = batched(lambda xb, t: model.decoder(model.processing(xb), t), x_ev, theta)
+    out["test_error_deployed_fools"] = float((logits.argmax(1) != y_ev).float().mean())
+    out["fool_dist_mean"] = float(per_sample_mae(fool, I_ev).mean())
 
-    def simulate(idx, gen):  # the attacker's own x: its images, random partners, its own keys
+    def simulate(idx, gen):  # the attacker's own x: its images, partners by the rule, its own keys
         t = uniform_angles(len(idx), gen)
-        return enc.combine(a_tr[idx], a_tr[partners(idx, n, gen)], t), t
+        return enc.combine(a_tr[idx], a_tr[part_fn(idx, n, gen)], t), t
 
     # learned regressor
     g0 = torch.Generator().manual_seed(seed + 1)
@@ -243,7 +353,11 @@ def evaluate(model_dir, data: dict, steps: dict | None = None, seed: int = 0) ->
               FitTrainer(Path(model_dir) / "attack_ckpt", torch.device("cpu"), None, False, seed, {}), None, seed,
               {"a": a_tr, "images": I_att})
     (Path(model_dir) / "attack_ckpt").mkdir(exist_ok=True)
-    dnet = angle.train_dprime(ctx)
+    saved, angle.partners = angle.partners, part_fn  # D''s negatives: the same fool rule as the victim's
+    try:
+        dnet = angle.train_dprime(ctx)
+    finally:
+        angle.partners = saved
     th_d = angle.estimate(ctx, dnet, x_ev)
     out["angle_dprime"] = float(circular_error(th_d, theta).mean())
 
@@ -274,7 +388,13 @@ def evaluate(model_dir, data: dict, steps: dict | None = None, seed: int = 0) ->
     out["recon_oracle_best_of_8"] = float(errs.min(0).values.mean())
     out["snap_reading_is_real_frac"] = float((errs.gather(0, pick[None])[0] <= 1.2 * mae(u_a, a_ev) + 0.01)
                                              .float().mean())
-    out["recon_fool_true"] = float(per_sample_mae(fool, I_ev).mean())  # MAE between two random images
+    out["recon_fool_true"] = float(per_sample_mae(fool, I_ev).mean())  # MAE between the image and its fool
+    # the pair bound of the analysis: a guess between the two (true-key error e0 half of the time, the
+    # fool's distance the other half)
+    out["recon_pair_guess_pred"] = 0.5 * (out["recon_ref_true_key"] + out["recon_fool_true"])
+    # which of the pair is real? A classifier on the ordered pair (a, b) vs (b, a), trained on the attacker's
+    # simulation (same fool rule), scored on the victim's true pairs: 0.5 = the rule leaks nothing
+    out["pair_order_acc"] = _pair_order(a_tr, part_fn, a_ev, b_ev, steps["regressor"], seed)
     # D''s reading decodes the real image (within 1.2x of the true-key error) or something else?
     ref = mae(u_a, a_ev)
     out["dprime_reading_is_real_frac"] = float((mae(u_a, unrotate_real(x_ev, th_d)) <= 1.2 * ref + 0.01)
@@ -288,6 +408,25 @@ def evaluate(model_dir, data: dict, steps: dict | None = None, seed: int = 0) ->
         out["whitebox_pair_best_mae"] = float(torch.minimum(ei, ej).mean())
         out["angle_whitebox"] = float(circular_error(wth, theta[:nw]).mean())
     return out
+
+
+def _pair_order(a_tr, part_fn, a_ev, b_ev, steps, seed):
+    n = len(a_tr)
+    g0 = torch.Generator().manual_seed(seed + 11)
+    i0 = torch.arange(min(1024, n))
+    sample = torch.cat((a_tr[i0], a_tr[part_fn(i0, n, g0)]), 1)
+    net = torch.nn.Sequential(Standardize(sample), nets.SmallCNN(sample.shape[1], 1))
+
+    def batch(idx, gen):
+        a, b = a_tr[idx], a_tr[part_fn(idx, n, gen)]
+        flip = torch.randint(0, 2, (len(idx),), generator=gen).bool()
+        f = flip.reshape(-1, 1, 1, 1)
+        return torch.cat((torch.where(f, b, a), torch.where(f, a, b)), 1), (~flip).float()
+    _fit(net, steps, batch, lambda o, t: F.binary_cross_entropy_with_logits(o.squeeze(1), t), n=n)
+    with torch.no_grad():
+        p1 = batched(lambda u, v: net(torch.cat((u, v), 1)).squeeze(1), a_ev, b_ev)
+        p2 = batched(lambda u, v: net(torch.cat((u, v), 1)).squeeze(1), b_ev, a_ev)
+    return float(0.5 * ((p1 > 0).float().mean() + (p2 <= 0).float().mean()))
 
 
 def _unet(a_tr, I_tr, steps, signs=False):

@@ -29,6 +29,14 @@ VARIANTS = {
     "complex": ({}, {}),
     "paper-wgan": ({}, {"paper_gan": 0.1}),
     "exchange": ({}, {"defense": "exchange"}),
+    # exchange with far fools: training fool = the batch image farthest from the image (L1 over pixels);
+    # victim and attackers at evaluation: the farthest of a pool of 64 (experiments/results/farfool.md)
+    "exchange-far": ({}, {"defense": "exchange", "fool_rule": "far"}),
+    # a milder far rule: the farthest of 4 random candidates (training: 4 other batch images; evaluation: 4)
+    "exchange-far4": ({}, {"defense": "exchange", "fool_rule": "far", "fool_pool": 4}),
+    # exchangeable far pairs: fool drawn from a symmetric doubly-stochastic law favouring far pairs
+    # (Sinkhorn on exp(16 D / mean D) over the image + 63 others; training: over the batch)
+    "exchange-match": ({}, {"defense": "exchange", "fool_rule": "match", "match_lam": 16.0}),
     "symmetric-0.1": ({}, {"defense": "symmetric", "weight": 0.1}),
     "symmetric-1": ({}, {"defense": "symmetric", "weight": 1.0}),
     "symmetric-10": ({}, {"defense": "symmetric", "weight": 10.0}),
@@ -66,7 +74,9 @@ def run(args):
             convert_to_dir("lenet", d, force=True, data="fashion-mnist", **conv)
             trained = L.train_dir(d, data, args.epochs, seed=args.seed, **tr)
         L.log(f"{name}: trained, {trained['epoch_time_s']:.1f} s/epoch; attacking")
-        ev = L.evaluate(d, data, steps, seed=args.seed)
+        ev = L.evaluate(d, data, steps, seed=args.seed, fool_rule=tr.get("fool_rule", "random"),
+                        pool_size=tr.get("fool_pool") or args.pool_size,
+                        match_lam=tr.get("match_lam", 16.0))
         ev["epoch_time_s"] = trained["epoch_time_s"]
         ev["train"] = trained["records"]
         L.log(f"{name}: {json.dumps({k: v for k, v in ev.items() if k != 'train'})}")
@@ -186,6 +196,7 @@ def main():
     p.add_argument("--dprime-epochs", type=int, default=1)
     p.add_argument("--whitebox-n", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool-size", type=int, default=64, help="fool pool per chunk of 64 for the far rule")
     p.add_argument("--redo", action="store_true")
     p.add_argument("--reuse", action="store_true", help="keep an already trained model dir (same epochs/size)")
     p.add_argument("--whitebox-steps", type=int, default=80)
