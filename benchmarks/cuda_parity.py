@@ -1,12 +1,13 @@
 """CUDA execution provider parity: exported graphs on CUDA vs CPU, and vs PyTorch eager on CUDA.
 
-    python benchmarks/cuda_parity.py out/lenet out/lenet-original [--batch 32] [--json]
+    python benchmarks/cuda_parity.py out/lenet out/lenet-original [--batch 32] [--rtol 0.01]
 
 For each exported model dir: the same images, fools and keys go through the three graphs on the CPU
 execution provider and on the CUDA one; each part is compared on identical inputs (so one part's error
-does not feed the next), then the whole chain against PyTorch eager on CUDA. Exits 1 when a part
-differs by more than --rtol of its output's scale or the predicted classes disagree. Needs
-onnxruntime-gpu and a GPU; this is a device check, not part of `make test`.
+does not feed the next), then the whole chain against PyTorch eager on CUDA. Prints JSON (with how
+often the predicted classes agree) and exits 1 when a part or the chain differs by more than --rtol of
+its output's scale, or a graph did not run on the CUDA provider. Needs onnxruntime-gpu and a GPU; this
+is a device check, not part of `make test`.
 """
 
 from __future__ import annotations

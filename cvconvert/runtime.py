@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 from .errors import CvError, one_line
 from .keys import secure_angles
-from .modeldir import read_manifest
+from .modeldir import WEIGHTS, read_manifest
 from .ortsession import create_session
 
 ONNX_DIR = "onnx"
@@ -96,7 +96,7 @@ def export_provenance(model_dir) -> str:
         recorded = json.loads(report.read_text()).get("weights_sha256")
     except (ValueError, AttributeError):
         return "unknown"
-    weights = model_dir / "model.pt"
+    weights = model_dir / WEIGHTS
     if not recorded or not weights.is_file():
         return "unknown"
     return "current" if sha256(weights) == recorded else "stale"
