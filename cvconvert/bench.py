@@ -383,14 +383,15 @@ def plot_report(report: dict, path) -> None:
                         if base:
                             ax.annotate(f"{y / base:.1f}x", (x, y), ha="center", va="bottom", fontsize=6)
         ax.set_yscale("log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, 1, 2 rather than 5x10^-1
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.1, 1, 10 rather than 10^-1
+        ax.yaxis.set_minor_formatter(FuncFormatter(  # label 2x and 5x between decades, not every minor tick
+            lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""))
         ax.tick_params(axis="y", which="both", labelsize=7)
         ax.set_xticks(range(len(stages)), [s.replace("_", " ") for s in stages], fontsize=8)
         ax.set_title(f"batch {n}", fontsize=9)
     axes[0][0].set_ylabel("p50 latency (ms), log scale", fontsize=8)
-    axes[0][0].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=8, frameon=False)
     where = report.get("machine", {}).get("gpu") if report["device"] == "cuda" else \
         f"{report.get('machine', {}).get('cpu', 'CPU')}, {report['threads']} threads"
     fig.suptitle(f"{report['arch']}: complex split network vs original on {report['device']} ({where}); "
