@@ -143,7 +143,7 @@ def infer(
             raise CvError(f"--fool-dir {fool_dir} is not a directory")
         pool = np.stack([load_image(f, shape, resize) for f in collect_images([fool_dir])])
     if pipe.complex:
-        fools, how = choose_fools(x, pool)
+        fools, how = choose_fools(x, pool, man.get("fool_rule", "random"))
         check_fools(man, how)
         if how == "noise":
             info("warning: one image and no --fool-dir: its fooling input is smooth random noise, which hides "
@@ -159,7 +159,8 @@ def infer(
     names = pipe.class_names
     where = f"remote {server}" if server else pipe.providers["processing"]
     info(f"ran on {pipe.providers['encoder']} (device side), processing on {where}"
-         + (f"; fooling inputs from {how}" if pipe.complex else ""))
+         + (f"; fooling inputs from {how}" + (" by the match rule" if man.get("fool_rule") == "match" else "")
+            if pipe.complex else ""))
     results = []
     for n, (f, p) in enumerate(zip(files, probs)):
         top = np.argsort(-p, kind="stable")[:k]
@@ -169,7 +170,7 @@ def infer(
         results.append(entry)
     if as_json:
         emit_json({"providers": pipe.providers, "processing": server or "local", "predictions": results,
-                   **({"fools": how} if pipe.complex else {})})
+                   **({"fools": how, "fool_rule": man.get("fool_rule", "random")} if pipe.complex else {})})
         return
     for r in results:
         tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])

@@ -42,6 +42,10 @@ def train(
                                               "WGAN) | exchange (theta-quadrant fool sign) | symmetric (exchange + "
                                               "a sign critic); see docs/results.md."),
     defense_weight: float = typer.Option(0.1, help="Weight of the symmetric defense's loss."),
+    fool_rule: Optional[str] = typer.Option(None, help="How each image's fooling image is picked: random (the "
+                                                       "paper) | match (favours distant pairs, keeps them "
+                                                       "exchangeable); recorded for infer and attack. "
+                                                       "Default: the model's own, else random."),
     val_fraction: float = typer.Option(0.05, help="Share of the training set held out to pick the best epoch."),
     train_limit: Optional[int] = typer.Option(None, help="Train on a seeded random subset of this many images."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
@@ -62,7 +66,7 @@ def train(
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
                       workers=workers, max_steps=max_steps, resume=resume, k=k, gan_weight=gan_weight,
                       critic_steps=critic_steps, critic_lr=critic_lr, gp_weight=gp_weight, gan_every=gan_every,
-                      gan_batch=gan_batch, defense=defense, defense_weight=defense_weight,
+                      gan_batch=gan_batch, defense=defense, defense_weight=defense_weight, fool_rule=fool_rule,
                       val_fraction=val_fraction, train_limit=train_limit)
     summary = run(model_dir, cfg)
     import os

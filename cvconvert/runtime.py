@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import CvError, one_line
+from .fools import MATCH_SET, check_rule, draw, l1_distances, pairing_law
 from .keys import secure_angles
 from .modeldir import WEIGHTS, read_manifest
 from .ortsession import create_session
@@ -143,11 +144,37 @@ def fallback_fool(image: np.ndarray) -> np.ndarray:
     return np.clip((noise - n_mean) / n_std * std + mean, 0.0, 1.0).astype(np.float32)
 
 
-def choose_fools(images: np.ndarray, pool: np.ndarray | None = None) -> tuple[np.ndarray, str]:
-    """One fooling image per image: from `pool` (random choice, CSPRNG), else another image of the batch
-    (a random non-zero cyclic shift), else `fallback_fool`. Returns (fools, how)."""
+def _uniform() -> float:
+    return secrets.randbits(53) / 2.0 ** 53
+
+
+def _match_fools(images: np.ndarray, pool: np.ndarray | None) -> np.ndarray:
+    """The ``match`` rule (cvconvert/fools.py): per image, a set of itself and up to 63 candidates (pool
+    images drawn with the CSPRNG, else the rest of the batch), the fool drawn from its row of the law."""
+    out = []
+    rand = secrets.SystemRandom()
+    for i, image in enumerate(images):
+        if pool is not None and len(pool):
+            cands = pool[rand.sample(range(len(pool)), min(len(pool), MATCH_SET - 1))]
+        else:
+            others = [j for j in range(len(images)) if j != i]
+            cands = images[rand.sample(others, min(len(others), MATCH_SET - 1))]
+        group = np.concatenate([image[None], cands])
+        law = pairing_law(l1_distances(group.reshape(len(group), -1)))
+        out.append(group[draw(law[0], _uniform())])  # W_00 = 0: never the image itself
+    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+
+def choose_fools(images: np.ndarray, pool: np.ndarray | None = None, rule: str = "random") -> tuple[np.ndarray, str]:
+    """One fooling image per image: from `pool`, else another image of the batch, else `fallback_fool`;
+    random (CSPRNG) or by the ``match`` law (``rule``, the model's manifest key "fool_rule"). Returns
+    (fools, how)."""
     n = images.shape[0]
-    if pool is not None and len(pool):
+    check_rule(rule)
+    has_pool = pool is not None and len(pool) > 0
+    if rule == "match" and (has_pool or n > 1):
+        return _match_fools(images, pool if has_pool else None), "fool-dir" if has_pool else "batch"
+    if has_pool:
         idx = [secrets.randbelow(len(pool)) for _ in range(n)]
         return np.ascontiguousarray(pool[idx], dtype=np.float32), "fool-dir"
     if n > 1:
@@ -275,7 +302,7 @@ class Pipeline:
         if not self.complex:
             return self.decode(self.process(self.encode(images)))
         if fools is None:
-            fools, how = choose_fools(images, fool_pool)
+            fools, how = choose_fools(images, fool_pool, self.manifest.get("fool_rule", "random"))
             check_fools(self.manifest, how)
         if theta is None:
             theta = secure_angles(len(images))

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from .datasets import dataset_info
 from .errors import CvError
+from .fools import check_rule, pairing_law
 from .model import random_theta
 from .modeldir import (MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_write, load_model, read_manifest,
                        torch_load)
@@ -75,6 +76,7 @@ class TrainConfig:
     gan_batch: int | None = None  # None: the whole batch
     defense: str = "paper"  # cvconvert/defense.py: paper | exchange | symmetric
     defense_weight: float = 0.1
+    fool_rule: str | None = None  # cvconvert/fools.py: random | match; None keeps the manifest's (random)
     val_fraction: float = 0.05
     train_limit: int | None = None
     log_every: int = 50
@@ -213,6 +215,9 @@ class Trainer:
         if self.critic is not None:
             self.critic_params = list(self.critic.parameters())
             self.copt = torch.optim.Adam(self.critic_params, lr=cfg.critic_lr or cfg.lr, betas=(0.5, 0.9))
+        self.fool_rule = check_rule(cfg.fool_rule or manifest.get("fool_rule") or "random")
+        if self.fool_rule != "random" and not model.is_complex:
+            raise CvError(f"--fool-rule {self.fool_rule} needs a complex model (this one is {manifest['variant']!r})")
         self.defense = None
         if model.is_complex:
             from .defense import make_defense
@@ -233,10 +238,19 @@ class Trainer:
         if not m.is_complex:
             return m(image), None, None, None
         a = m.encoder.features(image)
-        b = a[_derangement(a.shape[0], a.device)]
+        b = a[self._fool_index(image)]
         theta = random_theta(a.shape[0], a.device)  # training angles need no secrecy, but cost nothing
         x = m.encoder.combine(a, b, theta)  # the encoder's own mixing (a defense may change it)
         return m.decoder(m.processing(x), theta), a, b, x
+
+    def _fool_index(self, image) -> torch.Tensor:
+        """Which sample of the batch is each sample's fool: a derangement, or drawn by the match law."""
+        n = image.shape[0]
+        if self.fool_rule == "random" or n < 2:
+            return _derangement(n, image.device)
+        flat = image.detach().flatten(1).double()
+        law = pairing_law((torch.cdist(flat, flat, p=1) / flat.shape[1]).cpu().numpy())
+        return torch.multinomial(torch.from_numpy(law).float(), 1).squeeze(1).to(image.device)
 
     def train_step(self, image, y) -> dict:
         cfg, m = self.cfg, self.model
@@ -577,6 +591,10 @@ def _save(model_dir, model, trainer, epoch, records, best, improved, cfg, manife
         current["k"] = cfg.k
     if trainer.defense is not None:  # e.g. fool_sign: quadrant, so load_model rebuilds the same encoder
         current.update(trainer.defense.manifest_updates())
+    if trainer.fool_rule == "random":  # infer and attack pick the fools the way the model was trained
+        current.pop("fool_rule", None)
+    else:
+        current["fool_rule"] = trainer.fool_rule
     atomic_json(current, model_dir / MANIFEST)
 
 

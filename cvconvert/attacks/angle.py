@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..complex.functional import encode, unrotate_real
 from ..gan import Discriminator
-from .common import Standardize, partners
+from .common import Standardize
 
 
 def train_dprime(ctx) -> torch.nn.Module:
@@ -21,7 +21,7 @@ def train_dprime(ctx) -> torch.nn.Module:
     margin = math.pi / 16  # negatives rotated by less than this are practically positives
 
     def batch_fn(idx, gen):
-        a, b = a_tr[idx], a_tr[partners(idx, n, gen)]
+        a, b = a_tr[idx], a_tr[ctx.partners(idx, n, gen)]
         d = margin + torch.rand(len(idx), generator=gen) * (2 * math.pi - 2 * margin)
         neg = unrotate_real(encode(a, b, d), torch.zeros(len(idx)))
         inp = torch.cat((a, neg)).to(ctx.device)

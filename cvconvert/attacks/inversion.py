@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..complex.functional import encode
-from .common import Standardize, batched, partners, uniform_angles
+from .common import Standardize, batched, uniform_angles
 from .nets import UNet
 
 
@@ -47,7 +47,7 @@ def simulate_x(ctx, idx, gen) -> torch.Tensor:
     """The attacker's own x for its images: a random fooling partner and a random key, combined the way
     the public encoder does."""
     a_tr = ctx.tr["a"]
-    b = a_tr[partners(idx, len(a_tr), gen)]
+    b = a_tr[ctx.partners(idx, len(a_tr), gen)]
     return (ctx.combine or encode)(a_tr[idx], b, uniform_angles(len(idx), gen))
 
 

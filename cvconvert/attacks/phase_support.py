@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..complex.functional import encode, modulus
-from .common import partners, uniform_angles
+from .common import uniform_angles
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def calibrate(ctx, a_tr: torch.Tensor, seed: int, n: int = 1024):
     gen = torch.Generator().manual_seed(seed + 2)
     idx = torch.arange(min(n, len(a_tr)))
     t = uniform_angles(len(idx), gen)
-    x = (ctx.combine or encode)(a_tr[idx], a_tr[partners(idx, len(a_tr), gen)], t)
+    x = (ctx.combine or encode)(a_tr[idx], a_tr[ctx.partners(idx, len(a_tr), gen)], t)
     w = channel_weights(a_tr)
     d = mean_phase(x, w) - t
     offset = torch.atan2(d.sin().mean(), d.cos().mean())

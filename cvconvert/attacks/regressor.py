@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..complex.functional import encode
-from .common import Standardize, batched, partners, uniform_angles
+from .common import Standardize, batched, uniform_angles
 from .inversion import flat_x
 from .metrics import circular_error
 from .nets import SmallCNN
@@ -21,12 +21,12 @@ def train(ctx, eval_x: torch.Tensor, eval_theta: torch.Tensor):
     gen0 = torch.Generator().manual_seed(ctx.seed + 1)
     idx0 = torch.arange(min(1024, n))
     enc = ctx.combine or encode
-    sample = flat_x(enc(a_tr[idx0], a_tr[partners(idx0, n, gen0)], uniform_angles(len(idx0), gen0)))
+    sample = flat_x(enc(a_tr[idx0], a_tr[ctx.partners(idx0, n, gen0)], uniform_angles(len(idx0), gen0)))
     net = torch.nn.Sequential(Standardize(sample), SmallCNN(sample.shape[1], 2))
 
     def batch_fn(idx, gen):
         t = uniform_angles(len(idx), gen)
-        x = enc(a_tr[idx], a_tr[partners(idx, n, gen)], t)
+        x = enc(a_tr[idx], a_tr[ctx.partners(idx, n, gen)], t)
         return flat_x(x).to(ctx.device), torch.stack((t.cos(), t.sin()), 1).to(ctx.device)
 
     def eval_fn():  # per-epoch angle error on the victim's x (logged only, never used to select)

@@ -99,7 +99,8 @@ def markdown(R: dict) -> str:
          f"Model dir `{m['model_dir']}`; feature a: {m['feature_shape']}. Attacker: the public weights, "
          f"{m['n_attacker_train']} public training images, and the victim's transmitted x for {m['n_eval']} test "
          f"images (the secret theta and fooling images are never shown to it). Budget `{m['budget']['name']}`, "
-         f"device {m['device']}, seed {m['seed']}, {m['elapsed_s']} s.", ""]
+         f"device {m['device']}, seed {m['seed']}, {m['elapsed_s']} s. Fool rule `{m.get('fool_rule', 'random')}`: "
+         "the victim's fools and the attacker's simulated ones are picked the same way.", ""]
     graphs = {"current": "exported from exactly these weights (model.pt sha256 matches export.json)",
               "stale": "STALE: exported from an earlier model.pt, so what is deployed is not what was audited; "
                        "re-export and re-audit",

@@ -26,7 +26,8 @@ from ..modeldir import load_model
 from ..model import random_theta
 from ..train import pick_device
 from . import angle, inference, invariant, inversion, phase_support, regressor, whitebox
-from .common import batched, combiner
+from ..runtime import choose_fools
+from .common import batched, combiner, make_partners, partners
 from .data import has_property, load_split, stack_subset
 from .fit import Trainer
 from .metrics import (angle_summary, chance_error, circular_error, error_rate, per_sample_mae, reconstruction)
@@ -80,6 +81,8 @@ class Ctx:
     seed: int
     tr: dict = field(default_factory=dict)
     combine: object = None  # (a, b, theta) -> x, as the public encoder does it
+    fool_rule: str = "random"  # the model's (manifest "fool_rule"): how the victim device picks fools
+    partners: object = partners  # (idx, n, gen) -> each index's simulated fool, by that rule
 
 
 def available_memory() -> int:
@@ -183,13 +186,13 @@ def run_audit(model_dir, data: str, out, data_dir=None, task: str | None = None,
 
     progress = _progress()
     trainer = Trainer(ckpt, dev, progress, resume, seed, meta)
-    ctx = Ctx(dev, budget, trainer, progress, seed)
+    ctx = Ctx(dev, budget, trainer, progress, seed, fool_rule=manifest.get("fool_rule", "random"))
     R: dict = {"tables": {}, "history": {}, "figures": {}}
     with progress:
         _audit(ctx, model, base, tr, ev, with_prop, R)
     from ..runtime import export_provenance
     R["meta"] = {"model_dir": str(model_dir), "arch": spec.arch, "variant": spec.variant,
-                 "exported_graphs": export_provenance(model_dir),
+                 "exported_graphs": export_provenance(model_dir), "fool_rule": ctx.fool_rule,
                  "split": manifest.get("split"), "feature_shape": list(model.feature_shape),
                  "baselines": {name: str(p) for (name, _, _), p in zip(base, baselines)},
                  "data": data, "task": task, "n_attacker_train": n_tr, "n_eval": n_ev,
@@ -206,15 +209,19 @@ def _fingerprint(path) -> str:
 
 
 @torch.no_grad()
-def _victim(model, images: torch.Tensor, dev) -> tuple:
+def _victim(model, images: torch.Tensor, dev, rule: str = "random") -> tuple:
     """The victim's transmitted x (secret theta and fooling images from the CSPRNG) and its utility error
-    input (logits with the right key). The fooling image is another victim image, as in the paper."""
+    input (logits with the right key). The fooling image is another victim image, as in the paper, chosen
+    by the model's fool rule exactly as `cvconvert infer` chooses it."""
     n = len(images)
-    shift = 1 + int.from_bytes(os.urandom(4), "little") % (n - 1)
-    perm = torch.from_numpy(np.random.default_rng(int.from_bytes(os.urandom(8), "little")).permutation(n))
-    fool_idx = torch.empty_like(perm)
-    fool_idx[perm] = perm.roll(-shift)  # a random derangement: every image gets another image as its fool
-    fool = images[fool_idx]
+    if rule == "match":
+        fool = torch.from_numpy(choose_fools(images.numpy(), None, "match")[0])
+    else:
+        shift = 1 + int.from_bytes(os.urandom(4), "little") % (n - 1)
+        perm = torch.from_numpy(np.random.default_rng(int.from_bytes(os.urandom(8), "little")).permutation(n))
+        fool_idx = torch.empty_like(perm)
+        fool_idx[perm] = perm.roll(-shift)  # a random derangement: every image gets another image as its fool
+        fool = images[fool_idx]
     theta = random_theta(n)
     enc = lambda i, f, t: model.encoder(i, f, t)  # noqa: E731
     x = batched(enc, images, fool, theta, batch_size=256, device=dev)
@@ -237,7 +244,8 @@ def _audit(ctx: Ctx, model, base, tr, ev, with_prop: bool, R: dict):
     I_tr, I_ev = tr["images"], ev["images"]
     ctx.tr = {"images": I_tr, "a": batched(feat(model), I_tr, device=dev)}
     a_ev = batched(feat(model), I_ev, device=dev)  # the victim's real feature: a reference only
-    x_ev, theta_ev, logits = _victim(model, I_ev, dev)
+    ctx.partners = make_partners(ctx.fool_rule, I_tr, torch.Generator().manual_seed(ctx.seed + 11))
+    x_ev, theta_ev, logits = _victim(model, I_ev, dev, ctx.fool_rule)
     rows_util = [{"model": "complex", "error": error_rate(logits, ev["targets"]),
                   "chance": chance_error(tr["targets"], ev["targets"])}]
     bfeat = {}

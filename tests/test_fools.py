@@ -1,0 +1,132 @@
+"""The fool rules (cvconvert/fools.py): the match pairing law, and how train, infer and attack use it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from cvconvert.attacks.common import make_partners
+from cvconvert.build import convert_to_dir
+from cvconvert.errors import CvError
+from cvconvert.export import export_model_dir
+from cvconvert.fools import check_rule, draw, l1_distances, pairing_law
+from cvconvert.modeldir import read_manifest
+from cvconvert.runtime import choose_fools
+from test_data import write_fashion
+
+runner = CliRunner()
+
+
+def two_clusters(n=10, size=64, seed=0):
+    """n dark and n bright flattened images: far pairs are the dark/bright ones."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.random((n, size)) * 0.2, 0.8 + rng.random((n, size)) * 0.2]).astype(np.float32)
+
+
+def test_pairing_law_is_symmetric_doubly_stochastic_and_favours_far_pairs():
+    x = two_clusters()
+    d = l1_distances(x)
+    assert d.shape == (20, 20) and np.allclose(d, d.T) and np.allclose(np.diag(d), 0)
+    np.testing.assert_allclose(d[0, 1], np.abs(x[0] - x[1]).mean(), rtol=1e-6)
+    w = pairing_law(d)
+    np.testing.assert_allclose(w, w.T, atol=1e-12)  # P(I, I') = P(I', I): the pair stays exchangeable
+    assert np.all(np.diag(w) == 0)  # never the image itself
+    np.testing.assert_allclose(w.sum(1), 1, atol=0.01)
+    assert 2 * w[:10, 10:].sum() / w.sum() > 0.95  # almost all mass on dark/bright pairs (random: 10/19)
+    flat = pairing_law(d, lam=0.0)  # lam 0: the paper's uniform choice among the others
+    np.testing.assert_allclose(flat[~np.eye(20, dtype=bool)], 1 / 19, rtol=1e-3)
+    with pytest.raises(ValueError):
+        pairing_law(np.zeros((1, 1)))
+
+
+def test_draw_and_rule_names():
+    p = np.array([0.0, 0.25, 0.75])
+    assert [draw(p, u) for u in (0.0, 0.2, 0.25, 0.9, 0.999999)] == [1, 1, 2, 2, 2]
+    assert check_rule("match") == "match"
+    with pytest.raises(CvError, match="unknown fool rule 'far'"):
+        check_rule("far")
+
+
+def test_choose_fools_match_rule():
+    x = two_clusters().reshape(20, 1, 8, 8)
+    dark, pool = x[:3], x  # 3 dark images; the pool holds both clusters
+    for _ in range(5):
+        fools, how = choose_fools(dark, pool, "match")
+        assert how == "fool-dir" and fools.shape == dark.shape
+        assert all(any(np.array_equal(f, p) for p in pool) for f in fools)
+        assert all(f.mean() > 0.5 for f in fools)  # the law puts ~all its mass on the bright ones
+    batch = x[[0, 1, 12, 13]]
+    fools, how = choose_fools(batch, None, "match")
+    assert how == "batch"
+    for i, f in enumerate(fools):  # another image of the batch, never the image itself
+        assert not np.array_equal(f, batch[i]) and any(np.array_equal(f, b) for b in batch)
+    assert choose_fools(x[:1], None, "match")[1] == "noise"
+    with pytest.raises(CvError, match="unknown fool rule"):
+        choose_fools(batch, None, "nearest")
+
+
+def test_attacker_partners_follow_the_rule():
+    images = torch.from_numpy(two_clusters(n=40).reshape(80, 1, 8, 8))
+    gen = torch.Generator().manual_seed(0)
+    part = make_partners("match", images, gen)
+    idx = torch.arange(80)
+    p = torch.cat([part(idx, 80, gen) for _ in range(5)])
+    src = idx.repeat(5)
+    assert (p != src).all()
+    assert ((src < 40) != (p < 40)).float().mean() > 0.9  # across the clusters, as the victim's device does
+    rand = make_partners("random", images, gen)
+    assert ((src < 40) != (rand(src, 80, gen) < 40)).float().mean() < 0.7
+
+
+def test_train_records_the_rule_and_infer_uses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CVCONVERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CVCONVERT_DATA", raising=False)
+    write_fashion(tmp_path / "fm", n_train=40, n_test=16)
+    d = tmp_path / "m"
+    convert_to_dir("lenet", d, seed=0)
+    args = ["train", d, "--data-dir", tmp_path / "fm", "--batch-size", 8, "--device", "cpu", "--val-fraction", 0.2,
+            "--max-steps", 2, "--fool-rule", "match", "--defense", "exchange"]
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    assert read_manifest(d)["fool_rule"] == "match"
+    export_model_dir(d)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    from PIL import Image
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((32, 32)) * 255).astype(np.uint8)).save(imgs / f"{i}.png")
+    res = runner.invoke(app, ["infer", "--model-dir", str(d), str(imgs), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["fool_rule"] == "match" and out["fools"] == "batch"
+    # a later run with --fool-rule random takes it back; an original model has no fools to pick
+    res = runner.invoke(app, [str(a) for a in args[:-4] + ["--fool-rule", "random", "--resume", "--epochs", 2]])
+    assert res.exit_code == 0, res.output
+    assert "fool_rule" not in read_manifest(d)
+    o = tmp_path / "o"
+    convert_to_dir("lenet", o, variant="original")
+    res = runner.invoke(app, [str(a) for a in ["train", o, "--data-dir", tmp_path / "fm", "--device", "cpu",
+                                                "--max-steps", 1, "--fool-rule", "match"]])
+    assert res.exit_code != 0 and "needs a complex model" in res.output
+    res = runner.invoke(app, [str(a) for a in args[:-4] + ["--fool-rule", "far"]])
+    assert res.exit_code != 0 and "unknown fool rule 'far'" in res.output and "Traceback" not in res.output
+
+
+def test_attack_victim_uses_the_rule(monkeypatch):
+    """The audit's victim picks its fools with the model's rule, through the same choose_fools as infer."""
+    from cvconvert.attacks import runner as attack_runner
+    from cvconvert.model import ModelSpec, build_model
+
+    seen = []
+    real = attack_runner.choose_fools
+    monkeypatch.setattr(attack_runner, "choose_fools", lambda *a: seen.append(a[2]) or real(*a))
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("lenet", "conv1", None, "complex", 10, (1, 16, 16), [0.5], [0.5])).eval()
+    images = torch.rand(6, 1, 16, 16)
+    x, theta, logits = attack_runner._victim(model, images, torch.device("cpu"), "match")
+    assert seen == ["match"] and x.shape[:2] == (6, 2) and theta.shape == (6,) and logits.shape == (6, 10)
+    attack_runner._victim(model, images, torch.device("cpu"), "random")
+    assert seen == ["match"]  # the paper's derangement does not go through the match law
