@@ -30,9 +30,11 @@ def check_rule(rule: str) -> str:
 
 
 def l1_distances(flat: np.ndarray) -> np.ndarray:
-    """[K, P] flattened images -> [K, K] mean absolute differences (a row at a time: K x P memory)."""
+    """[..., K, P] flattened images -> [..., K, K] mean absolute differences (one image of each set at a
+    time, so memory stays that of the input)."""
     flat = np.asarray(flat, dtype=np.float32)
-    return np.stack([np.abs(flat - row).mean(1, dtype=np.float64) for row in flat])
+    return np.stack([np.abs(flat - flat[..., i:i + 1, :]).mean(-1, dtype=np.float64)
+                     for i in range(flat.shape[-2])], -2)
 
 
 def pairing_law(dist: np.ndarray, lam: float = MATCH_LAMBDA, iters: int = 300) -> np.ndarray:
@@ -51,6 +53,11 @@ def pairing_law(dist: np.ndarray, lam: float = MATCH_LAMBDA, iters: int = 300) -
         lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[..., 0]
         lu = 0.5 * (lu - lse)
     return np.exp(lu[..., :, None] + logk + lu[..., None, :])
+
+
+def match_law(flat: np.ndarray, lam: float = MATCH_LAMBDA, iters: int = 300) -> np.ndarray:
+    """[..., K, P] flattened images of each set -> its pairing law [..., K, K]; row i: image i's fool."""
+    return pairing_law(l1_distances(flat), lam, iters)
 
 
 def draw(probs: np.ndarray, uniform: float) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import CvError, one_line
-from .fools import MATCH_SET, check_rule, draw, l1_distances, pairing_law
+from .fools import MATCH_SET, check_rule, draw, match_law
 from .keys import secure_angles
 from .modeldir import WEIGHTS, read_manifest
 from .ortsession import create_session
@@ -160,7 +160,7 @@ def _match_fools(images: np.ndarray, pool: np.ndarray | None) -> np.ndarray:
             others = [j for j in range(len(images)) if j != i]
             cands = images[rand.sample(others, min(len(others), MATCH_SET - 1))]
         group = np.concatenate([image[None], cands])
-        law = pairing_law(l1_distances(group.reshape(len(group), -1)))
+        law = match_law(group.reshape(len(group), -1))
         out.append(group[draw(law[0], _uniform())])  # W_00 = 0: never the image itself
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 

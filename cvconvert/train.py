@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .datasets import dataset_info
 from .errors import CvError
-from .fools import check_rule, pairing_law
+from .fools import check_rule, match_law
 from .model import random_theta
 from .modeldir import (MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_write, load_model, read_manifest,
                        torch_load)
@@ -248,8 +248,7 @@ class Trainer:
         n = image.shape[0]
         if self.fool_rule == "random" or n < 2:
             return _derangement(n, image.device)
-        flat = image.detach().flatten(1).double()
-        law = pairing_law((torch.cdist(flat, flat, p=1) / flat.shape[1]).cpu().numpy())
+        law = match_law(image.detach().flatten(1).cpu().numpy())
         return torch.multinomial(torch.from_numpy(law).float(), 1).squeeze(1).to(image.device)
 
     def train_step(self, image, y) -> dict:

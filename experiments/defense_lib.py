@@ -99,14 +99,9 @@ def match_weights(images: torch.Tensor, lam: float, iters: int = 100) -> torch.T
     doubly stochastic (Sinkhorn on exp(lam * D / mean D), zero diagonal). Drawing an image i of an iid set
     uniformly and its fool j ~ W[i] gives P(i, j) = W_ij / K = P(j, i): the pair (I, I') stays exchangeable
     (the exchange defense's argument holds) while larger lam favours far pairs."""
-    flat = images.flatten(-3).double()
-    D = torch.cdist(flat, flat, p=1) / flat.shape[-1]
-    logk = lam * D / D.mean(dim=(-1, -2), keepdim=True)
-    logk = logk.masked_fill(torch.eye(D.shape[-1], dtype=torch.bool), float("-inf"))
-    lu = torch.zeros(D.shape[:-1], dtype=torch.float64)
-    for _ in range(iters):  # symmetric Sinkhorn: u * (K u) = 1
-        lu = 0.5 * (lu - torch.logsumexp(logk + lu[..., None, :], -1))
-    return (lu[..., :, None] + logk + lu[..., None, :]).exp()
+    from cvconvert.fools import match_law  # the law cvconvert train/infer/attack use (--fool-rule match)
+
+    return torch.from_numpy(match_law(images.flatten(-3).cpu().numpy(), lam, iters))
 
 
 def match_partners(images: torch.Tensor, lam: float, set_size: int = 64):

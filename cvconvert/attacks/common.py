@@ -42,20 +42,19 @@ def make_partners(rule: str, images: torch.Tensor, gen: torch.Generator, per: in
     """The attacker's partners(idx, n, gen) for the deployment's fool rule (Kerckhoffs: it knows the rule,
     not the victim's pool). ``match``: for each of its own images, a set of itself and 63 others and ``per``
     partners drawn once from the set's pairing law (cvconvert/fools.py); calls pick one of them."""
-    from ..fools import MATCH_SET, check_rule, pairing_law
+    from ..fools import MATCH_SET, check_rule, match_law
 
     if check_rule(rule) == "random":
         return partners
     n = len(images)
-    flat = images.flatten(1).double()
+    flat = images.flatten(1)
     table = torch.empty(n, per, dtype=torch.long)
     k = min(MATCH_SET, n)
     for i in range(0, n, chunk):
         idx = torch.arange(i, min(n, i + chunk))
         others = torch.stack([torch.randperm(n - 1, generator=gen)[:k - 1] for _ in idx])
         sets = torch.cat((idx[:, None], others + (others >= idx[:, None]).long()), 1)  # never the image twice
-        f = flat[sets]
-        law = torch.from_numpy(pairing_law((torch.cdist(f, f, p=1) / flat.shape[1]).numpy()))[:, 0]
+        law = torch.from_numpy(match_law(flat[sets].numpy()))[:, 0]
         table[idx] = sets.gather(1, torch.multinomial(law.float(), per, replacement=True, generator=gen))
 
     def match_partners(idx: torch.Tensor, n_: int, gen_: torch.Generator) -> torch.Tensor:
