@@ -71,12 +71,12 @@ def print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from cvconvert.bench import where_run
+
     console = Console()
     if not console.is_terminal and console.width < 132:
         console = Console(width=132)  # piped / captured: do not squeeze the table into 80 columns
-    m = report.get("machine", {})
-    where = m.get("gpu") if report["device"] == "cuda" else f"{m.get('cpu', '?')}, {report['threads']} threads"
-    console.print(f"[bold]{report['arch']}[/] on {report['device']} ({where}), "
+    console.print(f"[bold]{report['arch']}[/] on {report['device']} ({where_run(report)}), "
                   f"median of {report['repeats']} runs after {report['warmup']} warm-up; baseline: {report['baseline']}")
     t = Table(title="latency (ms) and throughput (samples/s)")
     t.caption = "cplx = complex split network, orig = original model; /s = samples per second at p50"

@@ -354,6 +354,12 @@ def machine_info() -> dict:
 
 # ----------------------------------------------------------------------------- picture
 
+def where_run(report: dict) -> str:
+    """The GPU, or the CPU and its thread count, for the table's and the plot's headings."""
+    m = report.get("machine", {})
+    return m.get("gpu") if report["device"] == "cuda" else f"{m.get('cpu', '?')}, {report['threads']} threads"
+
+
 def plot_report(report: dict, path) -> None:
     """p50 latency per stage, original vs complex for each engine, one panel per batch size (log
     scale), with the complex/original ratio above each complex bar; written atomically as PNG."""
@@ -392,8 +398,6 @@ def plot_report(report: dict, path) -> None:
     axes[0][0].set_ylabel("p50 latency (ms), log scale", fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=8, frameon=False)
-    where = report.get("machine", {}).get("gpu") if report["device"] == "cuda" else \
-        f"{report.get('machine', {}).get('cpu', 'CPU')}, {report['threads']} threads"
-    fig.suptitle(f"{report['arch']}: complex split network vs original on {report['device']} ({where}); "
+    fig.suptitle(f"{report['arch']}: complex split network vs original on {report['device']} ({where_run(report)}); "
                  "labels: complex/original", fontsize=9)
     save_png(fig, path)
