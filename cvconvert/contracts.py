@@ -155,5 +155,13 @@ def combine_np(a: np.ndarray, b: np.ndarray, theta: np.ndarray, fool_sign: str =
     if a.shape != b.shape or a.ndim < 2 or len(theta) != a.shape[0]:
         raise CvError(f"features a {list(a.shape)}, b {list(b.shape)} and theta [{len(theta)}] do not match: "
                       "a and b need the same [N, ...] shape and theta one angle per sample")
-    s = rule(theta).reshape((-1,) + (1,) * (b.ndim - 1))
-    return rotate_np(np.stack((a, s * b), axis=1), theta)
+    shape = (-1,) + (1,) * (a.ndim - 1)
+    s, c, sn = rule(theta).reshape(shape), np.cos(theta).reshape(shape), np.sin(theta).reshape(shape)
+    # rotate([a, s b], theta) written out so the sign folds into the per-sample factors: two passes over
+    # a and two over b into the preallocated x, instead of stacking [a, s b] and rotating the copy.
+    x = np.empty((a.shape[0], 2) + a.shape[1:], dtype=np.float32)
+    tmp = np.multiply(b, s * sn)
+    np.subtract(np.multiply(a, c, out=x[:, 0]), tmp, out=x[:, 0])
+    np.multiply(b, s * c, out=tmp)
+    np.add(np.multiply(a, sn, out=x[:, 1]), tmp, out=x[:, 1])
+    return x

@@ -153,13 +153,14 @@ def torch_parts(model, processing: nn.Module | None = None) -> dict[str, nn.Modu
     return {part: make[part]() for part in SIGNATURES[model.is_complex]}
 
 
-def reference(mods: dict, sigs: dict, src: dict[str, np.ndarray]) -> dict[str, tuple[dict, np.ndarray]]:
-    """Per graph in `sigs`: its inputs and PyTorch's output (numpy), computed from the source tensors."""
+def reference(mods: dict, sigs: dict, src: dict[str, np.ndarray], device=None) -> dict[str, tuple[dict, np.ndarray]]:
+    """Per graph in `sigs`: its inputs and PyTorch's output (numpy), computed from the source tensors
+    (on `device` if the modules live there)."""
     per_part = {}
 
     def run(part, feeds):
         with torch.no_grad():
-            out = mods[part](*(torch.from_numpy(v) for v in feeds.values())).numpy()
+            out = mods[part](*(torch.from_numpy(v).to(device) for v in feeds.values())).cpu().numpy()
         per_part[part] = (feeds, out)
         return out
 
