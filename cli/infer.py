@@ -149,7 +149,10 @@ def infer(
     encoder, processing, decoder, features, man = _graphs(model_dir, encoder, processing, decoder, manifest, server)
     proc = processing
     if server is not None:
-        from cvconvert.remote import RemoteProcessing
+        try:
+            from cvconvert.remote import RemoteProcessing
+        except ImportError:
+            raise CvError("--server needs cvconvert.remote, which this installation lacks") from None
         proc = RemoteProcessing(server, model_name or f"{man['arch']}_processing")
     pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, guard=None)
     pool = FoolPool.open(fool_dir, pipe.features_sha256) if fool_dir is not None and pipe.complex else None
