@@ -29,6 +29,7 @@ def main():
     import onnxruntime as ort
 
     from cvconvert.bench import prepare_graphs
+    from cvconvert.contracts import expected_shapes
     from cvconvert.ortsession import session_options
     from cvconvert.modeldir import load_model
 
@@ -41,7 +42,7 @@ def main():
             path = prepare_graphs(Path(d), model, manifest, Path(tmp) / str(i))[0]["processing"]
             s = ort.InferenceSession(str(path), session_options(args.threads, {"graph_optimization_level": args.level}),
                                      providers=["CPUExecutionProvider"])
-            shape = (args.batch,) + ((2,) if model.is_complex else ()) + tuple(model.feature_shape)
+            shape = (args.batch,) + expected_shapes(manifest)["x"]
             x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
             sessions[d] = (s, x)
         times = {d: [] for d in sessions}

@@ -80,8 +80,9 @@ def print_report(report: dict) -> None:
                   f"median of {report['repeats']} runs after {report['warmup']} warm-up; baseline: {report['baseline']}")
     t = Table(title="latency (ms) and throughput (samples/s)")
     t.caption = ("cplx = complex split network, orig = original model; /s = samples per second at p50; "
-                 "features and online (features + precomputed fool feature + numpy combine + processing + "
-                 "decoder) are set against the original's encoder and end to end")
+                 "features and online (features on the image + a precomputed fool feature, combined in numpy "
+                 "(ort) or torch (eager), + processing + decoder) are set against the original's encoder and "
+                 "end to end")
     for col in ("batch", "engine", "stage", "cplx p50", "cplx p90", "orig p50", "orig p90",
                 "cplx/s", "orig/s", "cplx/orig"):
         t.add_column(col, justify="right")
