@@ -171,7 +171,8 @@ def to_model_input(image, manifest: dict, *, resize: bool = False, name: str = "
             warn(f"{name} resized from {iw}x{ih} to {w}x{h}")
             arr = _resize(arr, (h, w))
         else:
-            also = f", or {native[1]}x{native[0]} (the data set's own size, preprocessed as in training)" if native else ""
+            also = (f", or {native[1]}x{native[0]} (the data set's own size, preprocessed as in training)"
+                    if native and list(native) != [h, w] else "")
             raise CvError(f"{name} is {iw}x{ih}; the model takes {w}x{h}{also}: pass --resize to resize it")
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / np.float32(255.0)
