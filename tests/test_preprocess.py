@@ -39,6 +39,20 @@ def _grey(size, seed) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (size[1], size[0]), dtype=np.uint8)
 
 
+def _fashion_files(folder, n_train=3, n_test=7) -> dict:
+    """Fashion-MNIST's four idx .gz files with random 28x28 images; returns the images."""
+    rng = np.random.default_rng(0)
+    raw = {p: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for p, n in (("train", n_train), ("t10k", n_test))}
+    folder.mkdir(parents=True)
+    for prefix, images in raw.items():
+        n = len(images)
+        for name, blob in ((f"{prefix}-images-idx3-ubyte", struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes()),
+                           (f"{prefix}-labels-idx1-ubyte", struct.pack(">II", 2049, n) + bytes(range(n)))):
+            with gzip.open(folder / f"{name}.gz", "wb") as f:
+                f.write(blob)
+    return raw
+
+
 # ---------------------------------------------------------------------------------------------------
 # training (cvconvert.data's real loaders) and the device function agree
 
@@ -46,15 +60,7 @@ def _grey(size, seed) -> np.ndarray:
 def test_fashion_training_items_equal_device_input(tmp_path):
     """The idx files through get_dataset (what training sees) == the same 28x28 images through
     to_model_input, exactly, for a manifest written by convert."""
-    rng = np.random.default_rng(0)
-    raw = {p: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for p, n in (("train", 3), ("t10k", 7))}
-    (tmp_path / "fm").mkdir()
-    for prefix, images in raw.items():
-        n = len(images)
-        for name, blob in ((f"{prefix}-images-idx3-ubyte", struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes()),
-                           (f"{prefix}-labels-idx1-ubyte", struct.pack(">II", 2049, n) + bytes(n))):
-            with gzip.open(tmp_path / "fm" / f"{name}.gz", "wb") as f:
-                f.write(blob)
+    raw = _fashion_files(tmp_path / "fm")
     ds = get_dataset("fashion-mnist", False, data_dir=tmp_path / "fm")
     manifest = convert_to_dir("lenet", tmp_path / "m", data="fashion-mnist")
     assert manifest["data"]["preprocess"] == FASHION_SPEC
@@ -148,6 +154,21 @@ def test_spec_recorded_and_read_back():
                      ({"native": [28], "steps": []}, "malformed"), ({"steps": [{"resize": [0, 3]}]}, "malformed")):
         with pytest.raises(CvError, match=msg):
             recorded_spec({**old, "data": {"preprocess": bad}})
+
+
+def test_training_records_the_steps_it_used(tmp_path):
+    """A model dir without the record (written before it existed) gets it from its first training."""
+    from cvconvert.train import TrainConfig, train
+
+    _fashion_files(tmp_path / "fm", n_train=8, n_test=4)
+    convert_to_dir("lenet", tmp_path / "m", data="fashion-mnist")
+    path = tmp_path / "m" / "cvconvert.json"
+    manifest = json.loads(path.read_text())
+    del manifest["data"]["preprocess"]
+    path.write_text(json.dumps(manifest))
+    train(tmp_path / "m", TrainConfig(data="fashion-mnist", data_dir=str(tmp_path / "fm"), epochs=1, max_steps=1,
+                                      batch_size=4, device="cpu", val_fraction=0.25), log=False)
+    assert json.loads(path.read_text())["data"]["preprocess"] == FASHION_SPEC
 
 
 def test_sizes_channels_and_dtypes():
