@@ -32,7 +32,11 @@ from cli.main import app
 from cvconvert.errors import CvError
 from cvconvert.remote import RemoteProcessing
 
-kserve = pytest.importorskip("kserve")  # the dev extra
+_argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses the command line when imported: not pytest's options
+try:
+    kserve = pytest.importorskip("kserve")  # the dev extra
+finally:
+    sys.argv = _argv
 httpx = pytest.importorskip("httpx")
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig  # noqa: E402
 from kserve.protocol.rest.v2_datamodels import (InferenceResponse, ModelMetadataResponse,  # noqa: E402
