@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from .contracts import SIGNATURES, check_signature, expected_shapes  # noqa: F401 (re-exported)
+from .contracts import SIGNATURES, check_signature, combine_np, expected_shapes  # noqa: F401 (re-exported)
 from .errors import CvError, one_line
 from .fools import FoolPool, choose_fools, fallback_fool, low_water  # noqa: F401 (choose_fools: simulation API)
 from .guard import NoGuard, SentGuard
@@ -88,17 +88,6 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 GUARD_FILE = "guard.npz"  # the near-duplicate guard's index, kept in the fool pool's folder
-
-
-def combine_np(a: np.ndarray, b: np.ndarray, theta: np.ndarray, fool_sign: str = "none") -> np.ndarray:
-    """x = e^{i theta}(a + i s b) as [N, 2, ...] float32, the encoder's own combine: s = 1 (``none``), or
-    +1 / -1 by the quarter-circle of theta (``quadrant``: +1 where sin(2 theta) >= 0)."""
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    theta = np.asarray(theta, np.float32).reshape((-1,) + (1,) * (a.ndim - 1))
-    if fool_sign == "quadrant":
-        b = b * np.where(np.sin(2 * theta) >= 0, 1.0, -1.0).astype(np.float32)
-    c, s = np.cos(theta), np.sin(theta)
-    return np.ascontiguousarray(np.stack([a * c - b * s, a * s + b * c], 1), dtype=np.float32)
 
 
 class Pipeline:
