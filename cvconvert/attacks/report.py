@@ -52,19 +52,20 @@ def property_verdict(err: float, chance: float, best: float | None) -> str:
 
 
 def add_verdicts(R: dict) -> None:
+    """One verdict per row; rows are found by their ``id`` (the labels are free text)."""
     t = R["tables"]
     for row in t["angle"]:
         row["verdict"] = angle_verdict(row["mean_abs_error_rad"])
     rec = t["reconstruction"]
-    chance = rec[0]["mae"]
+    chance = next(r["mae"] for r in rec if r["id"] == "chance")
     orig = next((r["mae"] for r in rec if r["model"] == "original"), None)
-    for row in rec[1:]:
-        row["verdict"] = ("reference" if row["attack"].startswith("reference")
-                          else recon_verdict(row["mae"], chance, None if row["model"] == "original" else orig))
-    best = next((r["error"] for r in t["property"] if r["attack"].startswith("reference")), None)
+    for row in rec:
+        if row["id"] != "chance":
+            row["verdict"] = ("reference" if row["id"] == "reference"
+                              else recon_verdict(row["mae"], chance, None if row["model"] == "original" else orig))
+    best = next((r["error"] for r in t["property"] if r["id"] == "reference"), None)
     for row in t["property"]:
-        row["verdict"] = "reference" if row["attack"].startswith("reference") else \
-            property_verdict(row["error"], row["chance"], best)
+        row["verdict"] = "reference" if row["id"] == "reference" else property_verdict(row["error"], row["chance"], best)
 
 
 # --- writing ------------------------------------------------------------------------------------------------
