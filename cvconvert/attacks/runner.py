@@ -2,9 +2,11 @@
 run every attack, score them and hand the results to ``report``.
 
 Threat model: the attacker has the public released weights and public images of the same kind (the
-attacker's training split, taken from the training set), and sees the victim's transmitted x. The
-victim's theta and fooling image are drawn here from the OS's CSPRNG and are only used to score the
-attacks (and the utility); they are never printed or written.
+attacker's training split, taken from the training set), and sees the victim's transmitted x, every one
+of them, across requests. The victim's theta and fooling image are drawn here from the OS's CSPRNG and
+are only used to score the attacks (and the utility); they are never printed or written. When the model
+dir has exported graphs, the victims' x come from the deployed encoder.onnx through the device runtime;
+the attacker's white-box search needs gradients and runs on model.pt.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def _progress():
 
 def run_audit(model_dir, data: str, out, data_dir=None, task: str | None = None, baselines=(),
               budget: Budget | None = None, device: str = "auto", seed: int = 0, resume: bool = False,
-              log=lambda msg: None) -> dict:
+              log=lambda msg: None, multi_query: bool = True) -> dict:
     t0 = time.time()
     budget = budget or BUDGETS["quick"]
     out = Path(out)
@@ -96,12 +98,13 @@ def run_audit(model_dir, data: str, out, data_dir=None, task: str | None = None,
     progress = _progress()
     pub = Public(dev, budget, Trainer(ckpt, dev, progress, resume, seed, meta), progress, seed,
                  fool_rule=manifest.get("fool_rule", "random"))
+    victim, provenance = deployed_victim(model_dir)
     R: dict = {"tables": {}, "history": {}, "figures": {}}
     with progress:
-        _audit(pub, model, base, tr, ev, with_prop, R)
-    from ..runtime import export_provenance
+        _audit(pub, model, base, tr, ev, with_prop, R, victim, model_dir, multi_query)
     R["meta"] = {"model_dir": str(model_dir), "arch": model.spec.arch, "variant": model.spec.variant,
-                 "exported_graphs": export_provenance(model_dir), "fool_rule": pub.fool_rule,
+                 "exported_graphs": provenance["weights_vs_graphs"], "victim_encoder": provenance,
+                 "fool_rule": pub.fool_rule,
                  "split": manifest.get("split"), "feature_shape": list(model.feature_shape),
                  "baselines": {name: str(p) for (name, _, _), p in zip(base, baselines)},
                  "data": data, "task": task, "n_attacker_train": len(tr["images"]), "n_eval": len(ev["images"]),
@@ -133,28 +136,55 @@ def _fingerprint(path) -> str:
     return f"{p.resolve()}:{st}"
 
 
+def _victim_fools(images: torch.Tensor, rule: str) -> torch.Tensor:
+    """The fooling image of each victim image: another victim image, as in the paper, chosen by the model's
+    fool rule exactly as the device's simulation rule chooses it (CSPRNG)."""
+    n = len(images)
+    if rule == "match":
+        return torch.from_numpy(choose_fools(images.numpy(), None, "match")[0])
+    shift = 1 + int.from_bytes(os.urandom(4), "little") % (n - 1)
+    perm = torch.from_numpy(np.random.default_rng(int.from_bytes(os.urandom(8), "little")).permutation(n))
+    fool_idx = torch.empty_like(perm)
+    fool_idx[perm] = perm.roll(-shift)  # a random derangement: every image gets another image as its fool
+    return images[fool_idx]
+
+
 @torch.no_grad()
 def _victim(model, images: torch.Tensor, dev, rule: str = "random") -> tuple:
     """The victim's transmitted x (secret theta and fooling images from the CSPRNG) and its utility error
-    input (logits with the right key). The fooling image is another victim image, as in the paper, chosen
-    by the model's fool rule exactly as `cvconvert infer` chooses it."""
-    n = len(images)
-    if rule == "match":
-        fool = torch.from_numpy(choose_fools(images.numpy(), None, "match")[0])
-    else:
-        shift = 1 + int.from_bytes(os.urandom(4), "little") % (n - 1)
-        perm = torch.from_numpy(np.random.default_rng(int.from_bytes(os.urandom(8), "little")).permutation(n))
-        fool_idx = torch.empty_like(perm)
-        fool_idx[perm] = perm.roll(-shift)  # a random derangement: every image gets another image as its fool
-        fool = images[fool_idx]
-    theta = random_theta(n)
+    input (logits with the right key), with the torch model (when no graphs are exported)."""
+    fool = _victim_fools(images, rule)
+    theta = random_theta(len(images))
     enc = lambda i, f, t: model.encoder(i, f, t)  # noqa: E731
     x = batched(enc, images, fool, theta, batch_size=256, device=dev)
     logits = batched(lambda xb, t: model.decoder(model.processing(xb), t), x, theta, batch_size=256, device=dev)
     return x, theta, logits
 
 
-def _audit(pub: Public, model, base, tr, ev, with_prop: bool, R: dict, victim=None):
+def deployed_victim(model_dir):
+    """(victim function, provenance) that builds the victims' x with the exported encoder.onnx through the
+    device runtime (what is deployed), or (None, provenance) when DIR/onnx/ does not exist."""
+    from ..runtime import ONNX_DIR, Pipeline, export_provenance, sha256
+
+    graph = Path(model_dir) / ONNX_DIR / "encoder.onnx"
+    weights = export_provenance(model_dir)
+    if not graph.is_file():
+        return None, {"source": "model.pt", "graph_sha256": None, "weights_vs_graphs": weights}
+    pipe = Pipeline.from_model_dir(model_dir, guard=None)  # refuses graphs modified after export
+
+    def victim(model, images: torch.Tensor, dev, rule: str = "random") -> tuple:
+        fool = _victim_fools(images, rule)
+        theta = random_theta(len(images))
+        x = np.concatenate([pipe.encode(images[i:i + 256].numpy(), fool[i:i + 256].numpy(), theta[i:i + 256].numpy())
+                            for i in range(0, len(images), 256)])
+        logits = np.concatenate([pipe.decode(pipe.process(x[i:i + 256]), theta[i:i + 256].numpy())
+                                 for i in range(0, len(x), 256)])
+        return torch.from_numpy(x), theta, torch.from_numpy(logits)
+    return victim, {"source": f"{ONNX_DIR}/encoder.onnx", "graph_sha256": sha256(graph), "weights_vs_graphs": weights}
+
+
+def _audit(pub: Public, model, base, tr, ev, with_prop: bool, R: dict, victim=None, model_dir=None,
+           multi_query: bool = True):
     """Every stage in turn; each is one loop over its list of attacks (attacks/registry.py)."""
     pub.combine, pub.encoder = combiner(model), model.encoder
     R["timings"] = {}
@@ -165,4 +195,6 @@ def _audit(pub: Public, model, base, tr, ev, with_prop: bool, R: dict, victim=No
     stages.properties(run, with_prop)
     stages.pictures(run)
     R["tables"]["targets"] = stages.targets(R, base)
+    if model_dir is not None:
+        stages.multi_query(run, model_dir, multi_query)
     return run

@@ -16,6 +16,7 @@ from .common import batched, make_partners
 from .inference import Classifier, n_outputs
 from .inversion import FeatureInverter, simulate_x
 from .metrics import angle_summary, chance_error, circular_error, error_rate, reconstruction
+from . import multiquery, queries
 from .registry import ADAPTIVE_PROPERTY_ATTACKS, ANGLE_ATTACKS, PROPERTY_ATTACKS, RECONSTRUCTION_ATTACKS
 
 
@@ -197,6 +198,18 @@ def pictures(run: Run) -> None:
     run.R["_pictures"] = {"grid": grid, "sweep": (I_ev[:sweep_n], sweep, sweep_t.tolist()),
                           "angles": run.angle_errors}
     run.clock.lap("pictures")
+
+
+def multi_query(run: Run, model_dir, enabled: bool = True) -> None:
+    """Every usage mode of the device, before and after its cross-query rules (attacks/multiquery.py);
+    needs the exported graphs, since the transmissions are built by the device runtime."""
+    why = multiquery.skipped(model_dir) if enabled else "turned off (--no-multi-query)"
+    if why:
+        run.R["tables"]["multi_query"], run.R["multi_query"] = [], {"skipped": why}
+        return
+    sizes = queries.SIZES.get(run.public.budget.name, queries.SIZES["quick"])
+    run.R["tables"]["multi_query"], run.R["multi_query"] = multiquery.run(model_dir, run, sizes)
+    run.clock.lap("multi-query")
 
 
 def targets(R: dict, base) -> list:
