@@ -47,6 +47,7 @@ from .fools import check_rule, match_law
 from .model import random_theta
 from .modeldir import (MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_write, load_model, read_manifest,
                        torch_load)
+from .preprocess import spec_for
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 METRICS = "metrics.jsonl"
@@ -586,6 +587,8 @@ def _save(model_dir, model, trainer, epoch, records, best, improved, cfg, manife
         "gan": ({"weight": cfg.gan_weight, "k": trainer.k, "critic_steps": cfg.critic_steps,
                  "gp_weight": cfg.gp_weight, "gan_every": cfg.gan_every} if trainer.critic is not None else None),
         "seed": cfg.seed}
+    # what infer applies to images of the data set's own size: the steps this training used
+    current.setdefault("data", {})["preprocess"] = spec_for(name, current["input_shape"])
     if cfg.k is not None:
         current["k"] = cfg.k
     if trainer.defense is not None:  # e.g. fool_sign: quadrant, so load_model rebuilds the same encoder
