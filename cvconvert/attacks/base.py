@@ -58,20 +58,16 @@ class Memo:
         return value
 
 
-class AngleAttack:
-    """Estimates the secret angle of each transmitted x. Subclasses set id/label and implement
-    ``fit`` and ``_estimate``."""
+class _FitsOnPublic:
+    """fit(public) once (later calls return self): the attacker trains on what it holds."""
     id = label = ""
-    stage = "angle attacks"
     limit: int | None = None
-    history: dict = {}
 
     def __init__(self):
         self.fitted = False
         self.history = {}
-        self._memo = Memo()
 
-    def fit(self, public: Public) -> "AngleAttack":
+    def fit(self, public: Public):
         if not self.fitted:
             self.public = public
             self._fit(public)
@@ -80,6 +76,16 @@ class AngleAttack:
 
     def _fit(self, public: Public) -> None:
         pass
+
+
+class AngleAttack(_FitsOnPublic):
+    """Estimates the secret angle of each transmitted x. Subclasses set id/label and implement
+    ``_fit`` and ``_estimate``."""
+    stage = "angle attacks"
+
+    def __init__(self):
+        super().__init__()
+        self._memo = Memo()
 
     def estimate(self, x: torch.Tensor) -> torch.Tensor:
         return self._memo.get(x, self._estimate)
@@ -88,26 +94,10 @@ class AngleAttack:
         raise NotImplementedError
 
 
-class ReconstructionAttack:
+class ReconstructionAttack(_FitsOnPublic):
     """Reconstructs the input image of each transmission (x for the complex model, the feature a
     for a real baseline). ``score`` turns its output into a report row's numbers."""
-    id = label = ""
     stage = "reconstruction attacks"
-    limit: int | None = None
-
-    def __init__(self):
-        self.fitted = False
-        self.history = {}
-
-    def fit(self, public: Public) -> "ReconstructionAttack":
-        if not self.fitted:
-            self.public = public
-            self._fit(public)
-            self.fitted = True
-        return self
-
-    def _fit(self, public: Public) -> None:
-        pass
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
