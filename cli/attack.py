@@ -52,7 +52,7 @@ def attack(
                 info(f"  recon  {row['attack'][:45]:<45} {row['mae']:.4f}      {row['verdict']}")
         for row in R["tables"].get("multi_query") or []:
             b, a = row["before"], row["after"]
-            info(f"  query  {row['mode'][:45]:<45} before {b['exposed']}/{b['images']}, after {a['exposed']}/{a['images']} "
-                 f"exposed  {a['verdict']}")
+            info(f"  query  {row['id']:<12} exposed before {b['exposed']}/{b['images']}, after {a['exposed']}/{a['images']}: "
+                 f"{a['verdict']}")
         if (R.get("multi_query") or {}).get("skipped"):
             info(f"  query  multi-query audit skipped: {R['multi_query']['skipped']}")

@@ -34,17 +34,18 @@ def split_images(sizes: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return images[:n_v], images[n_v:]
 
 
-def run(model_dir, run_, sizes: dict) -> tuple[list, dict]:
-    """One row per mode: {"id", "mode", "before": {...}, "after": {...}} (see ``score``), and the setup."""
+def measure(model_dir, run, sizes: dict) -> tuple[list, dict]:
+    """One row per mode: {"id", "mode", "before": {...}, "after": {...}} (see ``score``), and the setup.
+    ``run``: the audit so far (its victims, its public images and features, its trained inverter)."""
     from ..runtime import Pipeline
 
-    pub = run_.public
+    pub = run.public
     local = Pipeline.from_model_dir(model_dir, guard=None)
-    victims, private = split_images(sizes, run_.ev["images"].numpy())
-    public = run_.tr["images"].numpy()
+    victims, private = split_images(sizes, run.ev["images"].numpy())
+    public = run.tr["images"].numpy()
     fools = {"private": private, "small": private[:sizes["small_pool"]], "large": private[:sizes["large_pool"]],
              "public": public[:sizes["large_pool"]]}
-    kit = Kit(local, victims, torch.from_numpy(local.features(victims)), pub.tr["a"], run_.inverter)
+    kit = Kit(local, victims, torch.from_numpy(local.features(victims)), pub.tr["a"], run.inverter)
     rows = []
     for mode in queries.modes(sizes, victims, pub.seed):
         ids = sorted({i for r in mode.requests for i in r[0]})

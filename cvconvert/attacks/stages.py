@@ -208,7 +208,7 @@ def multi_query(run: Run, model_dir, enabled: bool = True) -> None:
         run.R["tables"]["multi_query"], run.R["multi_query"] = [], {"skipped": why}
         return
     sizes = queries.SIZES.get(run.public.budget.name, queries.SIZES["quick"])
-    run.R["tables"]["multi_query"], run.R["multi_query"] = multiquery.run(model_dir, run, sizes)
+    run.R["tables"]["multi_query"], run.R["multi_query"] = multiquery.measure(model_dir, run, sizes)
     run.clock.lap("multi-query")
 
 
