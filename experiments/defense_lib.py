@@ -148,16 +148,17 @@ def victim_far_fools(images: torch.Tensor, pool: torch.Tensor, pool_size: int, g
 def train_dir(model_dir, data: dict, epochs: int, defense: str | None = None, weight: float = 0.0,
               batch_size: int = 64, lr: float = 1e-3, seed: int = 0, paper_gan: float = 0.0,
               fool_rule: str = "random", fool_pool: int = 0, match_lam: float = 16.0) -> dict:
-    """Train DIR in place with task loss (+ the defense's terms, or the paper's WGAN-GP via cvconvert.train's
-    helpers when paper_gan > 0). Every variant goes through this same loop. Returns per-epoch records."""
-    from cvconvert.train import _gradient_penalty, negatives
-
+    """Train DIR in place with task loss (+ the defense's terms: `defense`, or the paper's WGAN-GP, the
+    `paper` defense of cvconvert train, when paper_gan > 0). Every variant goes through this same loop.
+    Returns per-epoch records."""
     torch.manual_seed(seed)
     model, manifest = load_model(model_dir)
-    d = make_defense(defense, model, {"weight": weight}) if defense else None
+    if paper_gan > 0:
+        d = make_defense("paper", model, {"weight": paper_gan, "critic_lr": lr})
+    else:
+        d = make_defense(defense, model, {"weight": weight}) if defense else None
     crit_ids = {id(p) for p in model.discriminator.parameters()} if model.discriminator is not None else set()
     opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in crit_ids], lr=lr)
-    copt = torch.optim.Adam(model.discriminator.parameters(), lr=lr, betas=(0.5, 0.9)) if paper_gan > 0 else None
     images, y = data["train"]
     n = len(images)
     records, step = [], 0
@@ -190,28 +191,13 @@ def train_dir(model_dir, data: dict, epochs: int, defense: str | None = None, we
                 theta = random_theta(len(a))
                 x = model.encoder.combine(a, b, theta)
                 if d is not None:
-                    stats.update(d.update(a, b, x))
+                    stats.update(d.update(a, b, x, step))
                 logits = model.decoder(model.processing(x), theta)
                 loss = F.cross_entropy(logits, tgt)
                 if d is not None:
                     extra, s2 = d.extra_loss(a, b, x, step)
                     loss = loss + extra
                     stats.update(s2)
-                if copt is not None:  # the paper's Eqs. 8-9 exactly as cvconvert train does them
-                    scale = a.pow(2).mean().sqrt() + 1e-8
-                    real, fake = a / scale, negatives(a, b, 8, step) / scale
-                    r, f = real.detach(), fake.detach()
-                    dr, df = model.discriminator(torch.cat((r, f))).chunk(2)
-                    c_loss = df.mean() - dr.mean() + 10 * _gradient_penalty(model.discriminator, r, f)
-                    copt.zero_grad(set_to_none=True)
-                    c_loss.backward()
-                    copt.step()
-                    for p in model.discriminator.parameters():
-                        p.requires_grad_(False)
-                    dr, df = model.discriminator(torch.cat((real, fake))).chunk(2)
-                    for p in model.discriminator.parameters():
-                        p.requires_grad_(True)
-                    loss = loss + paper_gan * (dr.mean() - df.mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -24,8 +24,8 @@ from ..datasets import dataset_info
 from ..errors import CvError
 from ..modeldir import load_model
 from ..model import random_theta
+from ..dist import pick_device
 from ..runtime import choose_fools
-from ..train import pick_device
 from . import stages
 from .base import Public
 from .budget import BUDGETS, Budget, available_memory, estimate_memory, make_budget  # noqa: F401 (the CLI's)
