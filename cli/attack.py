@@ -31,7 +31,8 @@ def attack(
 ):
     """Audit MODEL_DIR's privacy: angle estimation, inversion and property inference, against the baselines."""
     from cvconvert.attacks.report import write_report
-    from cvconvert.attacks.runner import make_budget, run_audit
+    from cvconvert.attacks.budget import make_budget
+    from cvconvert.attacks.runner import run_audit
 
     b = make_budget(budget, train_size, eval_size, epochs)
     try:

@@ -77,7 +77,8 @@ class Kit:
 
 def score(seen: queries.Seen, ids: list, kit: Kit) -> dict:
     out = {"transmissions": len(seen.x), "held_back": seen.held_back, "refused": seen.refused, "images": len(ids),
-           "exposed": 0, "share": 0.0, "median_cos": None, "median_cos_all": None, "recon_mae": None, "recon_mae_true_key": None,
+           "exposed": 0, "share": 0.0, "median_cos": None, "median_cos_all": None, "recon_mae": None,
+           "recon_mae_true_key": None,
            "answer_recovered": None, "tell": None}
     if seen.messages:
         out["refusal"] = seen.messages[0]

@@ -65,7 +65,8 @@ def add_verdicts(R: dict) -> None:
                               else recon_verdict(row["mae"], chance, None if row["model"] == "original" else orig))
     best = next((r["error"] for r in t["property"] if r["id"] == "reference"), None)
     for row in t["property"]:
-        row["verdict"] = "reference" if row["id"] == "reference" else property_verdict(row["error"], row["chance"], best)
+        row["verdict"] = ("reference" if row["id"] == "reference"
+                          else property_verdict(row["error"], row["chance"], best))
 
 
 # --- writing ------------------------------------------------------------------------------------------------

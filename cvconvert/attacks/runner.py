@@ -28,7 +28,7 @@ from ..dist import pick_device
 from ..runtime import choose_fools
 from . import stages
 from .base import Public
-from .budget import BUDGETS, Budget, available_memory, estimate_memory, make_budget  # noqa: F401 (the CLI's)
+from .budget import BUDGETS, Budget, available_memory, estimate_memory
 from .common import batched, combiner
 from .data import has_property, load_split, stack_subset
 from .fit import Trainer

@@ -125,7 +125,8 @@ def reconstructions(run: Run) -> None:
             run.binv[model] = (atk, out)
         run.clock.lap(atk.stage)
     run.reference = run.inverter.reconstruct(run.a_ev)
-    rows.insert(1, {"id": "reference", "model": "complex", "attack": "reference: dec(a) with the true key (not an attack)",
+    rows.insert(1, {"id": "reference", "model": "complex",
+                    "attack": "reference: dec(a) with the true key (not an attack)",
                     **reconstruction(run.reference, I_ev)})
     run.R["tables"]["reconstruction"] = rows
     if "whitebox" in run.angle:
