@@ -117,6 +117,8 @@ def members(x: torch.Tensor, public: torch.Tensor, detect: float = EXACT) -> Rec
     onto the span >= detect. Each hit is read as that transmission's shared vector."""
     q = bases(x)
     t_all = len(q)
+    if not len(public) or not t_all:
+        return _empty(q.shape[1])
     flat = q.transpose(1, 2).reshape(2 * t_all, -1)
     hits_t, hits_p, cosines = [], [], []
     for i in range(0, len(public), CHUNK):
