@@ -25,16 +25,19 @@ def attack(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     seed: int = typer.Option(0, help="Seeds the data subsets and the attackers (the victim's keys use the CSPRNG)."),
     resume: bool = typer.Option(False, help="Resume from the attacker checkpoints in the report directory."),
+    multi_query: bool = typer.Option(True, help="Also run the multi-query audit (span intersection over all the "
+                                                "transmissions of each usage mode; needs `cvconvert export` first)."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
 ):
     """Audit MODEL_DIR's privacy: angle estimation, inversion and property inference, against the baselines."""
     from cvconvert.attacks.report import write_report
-    from cvconvert.attacks.runner import make_budget, run_audit
+    from cvconvert.attacks.budget import make_budget
+    from cvconvert.attacks.runner import run_audit
 
     b = make_budget(budget, train_size, eval_size, epochs)
     try:
         R = run_audit(model_dir, data, output, data_dir=data_dir, task=task, baselines=list(baseline), budget=b,
-                      device=device, seed=seed, resume=resume, log=info)
+                      device=device, seed=seed, resume=resume, log=info, multi_query=multi_query)
     except KeyboardInterrupt:
         info(f"interrupted: the attackers' finished epochs are in {output}/checkpoints; rerun with --resume")
         raise
@@ -48,3 +51,9 @@ def attack(
         for row in R["tables"]["reconstruction"]:
             if row["model"] == "complex" and row.get("verdict") != "reference":
                 info(f"  recon  {row['attack'][:45]:<45} {row['mae']:.4f}      {row['verdict']}")
+        for row in R["tables"].get("multi_query") or []:
+            b, a = row["before"], row["after"]
+            info(f"  query  {row['id']:<12} exposed before {b['exposed']}/{b['images']}, after {a['exposed']}/{a['images']}: "
+                 f"{a['verdict']}")
+        if (R.get("multi_query") or {}).get("skipped"):
+            info(f"  query  multi-query audit skipped: {R['multi_query']['skipped']}")

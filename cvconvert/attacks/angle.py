@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..complex.functional import encode, unrotate_real
 from ..gan import Discriminator
+from .base import AngleAttack
 from .common import Standardize
 
 
@@ -57,3 +58,14 @@ def _argmax(net, xb, angles):
     rep = xb.repeat_interleave(g, 0)
     scores = net(unrotate_real(rep, angles.reshape(-1))).reshape(b, g)
     return angles.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
+
+
+class PaperDPrime(AngleAttack):
+    """The paper's attack: D' trained on the attacker's own features, then the grid search."""
+    id, label, stage = "paper_dprime", "paper D' grid search", "paper angle attack"
+
+    def _fit(self, public) -> None:
+        self.net = train_dprime(public)
+
+    def _estimate(self, x: torch.Tensor) -> torch.Tensor:
+        return estimate(self.public, self.net, x, "D' angle grid search")

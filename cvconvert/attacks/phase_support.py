@@ -14,6 +14,8 @@ import math
 import torch
 
 from ..complex.functional import encode, modulus
+from .metrics import circular_error
+from .base import AngleAttack
 from .common import uniform_angles
 
 
@@ -58,3 +60,36 @@ def calibrate(ctx, a_tr: torch.Tensor, seed: int, n: int = 1024):
 
 def mean_estimate(x: torch.Tensor, w: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     return (mean_phase(x, w) - offset) % (2 * math.pi)
+
+
+class PhaseSupport(AngleAttack):
+    """One of the two training-free estimators (``kind`` "window" or "mean"). ``calibration_error`` is
+    its mean error on the attacker's own simulated x, which is how the attacker picks between them."""
+    stage = "adaptive angle attacks"
+    LABELS = {"window": "phase support: quarter-circle window", "mean": "phase support: channel-weighted mean phase"}
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.id, self.label = kind, f"phase_{kind}", self.LABELS[kind]
+
+    def _fit(self, public) -> None:
+        if "phase_support" not in public.cache:  # one calibration for both estimators
+            public.cache["phase_support"] = calibrate(public, public.tr["a"], public.seed)
+        self.w, self.offset, x_cal, t_cal = public.cache["phase_support"]
+        self.calibration_error = float(circular_error(self._estimate(x_cal), t_cal).mean())
+
+    def _estimate(self, x: torch.Tensor) -> torch.Tensor:
+        return window_estimate(x) if self.kind == "window" else mean_estimate(x, self.w, self.offset)
+
+
+def window() -> PhaseSupport:
+    return PhaseSupport("window")
+
+
+def mean() -> PhaseSupport:
+    return PhaseSupport("mean")
+
+
+def best(attacks) -> PhaseSupport:
+    """The phase-support estimator with the lower error on the attacker's own data (never the victim's)."""
+    return min((a for a in attacks if isinstance(a, PhaseSupport)), key=lambda a: a.calibration_error)

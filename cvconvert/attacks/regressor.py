@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from ..complex.functional import encode
+from .base import AngleAttack
 from .common import Standardize, batched, uniform_angles
 from .inversion import flat_x
 from .metrics import circular_error
 from .nets import SmallCNN
 
 
-def train(ctx, eval_x: torch.Tensor, eval_theta: torch.Tensor):
+def train(ctx, eval_x: torch.Tensor | None = None, eval_theta: torch.Tensor | None = None):
     a_tr = ctx.tr["a"]
     n = len(a_tr)
     gen0 = torch.Generator().manual_seed(ctx.seed + 1)
@@ -33,10 +34,27 @@ def train(ctx, eval_x: torch.Tensor, eval_theta: torch.Tensor):
         return float(circular_error(predict(ctx, net, eval_x), eval_theta).mean())
 
     hist = ctx.trainer.fit("angle_regressor", net, n, batch_fn, F.mse_loss, epochs=ctx.budget.epochs("regressor"),
-                           batch_size=64, eval_fn=eval_fn)
+                           batch_size=64, eval_fn=eval_fn if eval_x is not None else None)
     return net, hist
 
 
 def predict(ctx, net, x: torch.Tensor) -> torch.Tensor:
     out = batched(lambda xb: net(flat_x(xb)), x, batch_size=256, device=ctx.device)
     return torch.atan2(out[:, 1], out[:, 0]) % (2 * torch.pi)
+
+
+class LearnedRegressor(AngleAttack):
+    """A CNN from x to (cos theta, sin theta). ``monitor`` = (victim x, theta): logged per epoch only."""
+    id, label, stage = "regressor", "learned regressor (cos, sin)", "adaptive angle attacks"
+
+    def __init__(self, monitor=None):
+        super().__init__()
+        self.monitor = monitor
+
+    def _fit(self, public) -> None:
+        self.net, hist = train(public, *(self.monitor or (None, None)))
+        if self.monitor is not None:
+            self.history = {"angle regressor (eval, rad)": hist}
+
+    def _estimate(self, x: torch.Tensor) -> torch.Tensor:
+        return predict(self.public, self.net, x)

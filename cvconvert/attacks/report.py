@@ -52,19 +52,21 @@ def property_verdict(err: float, chance: float, best: float | None) -> str:
 
 
 def add_verdicts(R: dict) -> None:
+    """One verdict per row; rows are found by their ``id`` (the labels are free text)."""
     t = R["tables"]
     for row in t["angle"]:
         row["verdict"] = angle_verdict(row["mean_abs_error_rad"])
     rec = t["reconstruction"]
-    chance = rec[0]["mae"]
+    chance = next(r["mae"] for r in rec if r["id"] == "chance")
     orig = next((r["mae"] for r in rec if r["model"] == "original"), None)
-    for row in rec[1:]:
-        row["verdict"] = ("reference" if row["attack"].startswith("reference")
-                          else recon_verdict(row["mae"], chance, None if row["model"] == "original" else orig))
-    best = next((r["error"] for r in t["property"] if r["attack"].startswith("reference")), None)
+    for row in rec:
+        if row["id"] != "chance":
+            row["verdict"] = ("reference" if row["id"] == "reference"
+                              else recon_verdict(row["mae"], chance, None if row["model"] == "original" else orig))
+    best = next((r["error"] for r in t["property"] if r["id"] == "reference"), None)
     for row in t["property"]:
-        row["verdict"] = "reference" if row["attack"].startswith("reference") else \
-            property_verdict(row["error"], row["chance"], best)
+        row["verdict"] = ("reference" if row["id"] == "reference"
+                          else property_verdict(row["error"], row["chance"], best))
 
 
 # --- writing ------------------------------------------------------------------------------------------------
@@ -101,13 +103,7 @@ def markdown(R: dict) -> str:
          f"images (the secret theta and fooling images are never shown to it). Budget `{m['budget']['name']}`, "
          f"device {m['device']}, seed {m['seed']}, {m['elapsed_s']} s. Fool rule `{m.get('fool_rule', 'random')}`: "
          "the victim's fools and the attacker's simulated ones are picked the same way.", ""]
-    graphs = {"current": "exported from exactly these weights (model.pt sha256 matches export.json)",
-              "stale": "STALE: exported from an earlier model.pt, so what is deployed is not what was audited; "
-                       "re-export and re-audit",
-              "unknown": "exported, but the export does not record its model.pt (older export): re-export to check",
-              "not exported": "not exported yet"}.get(m.get("exported_graphs"))
-    if graphs:
-        L += [f"Audited weights: `{m['model_dir']}/model.pt`; its ONNX graphs (`onnx/`): {graphs}.", ""]
+    L += _provenance(m)
     if m["baselines"]:
         L += ["Baselines: " + ", ".join(f"{k} (`{v}`)" for k, v in m["baselines"].items()), ""]
     L += ["## Verdicts", ""]
@@ -121,6 +117,8 @@ def markdown(R: dict) -> str:
             L.append(f"- property, {row['attack']}: {row['error']:.3f} -> {row['verdict']}")
     if R.get("property_skipped"):
         L.append(f"- property inference: skipped ({R['property_skipped']})")
+    for row in t.get("multi_query") or []:
+        L.append(f"- across queries, {row['mode']}: before {row['before']['verdict']}; after {row['after']['verdict']}")
     L += ["", "## Utility (classification error with the right key)", ""]
     L += _table(["model", "error", "chance (majority class)"], [[r["model"], r["error"], r["chance"]] for r in t["utility"]])
     paper = PAPER_ANGLE.get((m["arch"], m["split"]))
@@ -145,6 +143,7 @@ def markdown(R: dict) -> str:
               f"{'/'.join(map(str, PAPER_KNN[1]['additional']))}, complex {'/'.join(map(str, PAPER_KNN[1]['complex']))}.", ""]
         L += _table(["model", "attack", "error", "chance", "verdict"],
                     [[r["model"], r["attack"], r["error"], r["chance"], r["verdict"]] for r in t["property"]])
+    L += multi_query_md(R)
     if t.get("targets"):
         L += ["## The issue's targets", ""]
         L += _table(["target", "measured", "threshold", "met"],
@@ -162,6 +161,64 @@ def markdown(R: dict) -> str:
           f"(its errors there: {', '.join(f'{k} {v:.3f}' for k, v in R.get('phase_support_calibration', {}).items())} rad).",
           ""]
     return "\n".join(L)
+
+
+def _provenance(m: dict) -> list:
+    """Which encoder made the victims' x, and whether the weights the attacker's white-box search runs on
+    match the deployed graphs."""
+    graphs = {"current": "exported from exactly these weights (model.pt sha256 matches export.json)",
+              "stale": "STALE: exported from an earlier model.pt, so what is deployed is not what was audited; "
+                       "re-export and re-audit",
+              "unknown": "exported, but the export does not record its model.pt (older export): re-export to check",
+              "not exported": "not exported yet"}.get(m.get("exported_graphs"))
+    out = []
+    if graphs:
+        out += [f"Audited weights: `{m['model_dir']}/model.pt`; its ONNX graphs (`onnx/`): {graphs}.", ""]
+    v = m.get("victim_encoder") or {}
+    if v.get("graph_sha256"):
+        out += [f"Victims' x: built with the deployed `{v['source']}` (sha256 `{v['graph_sha256']}`) through the "
+                "device runtime. Only the white-box attack (it needs gradients) runs on `model.pt`.", ""]
+    elif v:
+        out += ["Victims' x: built with `model.pt` (no exported graphs; `cvconvert export` them to audit what is "
+                "deployed).", ""]
+    return out
+
+
+def multi_query_md(R: dict) -> list:
+    """The multi-query section: per usage mode, the old device beside the shipped one."""
+    mq, rows = R.get("multi_query") or {}, R["tables"].get("multi_query") or []
+    L = ["## Privacy across queries (multi-query audit)", "",
+         "Threat model: the cloud is honest but curious; it holds the public model dir and public data of the "
+         "same domain, and keeps and compares every x it ever receives (it never sees theta, the image or the "
+         "fool). Re(x) and Im(x) span {a, b}: any feature vector in two transmissions is found by intersecting "
+         "their spans (SVD of the two bases, over all pairs), and a fool from public data by testing which public "
+         "feature lies in span(x). \"exposed\" = the attacker holds the image's feature to |cos| >= 0.999.", ""]
+    if mq.get("skipped"):
+        return L + [f"Skipped: {mq['skipped']}.", ""]
+    L += [f"Devices built with the runtime on the exported graphs ({mq['defense']} defense, fool rule "
+          f"`{mq['fool_rule']}`): before = the old device (fools from the request or a folder drawn with "
+          "replacement, repeats re-sent with a fresh key and fool, no guard); after = the shipped one (a "
+          f"device-private fool pool, each fool used once; the near-duplicate guard at cosine "
+          f"{mq['guard_threshold']}). {mq['victims']} victim images, {mq['private_fools']} private fool images, "
+          f"{mq['public_images']} public images for the membership test.", ""]
+    pct = lambda c: f"{c['exposed']}/{c['images']} ({c['share']:.0%})"  # noqa: E731
+    tel = lambda c: "-" if c["tell"] is None else f"{c['tell']:.2f}"  # noqa: E731
+    L += _table(["mode", "before: exposed", "before: which is real", "after: exposed", "after: sent / on device / "
+                 "refused", "after: verdict"],
+                [[r["mode"], pct(r["before"]), tel(r["before"]), pct(r["after"]),
+                  f"{r['after']['transmissions']} / {r['after']['held_back']} / {r['after']['refused']}",
+                  r["after"]["verdict"]] for r in rows])
+    L += ["What an exposed feature gives the attacker (exposed images only): the image through the audit's "
+          "inverter (mean abs pixel error; beside it the same inverter on the true feature) and the device's "
+          "own answer read with the public decoder at the recovered angle.", ""]
+    L += _table(["mode", "device", "median abs cos", "inverter error", "with the true feature", "answer read"],
+                [[r["mode"], side, r[side]["median_cos"], r[side]["recon_mae"], r[side]["recon_mae_true_key"],
+                  r[side]["answer_recovered"]] for r in rows for side in ("before", "after")
+                 if r[side]["exposed"]])
+    L += ["\"which is real\": how often the rule \"the vector that recurs elsewhere is the fool\" names the image "
+          "(1 = a sure tell, 0.5 = a coin, 0 = backwards: the image is what recurs). Refusals and near-duplicates "
+          "answered on the device are the shipped rules at work, not failures of the audit.", ""]
+    return L
 
 
 def _show(ax, img):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..complex.functional import encode
+from .base import AngleAttack, Memo, ReconstructionAttack
+from .metrics import per_sample_mae
 
 
 def closed_form_theta(a, b, x):
@@ -58,3 +60,57 @@ def invert(ctx, g, x: torch.Tensor, image_shape, steps: int, lr: float = 0.05):
             first, second = imgs.chunk(2, 0)
         outs.append((first.cpu(), second.cpu(), (theta % (2 * torch.pi)).cpu(), res.cpu()))
     return tuple(torch.cat(t) for t in zip(*outs))
+
+
+class WhiteBox(AngleAttack):
+    """The white-box search as an angle attack on the first ``limit`` victims (it is costly); the images
+    it finds are read by ``WhiteBoxImage`` and ``WhiteBoxPair``."""
+    id, label, stage = "whitebox", "white-box optimisation (closed-form theta)", "white-box"
+
+    def _fit(self, public) -> None:
+        self.limit = public.budget.whitebox_n
+        self.runs = Memo()
+
+    def run(self, x: torch.Tensor):
+        """(I_hat, I'_hat, theta_hat, residual) for x[:limit], computed once per x."""
+        p = self.public
+        return self.runs.get(x, lambda v: invert(p, p.encoder.features, v[:self.limit], p.tr["images"].shape[1:],
+                                                 p.budget.whitebox_steps))
+
+    def _estimate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)[2]
+
+
+class WhiteBoxImage(ReconstructionAttack):
+    id, label, stage = "whitebox", "white-box: I_hat", "white-box"
+
+    def __init__(self, search: WhiteBox):
+        super().__init__()
+        self.search = search
+
+    def _fit(self, public) -> None:
+        self.search.fit(public)
+        self.limit = self.search.limit
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.search.run(x)[0]
+
+    def pictures(self, images: torch.Tensor, k: int) -> list:
+        return []  # the pair's row shows both images
+
+
+class WhiteBoxPair(WhiteBoxImage):
+    """The search recovers the pair {I, I'} but not which one is real: scored by the better of the two."""
+    id, label = "whitebox_pair", "white-box: better of the pair {I_hat, I'_hat}"
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        first, second, _, _ = self.search.run(x)
+        return torch.stack((first, second))
+
+    def score(self, images: torch.Tensor, truth: torch.Tensor) -> dict:
+        err = torch.minimum(per_sample_mae(images[0], truth), per_sample_mae(images[1], truth))
+        return {"mae": float(err.mean()), "psnr": None, "ssim": None,
+                "note": "the attacker recovers the pair {I, I'} but cannot tell which is real"}
+
+    def pictures(self, images: torch.Tensor, k: int) -> list:
+        return [("white-box I_hat", images[0][:k]), ("white-box I'_hat", images[1][:k])]

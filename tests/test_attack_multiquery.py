@@ -1,0 +1,163 @@
+"""The multi-query attack (span intersection over all pairs of transmissions, public-set membership) on
+features of a real LeNet encoder, and the multi-query audit end to end on a tiny exported LeNet."""
+
+import hashlib
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from cvconvert.attacks import queries, span
+from cvconvert.attacks import runner as audit
+from cvconvert.build import convert_to_dir
+from cvconvert.modeldir import load_model
+
+cli = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """A converted LeNet's encoder (features of real conv filters, correlated like trained ones) and smooth
+    random images to feed it."""
+    d = tmp_path_factory.mktemp("m") / "lenet"
+    torch.manual_seed(0)
+    convert_to_dir("lenet", d, data="fashion-mnist", fool_sign="quadrant")
+    model, _ = load_model(d)
+    g = torch.Generator().manual_seed(1)
+    images = torch.nn.functional.avg_pool2d(torch.rand(64, 1, 32, 32, generator=g), 3, 1, 1)
+    with torch.no_grad():
+        feats = model.encoder.features(images)
+    return model.encoder.combine, feats
+
+
+def send(combine, a, b):
+    theta = torch.rand(len(a), generator=torch.Generator().manual_seed(2)) * 2 * math.pi
+    return combine(a, b, theta), theta
+
+
+def test_a_reused_fool_exposes_it_and_every_image_it_fooled(encoder):
+    combine, f = encoder
+    images, fool = f[:6], f[40:41].expand(6, *f.shape[1:])
+    x, theta = send(combine, images, fool)
+    rec = span.intersect(x)
+    best, idx = span.best_match(rec, torch.cat((images, f[40:41])))
+    assert (best >= 0.999999).all(), best          # the fool, and through the closed form, each image
+    # the angle each image's reading gives is its own theta (modulo pi: the sign of a vector is unknown)
+    d = (rec.angle[idx[:6]] - theta) % math.pi
+    assert torch.minimum(d, math.pi - d).max() < 1e-4
+    # the reused vector recurs in other transmissions, the images do not: the fool is told apart
+    recurs = span.recurring(rec)
+    assert recurs[idx[6]] and not recurs[idx[:6]].any()
+
+
+def test_a_repeated_image_is_exposed(encoder):
+    combine, f = encoder
+    x, _ = send(combine, f[:1].expand(4, *f.shape[1:]), f[10:14])
+    best, _ = span.best_match(span.intersect(x), f[:1])
+    assert best[0] >= 0.999999
+
+
+def test_nothing_is_found_in_the_safe_modes(encoder):
+    combine, f = encoder
+    x, _ = send(combine, f[:20], f[20:40])         # distinct images, each with a never-reused fool
+    rec = span.merge(span.intersect(x), span.members(x, f[40:]))  # public data that holds neither
+    best, _ = span.best_match(rec, f[:40])
+    assert best.max() < 0.999, best.max()
+
+
+def test_membership_finds_a_public_fool_and_then_the_image(encoder):
+    combine, f = encoder
+    x, _ = send(combine, f[:5], f[30:35])
+    public = torch.cat((f[40:], f[30:35]))            # the attacker holds the fools' pictures
+    rec = span.members(x, public)
+    assert (rec.partner == -1).all() and set(rec.owner.tolist()) == set(range(5))
+    best, _ = span.best_match(rec, f[:5])
+    assert (best >= 0.999999).all()
+    assert len(span.members(x, f[40:])) == 0         # without the fools' pictures: nothing
+
+
+def test_near_duplicates_and_their_transforms():
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(3)), 9, 1, 4)
+    img = smooth[0].numpy()
+    for f in (queries.noise(4, 0), queries.shift, queries.jpeg(90), queries.brightness(1.05)):
+        out = f(img)
+        assert out.shape == img.shape and out.dtype == img.dtype and 0 <= out.min() and out.max() <= 1
+        assert 0 < abs(out - img).mean() < 0.05, f
+    assert abs(queries.noise(1, 0)(img) - img).max() <= 1 / 255 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("exp") / "lenet"
+    torch.manual_seed(0)
+    convert_to_dir("lenet", d, data="fashion-mnist", fool_sign="quadrant")
+    res = cli.invoke(app, ["export", str(d)])
+    assert res.exit_code == 0, res.output
+    return d
+
+
+@pytest.fixture
+def small(monkeypatch):
+    monkeypatch.setitem(audit.BUDGETS, "quick", replace(audit.BUDGETS["quick"], unet_width=8, grid=(12, 5),
+                                                        whitebox_n=8, whitebox_steps=10))
+    monkeypatch.setitem(queries.SIZES, "quick", {"requests": 6, "batch": 4, "small_pool": 1, "large_pool": 24,
+                                                  "repeat_images": 3, "repeat_calls": 3, "near_images": 3})
+
+
+def test_multi_query_audit_end_to_end(exported, small, tmp_path):
+    out = tmp_path / "r"
+    res = cli.invoke(app, ["attack", str(exported), "--data", "fashion-mnist", "-o", str(out), "--train-size", "64",
+                           "--eval-size", "60", "--epochs", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    R = json.loads((out / "report.json").read_text())
+    # the victims' x came from the deployed graph, named by its hash
+    v = R["meta"]["victim_encoder"]
+    assert v["graph_sha256"] == hashlib.sha256((exported / "onnx" / "encoder.onnx").read_bytes()).hexdigest()
+    assert v["weights_vs_graphs"] == "current"
+    rows = {r["id"]: r for r in R["tables"]["multi_query"]}
+    assert set(rows) == {"batch", "small_pool", "large_pool", "repeat", "public_fool", "noise1", "noise4", "shift1",
+                         "jpeg90", "bright5", "control"}
+    before = {k: r["before"] for k, r in rows.items()}
+    after = {k: r["after"] for k, r in rows.items()}
+    # the old device: a batch, a one-fool folder and a repeat expose every image exactly
+    for k in ("batch", "small_pool", "repeat", "public_fool", "noise1"):
+        assert before[k]["share"] == 1.0, (k, before[k])
+    assert before["small_pool"]["tell"] == 1.0       # the reused fool is what recurs: the image is told apart
+    # the shipped device: nothing in these modes; the small pool runs out and is refused, repeats stay home
+    for k in ("batch", "small_pool", "large_pool", "repeat", "noise1", "control"):
+        assert after[k]["exposed"] == 0, (k, after[k])
+    assert after["small_pool"]["refused"] == 6 - 1 and "refill" in after["small_pool"]["refusal"]
+    assert after["repeat"]["transmissions"] == 3 and after["repeat"]["held_back"] == 6
+    assert before["control"]["exposed"] == 0
+    # a fool from public data stays exposed by design, and the verdict says why
+    assert after["public_fool"]["share"] == 1.0 and "public" in after["public_fool"]["verdict"]
+    assert before["batch"]["answer_recovered"] == 1.0
+    md = (out / "report.md").read_text()
+    assert "## Privacy across queries" in md and "refused" in md and v["graph_sha256"] in md
+
+
+def test_multi_query_is_skipped_with_the_command_to_run_without_graphs(exported, small, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(exported, bare, ignore=shutil.ignore_patterns("onnx"))
+    out = tmp_path / "r"
+    res = cli.invoke(app, ["attack", str(bare), "--data", "fashion-mnist", "-o", str(out), "--train-size", "32",
+                           "--eval-size", "16", "--epochs", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    R = json.loads((out / "report.json").read_text())
+    assert R["tables"]["multi_query"] == [] and f"cvconvert export {bare}" in R["multi_query"]["skipped"]
+    assert R["meta"]["victim_encoder"]["source"] == "model.pt"
+    assert "multi-query audit skipped" in res.stderr
