@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cvconvert.remote import RemoteProcessing  # noqa: E402
-from cvconvert.server import resolve_model_path  # noqa: E402
+from cvconvert.serve.model import resolve_model_path  # noqa: E402
 
 
 def lenet_processing(folder: Path) -> Path:

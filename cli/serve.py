@@ -33,8 +33,10 @@ def serve(
     cuda: bool = typer.Option(False, help="Run on the CUDA execution provider (falls back to CPU if absent)."),
 ):
     """Serve PROCESSING.onnx over the KServe Open Inference Protocol v2 (REST + Triton binary tensors)."""
-    from cvconvert import server as srv
     from cvconvert.errors import CvError
+    from cvconvert.serve import app as srv_app
+    from cvconvert.serve import run as srv_run
+    from cvconvert.serve.model import load_served_model
 
     if not 0 <= port <= 65535:
         raise CvError(f"--port {port} is not a TCP port")
@@ -44,16 +46,16 @@ def serve(
         raise CvError("--max-inflight must be >= 1")
     if max_batch < 1 or not 0 <= batch_delay_ms <= 1000:
         raise CvError("--max-batch must be >= 1 and --batch-delay-ms in [0, 1000]")
-    options = srv.ServerOptions(max_request_bytes=srv.max_request_bytes(max_request_mb),
-                                threads=threads or srv.default_threads(), max_inflight=max_inflight,
-                                allow_nonfinite=allow_nonfinite, max_batch=max_batch,
-                                batch_delay_ms=batch_delay_ms)
+    options = srv_app.ServerOptions(max_request_bytes=srv_run.max_request_bytes(max_request_mb),
+                                    threads=threads or srv_run.default_worker_threads(),
+                                    max_inflight=max_inflight, allow_nonfinite=allow_nonfinite,
+                                    max_batch=max_batch, batch_delay_ms=batch_delay_ms)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
     if intra_op_threads is None:
-        intra_op_threads = srv.default_intra_op_threads(options.threads)
-    served = srv.load_model(model, name, intra_op_threads=intra_op_threads, providers=providers)
-    app = srv.build_app(served, options)
-    sock = srv.bind(host, port)
+        intra_op_threads = srv_run.default_intra_op_threads(options.threads)
+    served = load_served_model(model, name, intra_op_threads=intra_op_threads, providers=providers)
+    app = srv_app.build_app(served, options)
+    sock = srv_run.bind(host, port)
     port = sock.getsockname()[1]  # the real one when --port 0
     if cuda and served.session.get_providers()[0] != "CUDAExecutionProvider":
         info("warning: --cuda: the CUDA execution provider did not start (no GPU or CUDA libraries); using CPU")
@@ -65,7 +67,7 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1"):
         info("note: no TLS or authentication here; put it behind a reverse proxy or a private network")
     try:
-        srv.serve(app, sock, access_log=access_log)
+        srv_run.serve(app, sock, access_log=access_log)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
         pass
     info("stopped")

@@ -22,7 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cvconvert import server as srv
+from cvconvert.serve import app as srv
+from cvconvert.serve import run as srv_run
+from cvconvert.serve.batching import rows_independent
+from cvconvert.serve.model import load_served_model
+from cvconvert.serve.protocol import HEADER_LENGTH
 from cvconvert.errors import CvError
 from cvconvert.remote import RemoteProcessing, build_request
 
@@ -83,9 +87,9 @@ def local(processing_onnx):
 
 @pytest.fixture(scope="module")
 def live(processing_onnx):
-    model = srv.load_model(processing_onnx, NAME)
-    app = srv.build_app(model, srv.ServerOptions(max_request_bytes=srv.max_request_bytes(MAX_MB), threads=2))
-    with srv.BackgroundServer(app) as server:
+    model = load_served_model(processing_onnx, NAME)
+    app = srv.build_app(model, srv.ServerOptions(max_request_bytes=srv_run.max_request_bytes(MAX_MB), threads=2))
+    with srv_run.BackgroundServer(app) as server:
         yield server
 
 
@@ -213,7 +217,7 @@ def _body(x, *, name="x", datatype="FP32", shape=None, size=None, extra=b"", hea
                           "parameters": {"binary_data_size": len(raw_x) if size is None else size}}],
               "parameters": {"binary_data_output": True}}
     head = json.dumps(header).encode()
-    return head + raw_x + extra, {srv.HEADER_LENGTH: str(len(head) if header_len is None else header_len)}
+    return head + raw_x + extra, {HEADER_LENGTH: str(len(head) if header_len is None else header_len)}
 
 
 def _json_body(x, data=None, **item):
@@ -287,7 +291,7 @@ def test_fuzzed_bodies_get_4xx_json_never_5xx(live, local, data):
     if kind == "bytes":
         body = data.draw(st.binary(max_size=2048))
     elif kind == "flip":  # corrupt one byte of the JSON header
-        i = data.draw(st.integers(0, int(headers[srv.HEADER_LENGTH]) - 1))
+        i = data.draw(st.integers(0, int(headers[HEADER_LENGTH]) - 1))
         body = good[:i] + bytes([good[i] ^ data.draw(st.integers(1, 255))]) + good[i + 1:]
     elif kind == "cut":
         body = good[:data.draw(st.integers(0, len(good)))]
@@ -299,7 +303,7 @@ def test_fuzzed_bodies_get_4xx_json_never_5xx(live, local, data):
                 max_size=4), max_leaves=12))).encode()
         headers = {}
     if data.draw(st.booleans()):
-        headers = {srv.HEADER_LENGTH: str(data.draw(st.integers(-5, len(body) + 5)))}
+        headers = {HEADER_LENGTH: str(data.draw(st.integers(-5, len(body) + 5)))}
     status, resp_headers, reply = raw(live, "POST", f"/v2/models/{NAME}/infer", body, headers)
     assert status == 200 or 400 <= status < 500, (status, reply[:200])
     if status != 200:
@@ -351,7 +355,7 @@ class _Capture(http.server.BaseHTTPRequestHandler):
         data = resp.read()
         self.send_response(resp.status)
         for k, v in resp.getheaders():
-            if k.lower() in ("content-type", "content-length", srv.HEADER_LENGTH.lower()):
+            if k.lower() in ("content-type", "content-length", HEADER_LENGTH.lower()):
                 self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
@@ -382,7 +386,7 @@ def test_remote_processing_sends_only_x(capture, local):
     np.testing.assert_allclose(h, reference(local, x), rtol=1e-6, atol=1e-6)
     (path, headers, body), = seen
     assert path == f"/v2/models/{NAME}/infer"
-    n = int(headers[srv.HEADER_LENGTH])
+    n = int(headers[HEADER_LENGTH])
     header = json.loads(body[:n])
     # exactly one tensor, named x, and the body is its JSON header plus x's bytes and nothing else
     assert [i["name"] for i in header["inputs"]] == ["x"]
@@ -412,7 +416,8 @@ def test_remote_processing_errors(live, local):
 
 
 def test_server_and_client_need_no_torch():
-    code = ("import sys, cvconvert.server, cvconvert.remote, cli.serve, starlette, uvicorn, onnxruntime;"
+    code = ("import sys, cvconvert.serve.app, cvconvert.serve.run, cvconvert.serve.model, cvconvert.serve.batching,"
+            " cvconvert.remote, cli.serve, starlette, uvicorn, onnxruntime;"
             "bad = [m for m in ('torch', 'torchvision', 'tritonclient') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
@@ -490,15 +495,15 @@ def test_broken_onnx_file_is_refused(tmp_path):
     bad = tmp_path / "processing.onnx"
     bad.write_bytes(b"not a model")
     with pytest.raises(CvError, match="cannot load"):
-        srv.load_model(bad)
+        load_served_model(bad)
 
 
 # ---------------------------------------------------------------------------------------------------
 # dynamic batching (opt-in)
 
 def test_dynamic_batching_gives_each_client_its_own_rows(processing_onnx, local):
-    model = srv.load_model(processing_onnx, NAME)
-    assert srv.rows_independent(model)
+    model = load_served_model(processing_onnx, NAME)
+    assert rows_independent(model)
     run, stacked = model.run, []
 
     def counting_run(feeds, names):
@@ -510,7 +515,7 @@ def test_dynamic_batching_gives_each_client_its_own_rows(processing_onnx, local)
     stacked.clear()  # build_app's own row-independence check ran the model too
     xs = [feature(local, 1 + i % 2, seed=30 + i) for i in range(6)]
     results, errors = {}, []
-    with srv.BackgroundServer(app) as server:
+    with srv_run.BackgroundServer(app) as server:
         remote = RemoteProcessing(server.url, NAME)
         barrier = threading.Barrier(len(xs))
 
@@ -540,8 +545,8 @@ def test_dynamic_batching_refused_for_batch_coupled_graph(tmp_path):
     graph = helper.make_graph(nodes, "coupled", [x], [h])
     path = tmp_path / "coupled.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
-    model = srv.load_model(path)
-    assert not srv.rows_independent(model)
+    model = load_served_model(path)
+    assert not rows_independent(model)
     with pytest.raises(CvError, match="cannot be batched"):
         srv.build_app(model, srv.ServerOptions(max_batch=4))
     srv.build_app(model, srv.ServerOptions(max_batch=1))  # unbatched serving is fine
@@ -553,9 +558,9 @@ def test_dynamic_batching_refused_for_batch_coupled_graph(tmp_path):
 @pytest.fixture(scope="module")
 def triton_folder_server(exported):
     """`cvconvert serve` on the folder `export --triton-repo` wrote (what Triton itself would load)."""
-    model = srv.load_model(exported / "repo" / "lenet_processing")
+    model = load_served_model(exported / "repo" / "lenet_processing")
     assert model.name == "lenet_processing"
-    with srv.BackgroundServer(srv.build_app(model)) as server:
+    with srv_run.BackgroundServer(srv.build_app(model)) as server:
         yield server
 
 
@@ -616,7 +621,7 @@ def test_pipeline_with_remote_processing_same_key_same_logits(exported, triton_f
         proxy.server_close()
         thread.join(10)
     (path, headers, body), = _Capture.seen
-    n = int(headers[srv.HEADER_LENGTH])
+    n = int(headers[HEADER_LENGTH])
     assert [i["name"] for i in json.loads(body[:n])["inputs"]] == ["x"]
     assert body[n:] == x.tobytes()
     assert theta.tobytes() not in body and images.tobytes()[:256] not in body
@@ -627,14 +632,14 @@ def test_pipeline_with_remote_processing_same_key_same_logits(exported, triton_f
 
 def test_busy_server_answers_503_then_recovers(processing_onnx, local):
     """--max-inflight bounds memory: a request over it gets 503 + JSON while the first is still uploading."""
-    app = srv.build_app(srv.load_model(processing_onnx, NAME), srv.ServerOptions(max_inflight=1, threads=1))
+    app = srv.build_app(load_served_model(processing_onnx, NAME), srv.ServerOptions(max_inflight=1, threads=1))
     x = feature(local, 1, seed=40)
     body, headers = _body(x)
-    with srv.BackgroundServer(app) as server:
+    with srv_run.BackgroundServer(app) as server:
         slow = socket.create_connection((server.host, server.port), timeout=30)
         try:
             head = (f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-                    f"{srv.HEADER_LENGTH}: {headers[srv.HEADER_LENGTH]}\r\n\r\n").encode()
+                    f"{HEADER_LENGTH}: {headers[HEADER_LENGTH]}\r\n\r\n").encode()
             slow.sendall(head + body[:100])  # in flight, waiting for the rest of its body
             deadline = time.monotonic() + 10
             while True:
@@ -654,7 +659,7 @@ def test_busy_server_answers_503_then_recovers(processing_onnx, local):
 def test_runs_are_concurrent_and_off_the_event_loop(processing_onnx, local):
     """Two requests are inside ONNX Runtime at the same moment (a barrier in the run only opens when both
     arrive), and the health endpoint answers while they are running."""
-    model = srv.load_model(processing_onnx, NAME)
+    model = load_served_model(processing_onnx, NAME)
     run, gate, release, inside = model.run, threading.Barrier(2, timeout=20), threading.Event(), []
 
     def gated_run(feeds, names):
@@ -667,7 +672,7 @@ def test_runs_are_concurrent_and_off_the_event_loop(processing_onnx, local):
     app = srv.build_app(model, srv.ServerOptions(threads=2))
     xs = [feature(local, 1, seed=60 + i) for i in range(2)]
     results, errors = {}, []
-    with srv.BackgroundServer(app) as server:
+    with srv_run.BackgroundServer(app) as server:
         def worker(i):
             try:
                 results[i] = RemoteProcessing(server.url, NAME)(xs[i])
@@ -693,10 +698,10 @@ def test_runs_are_concurrent_and_off_the_event_loop(processing_onnx, local):
 
 
 def test_allow_nonfinite_passes_nan_through(processing_onnx, local):
-    app = srv.build_app(srv.load_model(processing_onnx, NAME), srv.ServerOptions(allow_nonfinite=True))
+    app = srv.build_app(load_served_model(processing_onnx, NAME), srv.ServerOptions(allow_nonfinite=True))
     x = feature(local, 2, seed=41)
     x[1] = np.nan
-    with srv.BackgroundServer(app) as server:
+    with srv_run.BackgroundServer(app) as server:
         h = RemoteProcessing(server.url, NAME)(x)
     assert np.isnan(h[1]).all() and np.isfinite(h[0]).all()
     np.testing.assert_allclose(h[0], reference(local, x[:1])[0], rtol=1e-6, atol=1e-6)
