@@ -631,8 +631,18 @@ def test_pipeline_with_remote_processing_same_key_same_logits(exported, triton_f
 # server options
 
 def test_busy_server_answers_503_then_recovers(processing_onnx, local):
-    """--max-inflight bounds memory: a request over it gets 503 + JSON while the first is still uploading."""
-    app = srv.build_app(load_served_model(processing_onnx, NAME), srv.ServerOptions(max_inflight=1, threads=1))
+    """--max-inflight: while one request is inside the model (held there by a gate), the next gets 503 + JSON;
+    a request still uploading its body holds no slot, and completes once the slot is free."""
+    model = load_served_model(processing_onnx, NAME)
+    run, entered, release, results = model.run, threading.Event(), threading.Event(), []
+
+    def gated_run(feeds, names):
+        entered.set()
+        release.wait(20)
+        return run(feeds, names)
+
+    model.run = gated_run
+    app = srv.build_app(model, srv.ServerOptions(max_inflight=1, threads=2))
     x = feature(local, 1, seed=40)
     body, headers = _body(x)
     with srv_run.BackgroundServer(app) as server:
@@ -640,19 +650,21 @@ def test_busy_server_answers_503_then_recovers(processing_onnx, local):
         try:
             head = (f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
                     f"{HEADER_LENGTH}: {headers[HEADER_LENGTH]}\r\n\r\n").encode()
-            slow.sendall(head + body[:100])  # in flight, waiting for the rest of its body
-            deadline = time.monotonic() + 10
-            while True:
-                status, _, data = raw(server, "POST", f"/v2/models/{NAME}/infer", *_body(x))
-                if status == 503 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)  # the slow request may not be accepted yet
+            slow.sendall(head + body[:100])  # uploading, slowly: no slot yet
+            first = threading.Thread(target=lambda: results.append(RemoteProcessing(server.url, NAME)(x)))
+            first.start()
+            assert entered.wait(20)  # the first request holds the only slot, inside the model
+            status, _, data = raw(server, "POST", f"/v2/models/{NAME}/infer", *_body(x))
             assert status == 503 and "busy" in json.loads(data)["error"]
+            release.set()
+            first.join(30)
             slow.sendall(body[100:])
             reply = slow.recv(65536)
             assert reply.startswith(b"HTTP/1.1 200")
         finally:
+            release.set()
             slow.close()
+        np.testing.assert_allclose(results[0], reference(local, x), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(RemoteProcessing(server.url, NAME)(x), reference(local, x), rtol=1e-6, atol=1e-6)
 
 

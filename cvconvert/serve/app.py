@@ -1,28 +1,35 @@
 """The Starlette app: one module-level handler per endpoint, working on `request.app.state` (the models by
-name, the options, the thread pool, the batchers, the in-flight count), so each can be tested alone.
+name, the options, the thread pool, the batchers, the in-flight count, the byte budget), so each can be
+tested alone.
 
 Policies (README "Serve"):
 - every error is a JSON body {"error": "..."}; 400 bad request, 404 unknown model/version/route,
-  413 body over --max-request-mb, 503 too many requests in flight, 500 a bug (the server keeps serving);
+  408 body not received within --body-timeout, 413 body over --max-request-mb, 503 too many requests in
+  flight or too many body bytes held, 500 a bug (the server keeps serving);
+- a request takes an in-flight slot only once its whole body has arrived, so slow senders cannot
+  starve the others; decoding, parsing and encoding run in the worker pool, never on the event loop;
 - inputs must match the model's metadata exactly: names, datatype (no implicit casts), rank, fixed dims;
+  JSON `data` holds JSON numbers only;
 - non-finite values (NaN, +-Inf) are refused with 400, in inputs and in outputs: a correct encoder never
   produces them and they would only propagate to a meaningless answer;
 - nothing from a request body (tensor values, ids, parameters) is logged or echoed in an error message;
-  the access log (method, path, status) is uvicorn's and can be switched off.
+  the access log (method, path cut to 200 characters, status) is uvicorn's and can be switched off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .. import __version__
 from ..errors import CvError, one_line
 from .batching import Batcher, rows_independent
+from .body import ByteBudget, Reservation, decode_body, read_body, return_memory
+from .connection import short_path
 from .model import ServedModel
 from .protocol import (HEADER_LENGTH, RequestError, encode_response, finite, parse_inputs, requested_outputs,
                        split_body)
@@ -30,73 +37,34 @@ from .protocol import (HEADER_LENGTH, RequestError, encode_response, finite, par
 log = logging.getLogger("cvconvert.serve")
 
 DEFAULT_MAX_REQUEST_MB = 64.0
+TRIM_AFTER_BYTES = 1 << 20  # a request that held this much hands freed memory back to the OS when idle
 
 
 @dataclass
 class ServerOptions:
     max_request_bytes: int = int(DEFAULT_MAX_REQUEST_MB * 2 ** 20)
     threads: int = 2  # inference runs at once (a thread pool off the event loop)
-    max_inflight: int = 64  # requests parsed/queued/running at once; more get 503
+    max_inflight: int = 64  # requests with a complete body being parsed/queued/run at once; more get 503
     allow_nonfinite: bool = False
     max_batch: int = 1  # > 1: dynamic batching of concurrent requests up to this many rows
     batch_delay_ms: float = 2.0  # how long the first request of a batch waits for company
+    max_inflight_bytes: int | None = None  # request body bytes held at once (None: 4 x max_request_bytes)
+    header_timeout: float = 10.0  # seconds for a request's headers
+    body_timeout: float = 30.0  # seconds for a request's whole body, from the end of its headers
+    max_connections: int = 1000  # open connections; uvicorn answers 503 beyond
+
+    def budget_bytes(self) -> int:
+        return self.max_inflight_bytes or 4 * self.max_request_bytes
 
 
-def _json(obj, status: int = 200):
+def _json(obj, status: int = 200, headers: dict | None = None):
     from starlette.responses import Response
-    return Response(json.dumps(obj, separators=(",", ":")), status_code=status, media_type="application/json")
+    return Response(json.dumps(obj, separators=(",", ":")), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
-def _error(message: str, status: int):
-    return _json({"error": message}, status)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Request bodies
-
-async def read_body(request, limit: int) -> bytes:
-    """The request body, at most `limit` bytes after decoding (gzip/deflate as tritonclient can send)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        await _drain(request, limit)
-        raise RequestError(f"request body of {declared} bytes is over the server's limit of {limit} bytes", 413)
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            await _drain(request, limit)
-            raise RequestError(f"request body is over the server's limit of {limit} bytes", 413)
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise RequestError(f"unsupported Content-Encoding {encoding[:40]!r} (use gzip, deflate or none)")
-    # Bounded decompression: a small compressed body must not expand past the limit.
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error:
-        raise RequestError(f"the body is not valid {encoding} data") from None
-    if len(out) > limit:
-        raise RequestError(f"decompressed request body is over the server's limit of {limit} bytes", 413)
-    if not d.eof:
-        raise RequestError(f"the {encoding} body is truncated")
-    return out
-
-
-async def _drain(request, limit: int) -> None:
-    """Read (and drop) the rest of an oversized body, up to a bound, so the client gets our 413 reply
-    rather than a connection reset while it is still sending."""
-    seen = 0
-    try:
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > 8 * limit + 2 ** 26:
-                break
-    except Exception:  # the client went away: nothing to answer
-        pass
+def _error(message: str, status: int, close: bool = False):
+    return _json({"error": message}, status, {"Connection": "close"} if close else None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,11 +91,11 @@ def guarded(handler):
         try:
             return await handler(request)
         except RequestError as exc:
-            return _error(str(exc), exc.status)
+            return _error(str(exc), exc.status, exc.close)
         except ClientDisconnect:  # the client left mid-body: nobody to answer, nothing to log
             return _error("client disconnected", 400)
         except Exception as exc:  # a bug: answer, log its type only (never the request), keep serving
-            log.error("internal error handling %s: %s", request.url.path, type(exc).__name__)
+            log.error("internal error handling %s: %s", short_path(request.url.path), type(exc).__name__)
             return _error(f"internal server error ({type(exc).__name__})", 500)
     endpoint.__name__ = handler.__name__
     return endpoint
@@ -157,41 +125,71 @@ async def model_config(request):
     return _json(model_of(request).config())
 
 
+async def _in_pool(state, fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(state.executor, functools.partial(fn, *args))
+
+
+def prepare(body: bytearray, encoding: str, header_length: str | None, model: ServedModel,
+            options: ServerOptions, reservation: Reservation):
+    """(feeds, [(output, as binary)], request id) of a complete request body. Runs in the worker pool."""
+    body = decode_body(body, encoding, options.max_request_bytes, reservation)
+    req, tail = split_body(body, header_length)
+    feeds = parse_inputs(req, tail, model, options.allow_nonfinite)
+    wanted = requested_outputs(req, model)
+    rid = req.get("id")
+    return feeds, wanted, rid if isinstance(rid, str) else None
+
+
+def finish(model: ServedModel, rid, wanted, results, allow_nonfinite: bool) -> tuple[bytes, int | None]:
+    """The response body of a run (and its JSON header length). Runs in the worker pool."""
+    if not allow_nonfinite and not all(finite(r) for r in results):
+        raise RequestError("the model's output holds non-finite values (inputs out of range?)")
+    return encode_response(model, rid, [(n, b, r) for (n, b), r in zip(wanted, results)], allow_nan=allow_nonfinite)
+
+
 async def _run_model(state, model: ServedModel, feeds, names):
     try:
         if model.name in state.batchers:
             return await state.batchers[model.name].run(feeds, names)
-        return await asyncio.get_running_loop().run_in_executor(state.executor, model.run, feeds, names)
+        return await _in_pool(state, model.run, feeds, names)
     except Exception as exc:  # ORT rejects what the metadata checks let through (e.g. batch mismatch)
         raise RequestError(f"inference failed: {type(exc).__name__}: {one_line(exc)}") from None
 
 
-async def infer(request):
+async def _answer(request, model: ServedModel, body: bytearray, reservation: Reservation):
+    """Parse, run and encode a request whose whole body has arrived, in one of the in-flight slots."""
     from starlette.responses import Response
 
-    state = request.app.state
-    options = state.options
-    model = model_of(request)
+    state, options = request.app.state, request.app.state.options
     if state.inflight >= options.max_inflight:
         raise RequestError(f"server busy: {options.max_inflight} requests in flight, retry later", 503)
     state.inflight += 1
     try:
-        body = await read_body(request, options.max_request_bytes)
-        req, tail = split_body(body, request.headers.get(HEADER_LENGTH))
-        feeds = parse_inputs(req, tail, model, options.allow_nonfinite)
-        wanted = requested_outputs(req, model)
+        feeds, wanted, rid = await _in_pool(state, prepare, body, request.headers.get("content-encoding", "identity"),
+                                            request.headers.get(HEADER_LENGTH), model, options, reservation)
+        del body  # the feeds keep what they need of it
         results = await _run_model(state, model, feeds, [n for n, _ in wanted])
-        if not options.allow_nonfinite and not all(finite(r) for r in results):
-            raise RequestError("the model's output holds non-finite values (inputs out of range?)")
-        rid = req.get("id")
-        body, header_len = encode_response(model, rid if isinstance(rid, str) else None,
-                                           [(n, b, r) for (n, b), r in zip(wanted, results)],
-                                           allow_nan=options.allow_nonfinite)
+        out, header_len = await _in_pool(state, finish, model, rid, wanted, results, options.allow_nonfinite)
     finally:
         state.inflight -= 1
     if header_len is None:
-        return Response(body, media_type="application/json")
-    return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_len)})
+        return Response(out, media_type="application/json")
+    return Response(out, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_len)})
+
+
+async def infer(request):
+    state = request.app.state
+    model = model_of(request)
+    reservation = Reservation(state.budget)
+    try:
+        body = await read_body(request, state.options.max_request_bytes, state.options.body_timeout, reservation)
+        return await _answer(request, model, body, reservation)
+    finally:
+        if reservation.release() >= TRIM_AFTER_BYTES and state.budget.used == 0:
+            try:
+                asyncio.get_running_loop().run_in_executor(state.executor, return_memory)
+            except RuntimeError:  # the pool is shut down: the server is stopping
+                pass
 
 
 async def http_error(request, exc):
@@ -240,4 +238,5 @@ def build_app(models: list[ServedModel] | ServedModel, options: ServerOptions | 
     app.state.executor = executor
     app.state.batchers = batchers
     app.state.inflight = 0  # touched only on the event loop's thread
+    app.state.budget = ByteBudget(options.budget_bytes())
     return app

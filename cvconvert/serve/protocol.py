@@ -15,9 +15,16 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
+
+from .errors import RequestError
+from .jsontensor import DataSpan, load_header
+
+__all__ = ["HEADER_LENGTH", "V2_TO_NP", "NP_TO_V2", "RequestError", "TensorSpec", "le_bytes", "pack", "split_body",
+           "parse_inputs", "requested_outputs", "encode_response", "finite"]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -27,15 +34,6 @@ V2_TO_NP = {
     "UINT64": np.uint64, "BOOL": np.bool_,
 }
 NP_TO_V2 = {np.dtype(v): k for k, v in V2_TO_NP.items()}
-
-
-class RequestError(Exception):
-    """A problem with one request: becomes {"error": message} with this status. Messages never quote
-    tensor content."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -58,10 +56,15 @@ def le_bytes(arr: np.ndarray) -> bytes:
 
 def pack(header: dict, blobs: list[bytes], allow_nan: bool = False) -> tuple[bytes, int | None]:
     """(body, JSON header length) of a message; the length is None when the body is all JSON."""
-    head = json.dumps(header, allow_nan=allow_nan, separators=(",", ":")).encode()
+    return pack_pieces([json.dumps(header, allow_nan=allow_nan, separators=(",", ":")).encode()], blobs)
+
+
+def pack_pieces(header: list[bytes], blobs: list[bytes]) -> tuple[bytes, int | None]:
+    """pack, for a JSON header given in pieces."""
+    size = sum(len(p) for p in header)
     if not blobs:
-        return head, None
-    return b"".join([head, *blobs]), len(head)
+        return b"".join(header), None
+    return b"".join([*header, *blobs]), size
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -73,8 +76,9 @@ def _int(value, what: str, minimum: int = 0) -> int:
     return value
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
-    """(the JSON inference header, the binary tail) of a request body."""
+def split_body(body: bytes | bytearray, header_length: str | None) -> tuple[dict, memoryview]:
+    """(the JSON inference header, the binary tail) of a request body. Each input's JSON "data" array
+    is left in the body as a DataSpan, parsed later into the declared shape (see jsontensor)."""
     if header_length is None:
         json_bytes, tail = body, memoryview(b"")
     else:
@@ -85,12 +89,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview
         if not 0 < n <= len(body):
             raise RequestError(f"{HEADER_LENGTH} {n} is outside the body of {len(body)} bytes")
         json_bytes, tail = body[:n], memoryview(body)[n:]
-    try:
-        request = json.loads(json_bytes)
-    except UnicodeDecodeError:
-        raise RequestError("the inference header is not UTF-8 JSON") from None
-    except json.JSONDecodeError as exc:  # the message holds a position, never content
-        raise RequestError(f"malformed JSON in the inference header: {exc.msg} at byte {exc.pos}") from None
+    request = load_header(json_bytes)
     if not isinstance(request, dict):
         raise RequestError("the inference header must be a JSON object")
     return request, tail
@@ -143,10 +142,26 @@ def _binary_input(item, name: str, params: dict, shape: list[int], dtype: np.dty
     return np.frombuffer(tail[offset:offset + size], dtype=dtype).reshape(shape)
 
 
+def _only_numbers(value) -> bool:
+    """A number or nested lists of numbers: no strings, booleans or null (json.loads made `value`)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif type(v) not in (int, float):
+            return False
+    return True
+
+
 def _json_input(item, name: str, spec: TensorSpec, shape: list[int], dtype: np.dtype) -> np.ndarray:
     if "data" not in item:
         raise RequestError(f"input {name!r} has neither 'data' nor binary_data_size")
+    if isinstance(item["data"], DataSpan):  # the usual case: an array, still text
+        return item["data"].parse(shape, dtype, name, spec.datatype)
     count = math.prod(shape)
+    if not _only_numbers(item["data"]):
+        raise RequestError(f"input {name!r}: 'data' is not a regular array of {spec.datatype} numbers")
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow -> Inf, refused by the caller
             arr = np.asarray(item["data"], dtype=dtype)
@@ -229,11 +244,25 @@ def requested_outputs(request: dict, model) -> list[tuple[str, bool]]:
 # ---------------------------------------------------------------------------------------------------
 # Responses (server side)
 
+JSON_CHUNK = 1 << 16  # output elements turned into JSON text per step
+
+
+def _json_numbers(arr: np.ndarray, allow_nan: bool) -> list[bytes]:
+    """arr's values as the JSON array json.dumps(arr.ravel().tolist()) writes, in pieces: no list of
+    Python floats for the whole tensor."""
+    flat, pieces = arr.ravel(), [b"["]
+    for i in range(0, flat.size, JSON_CHUNK):
+        text = json.dumps(flat[i:i + JSON_CHUNK].tolist(), allow_nan=allow_nan, separators=(",", ":"))
+        pieces += [b"," if i else b"", text[1:-1].encode()]
+    return pieces + [b"]"]
+
+
 def encode_response(model, request_id, outputs: list[tuple[str, bool, np.ndarray]],
                     allow_nan: bool = False) -> tuple[bytes, int | None]:
     """(body, JSON header length or None when the body is all JSON)."""
-    entries, blobs = [], []
-    for name, binary, arr in outputs:
+    entries, blobs, texts = [], [], {}
+    nonce = secrets.token_hex(8)  # marks where each output's JSON data goes; a client cannot forge it
+    for i, (name, binary, arr) in enumerate(outputs):
         arr = np.ascontiguousarray(arr)
         datatype = NP_TO_V2.get(np.dtype(arr.dtype.type))
         entry = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
@@ -242,9 +271,14 @@ def encode_response(model, request_id, outputs: list[tuple[str, bool, np.ndarray
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = arr.ravel().tolist()
+            entry["data"] = mark = f"{nonce}:{i}"
+            texts[json.dumps(mark)] = _json_numbers(arr, allow_nan)
         entries.append(entry)
     reply = {"model_name": model.name, "model_version": model.versions[0], "outputs": entries}
     if request_id is not None:
         reply["id"] = request_id
-    return pack(reply, blobs, allow_nan)
+    head, pieces = json.dumps(reply, allow_nan=allow_nan, separators=(",", ":")), []
+    for mark, numbers in texts.items():
+        before, head = head.split(mark, 1)
+        pieces += [before.encode(), *numbers]
+    return pack_pieces([*pieces, head.encode()], blobs)

@@ -10,12 +10,28 @@ import threading
 from ..errors import CvError
 
 
+KEEP_ALIVE_S = 30  # long enough for a device's stream of requests
+MAX_HEAD_BYTES = 64 << 10  # request line + headers still arriving; more is a 400 (h11's limit)
+
+
 def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True,
                    log_level: str = "info"):
+    """uvicorn on h11 (pure Python: a small install) with the app's deadlines and connection limit
+    (`app.state.options`, a ServerOptions) and short paths in the access log."""
     import uvicorn
-    # h11 (pure Python) keeps the install small; keep-alive long enough for a device's stream of requests.
-    return uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level=log_level,
-                          timeout_keep_alive=30, server_header=False, lifespan="off")
+
+    from .app import ServerOptions
+    from .connection import GuardedH11Protocol, install_log_filter
+
+    options = getattr(getattr(app, "state", None), "options", None) or ServerOptions()
+    protocol = GuardedH11Protocol.with_limits(options.header_timeout, options.body_timeout,
+                                              options.max_request_bytes)
+    config = uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level=log_level,
+                            http=protocol, timeout_keep_alive=KEEP_ALIVE_S, server_header=False, lifespan="off",
+                            limit_concurrency=options.max_connections,
+                            h11_max_incomplete_event_size=MAX_HEAD_BYTES)
+    install_log_filter()  # after uvicorn.Config, which (re)configures its loggers
+    return config
 
 
 def bind(host: str = "127.0.0.1", port: int = 8000):
@@ -91,10 +107,36 @@ class BackgroundServer:
         self.close()
 
 
-def max_request_bytes(mb: float) -> int:
+def max_request_bytes(mb: float, option: str = "--max-request-mb") -> int:
     if not (mb > 0 and math.isfinite(mb)):
-        raise CvError(f"--max-request-mb must be a positive number, not {mb}")
+        raise CvError(f"{option} must be a positive number, not {mb}")
     return int(mb * 2 ** 20)
+
+
+def server_options(max_request_mb: float = 64.0, threads: int | None = None, max_inflight: int = 64,
+                   allow_nonfinite: bool = False, max_batch: int = 1, batch_delay_ms: float = 2.0,
+                   max_inflight_mb: float | None = None, header_timeout: float = 10.0, body_timeout: float = 30.0,
+                   max_connections: int = 1000):
+    """ServerOptions from `cvconvert serve`'s options, or a one-line CvError naming the bad one."""
+    from .app import ServerOptions
+
+    if threads is not None and threads < 1:
+        raise CvError("--threads must be >= 1")
+    if max_inflight < 1 or max_connections < 1:
+        raise CvError("--max-inflight and --max-connections must be >= 1")
+    if max_batch < 1 or not 0 <= batch_delay_ms <= 1000:
+        raise CvError("--max-batch must be >= 1 and --batch-delay-ms in [0, 1000]")
+    for option, seconds in (("--header-timeout", header_timeout), ("--body-timeout", body_timeout)):
+        if not (0 < seconds <= 86400):
+            raise CvError(f"{option} must be a number of seconds in (0, 86400], not {seconds}")
+    limit = max_request_bytes(max_request_mb)
+    budget = None if max_inflight_mb is None else max_request_bytes(max_inflight_mb, "--max-inflight-mb")
+    if budget is not None and budget < limit:
+        raise CvError("--max-inflight-mb must be at least --max-request-mb (else the largest request never fits)")
+    return ServerOptions(max_request_bytes=limit, threads=threads or default_worker_threads(),
+                         max_inflight=max_inflight, allow_nonfinite=allow_nonfinite, max_batch=max_batch,
+                         batch_delay_ms=batch_delay_ms, max_inflight_bytes=budget, header_timeout=header_timeout,
+                         body_timeout=body_timeout, max_connections=max_connections)
 
 
 def default_worker_threads() -> int:
