@@ -41,11 +41,14 @@ def lenet_processing(folder: Path) -> Path:
     return folder / "lenet"
 
 
-def start_server(model: Path, name: str, threads: int | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, name: str, threads: int | None, extra: list[str], root: Path = ROOT
+                 ) -> tuple[subprocess.Popen, str]:
+    """`cvconvert serve` (from the checkout `root`) as its own process; (the process, its URL)."""
     cmd = [sys.executable, "-m", "cli", "serve", str(model), "--name", name, "--port", "0", "--no-access-log"]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd + extra, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(cmd + extra, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url, text = None, ""
     for line in proc.stderr:  # "infer URL: http://127.0.0.1:PORT/..." once it listens
         text = line.decode()

@@ -181,9 +181,9 @@ async def infer(request):
     state = request.app.state
     model = model_of(request)
     reservation = Reservation(state.budget)
-    try:
-        body = await read_body(request, state.options.max_request_bytes, state.options.body_timeout, reservation)
-        return await _answer(request, model, body, reservation)
+    try:  # the body is passed on, not kept here, so that it is freed as soon as it is parsed
+        return await _answer(request, model, await read_body(request, state.options.max_request_bytes,
+                                                             state.options.body_timeout, reservation), reservation)
     finally:
         if reservation.release() >= TRIM_AFTER_BYTES and state.budget.used == 0:
             try:

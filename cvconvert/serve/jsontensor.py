@@ -142,8 +142,10 @@ def _array_end(buf, start: int) -> tuple[int, int]:
                 return pos + int(marks[closed[0]]) + 1, opens
             depth = int(level[-1])
         if stop < window:  # a byte that is none of: number, bracket, comma, whitespace
-            raise RequestError("'data' is not a regular array of numbers (JSON numbers only: no strings, booleans, "
-                               "null or objects)")
+            if chr(buf[stop]).isalpha() or buf[stop] in b'"{':
+                raise RequestError("'data' is not a regular array of numbers (JSON numbers only: no strings, "
+                                   "booleans, null or objects)")
+            raise _malformed(f"a 'data' array is not closed (byte {stop})")
         pos = stop
     raise _malformed("a 'data' array is not closed")
 
