@@ -709,6 +709,39 @@ def test_runs_are_concurrent_and_off_the_event_loop(processing_onnx, local):
         np.testing.assert_allclose(results[i], reference(local, x), rtol=1e-6, atol=1e-6)
 
 
+def test_handlers_work_alone(processing_onnx, local):
+    """Each handler is a module-level function over app.state: called here on a bare ASGI request, with no
+    server, socket or routing."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    app = srv.build_app(load_served_model(processing_onnx, NAME))
+    x = feature(local, 2, seed=42)
+    body, headers = _body(x)
+
+    def request(model, method="GET", content=b"", extra=()):
+        scope = {"type": "http", "app": app, "method": method, "path": "/", "query_string": b"",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in extra], "path_params": {"model": model}}
+
+        async def receive():
+            return {"type": "http.request", "body": content, "more_body": False}
+        return Request(scope, receive)
+
+    try:
+        assert json.loads(asyncio.run(srv.model_metadata(request(NAME))).body)["name"] == NAME
+        with pytest.raises(srv.RequestError) as exc:
+            asyncio.run(srv.model_ready(request("nope")))
+        assert exc.value.status == 404
+        reply = asyncio.run(srv.infer(request(NAME, "POST", body, [*headers.items(), ("Content-Length", str(len(body)))])))
+        n = int(reply.headers[HEADER_LENGTH])
+        h = np.frombuffer(reply.body[n:], np.float32).reshape(reference(local, x).shape)
+        np.testing.assert_allclose(h, reference(local, x), rtol=1e-6, atol=1e-6)
+        assert app.state.inflight == 0 and app.state.budget.used == 0  # slot and body bytes given back
+    finally:
+        app.state.executor.shutdown()
+
+
 def test_allow_nonfinite_passes_nan_through(processing_onnx, local):
     app = srv.build_app(load_served_model(processing_onnx, NAME), srv.ServerOptions(allow_nonfinite=True))
     x = feature(local, 2, seed=41)

@@ -335,7 +335,7 @@ def test_health_stays_fast_while_the_largest_json_requests_parse(server):
     assert statuses == [200, 200, 200]
     assert during.size > 10
     # old server: 16 s behind three 60 MB JSON requests; the target is 100 ms (a shared CI box adds noise)
-    assert np.median(during) < 50 and during.max() < 500, (np.median(during), during.max())
+    assert np.median(during) < 50 and during.max() < 250, (np.median(during), during.max())
 
 
 def _peak_rss_during(server, work) -> tuple[float, float]:

@@ -67,16 +67,19 @@ async def read_body(request, limit: int, timeout: float, reservation: Reservatio
     error = over_limit(request.headers.get("content-length"), limit)
     if error is not None:
         raise error
-    body = bytearray()
     try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                if len(body) + len(chunk) > limit:  # stop here: no more of it is kept
-                    raise RequestError(f"request body is over the server's limit of {limit} bytes", 413)
-                reservation.take(len(chunk))
-                body += chunk
-    except TimeoutError:
+        return await asyncio.wait_for(_collect(request, limit, reservation), timeout)
+    except asyncio.TimeoutError:
         raise RequestError(f"the request body did not arrive within {timeout:g} s", 408, close=True) from None
+
+
+async def _collect(request, limit: int, reservation: Reservation) -> bytearray:
+    body = bytearray()
+    async for chunk in request.stream():
+        if len(body) + len(chunk) > limit:  # stop here: no more of it is kept
+            raise RequestError(f"request body is over the server's limit of {limit} bytes", 413)
+        reservation.take(len(chunk))
+        body += chunk
     return body
 
 
