@@ -11,7 +11,10 @@ server's resident memory (VmRSS) is sampled every 10 ms:
 - gzip xK: K concurrent gzip bodies of about 60 KB that decode to --json-mb MB of JSON (zeros);
 - slow bodies: --slow-clients connections that declare Content-Length 1000000, send one byte and stall,
   while good requests keep coming (how many got 200, how many 503);
+- binary x1: the gzip rows' tensor sent as binary data, what the model itself needs for that batch;
 - idle after the burst: the resident memory the server keeps.
+
+The idle baseline is taken after three small requests (ONNX Runtime's first runs allocate for good).
 
 Every request has a time limit; exit status 1 if any good request failed or health never answered.
 """
@@ -189,6 +192,9 @@ def main() -> int:
     big, want = json_body(x), local.run(None, {"x": x})[0]
     zeros = np.zeros([rows_for(args.json_mb, len(json_body(np.zeros([1] + row, np.float32))))] + row, np.float32)
     bomb = gzip.compress(json_body(zeros), 9)
+    zeros_head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(zeros.shape),
+                                         "parameters": {"binary_data_size": zeros.nbytes}}]}).encode()
+    zeros_binary, zeros_headers = zeros_head + zeros.tobytes(), {"Inference-Header-Content-Length": str(len(zeros_head))}
     good_x = x[:1]
     good = json_body(good_x)
 
@@ -207,9 +213,14 @@ def main() -> int:
         return np.allclose(np.asarray(out["data"], np.float32).reshape(out["shape"]), want, rtol=1e-4, atol=1e-4)
 
     try:
+        for _ in range(3):  # the model's first runs allocate for good (ONNX Runtime's kernels): not a request's cost
+            post(host, port, infer, good, {}, 30)
         with Watch(proc.pid, host, port, meta) as w:
             time.sleep(1.0)
         results["idle"] = w.summary()
+        with Watch(proc.pid, host, port, meta) as w:  # the gzip rows' tensor, sent binary: the model's share
+            status = post(host, port, infer, zeros_binary, zeros_headers)[0]
+        results["binary x1 (gzip tensor)"] = {**w.summary(), "statuses": [status]}
         for k in args.concurrency:
             with Watch(proc.pid, host, port, meta) as w:
                 answers = concurrent(k, lambda: post(host, port, infer, big, {}))

@@ -111,23 +111,34 @@ def decode_body(body: bytearray, encoding: str, limit: int, reservation: Reserva
     return out
 
 
-def _malloc_trim():
-    """glibc's malloc_trim, or None elsewhere. Freed request buffers stay in glibc's arenas (one per
-    worker thread) until trimmed, so without it the resident size never comes back after a burst."""
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+MMAP_THRESHOLD = 1 << 20
+
+
+def _libc():
     name = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(name) if name else None
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    except (OSError, AttributeError):  # not glibc
         return None
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    return libc
 
 
-_TRIM = _malloc_trim()
+_LIBC = _libc()
 
 
 def return_memory() -> None:
-    """Give freed heap memory back to the OS (a no-op off glibc)."""
-    if _TRIM is not None:
-        _TRIM(0)
+    """Give freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def keep_big_buffers_mapped() -> None:
+    """Make glibc serve every allocation of 1 MiB or more (bodies, tensors) from its own mapping, which
+    goes back to the OS when freed. By default glibc raises that threshold to the largest buffer freed
+    so far (up to 32 MiB), after which such buffers land in the heaps of the worker threads, which
+    malloc_trim cannot shrink: measured, 30 MB stayed resident after each 46 MB request."""
+    if _LIBC is not None:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)

@@ -57,6 +57,9 @@ def serve(app, sock, access_log: bool = True) -> None:
     """Run until Ctrl-C / SIGTERM (uvicorn finishes the requests in flight first)."""
     import uvicorn
 
+    from .body import keep_big_buffers_mapped
+
+    keep_big_buffers_mapped()  # this process is the server: its allocator may be tuned for it
     host, port = sock.getsockname()[:2]
     try:
         uvicorn.Server(uvicorn_config(app, host, port, access_log)).run(sockets=[sock])
