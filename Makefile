@@ -26,14 +26,18 @@ data:
 test: install data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# convert -> short train -> export (validated) -> infer on Fashion-MNIST test images written as PNGs.
+# convert -> short train -> export (validated) -> a device-private fool pool -> infer on Fashion-MNIST test images.
 demo: install data
 	$(VENV)/bin/cvconvert convert lenet --split paper --data fashion-mnist -o $(DEMO_DIR) --force
 	$(VENV)/bin/cvconvert train $(DEMO_DIR) --data fashion-mnist --epochs 1 --train-limit 3000 --max-steps 60 --val-fraction 0.05
 	$(VENV)/bin/cvconvert export $(DEMO_DIR)
 	$(PY) scripts/fmnist_samples.py $(DEMO_DIR)-images --count 8
-	$(PY) scripts/fmnist_samples.py $(DEMO_DIR)-fools --count 32 --offset 5000
-	$(VENV)/bin/cvconvert infer --model-dir $(DEMO_DIR) $(DEMO_DIR)-images --fool-dir $(DEMO_DIR)-fools
+	$(PY) scripts/fmnist_samples.py $(DEMO_DIR)-private --count 64 --offset 5000 --private
+	rm -rf $(DEMO_DIR)-pool
+	$(VENV)/bin/cvconvert fools create $(DEMO_DIR)-pool $(DEMO_DIR)-private --model-dir $(DEMO_DIR)
+	$(VENV)/bin/cvconvert infer --model-dir $(DEMO_DIR) $(DEMO_DIR)-images --fool-dir $(DEMO_DIR)-pool
+	@echo "demo files: $(DEMO_DIR) (model dir, onnx/), $(DEMO_DIR)-images (8 test images), $(DEMO_DIR)-pool (the device's fool pool)"
+	@echo "next: $(VENV)/bin/cvconvert infer --model-dir $(DEMO_DIR) $(DEMO_DIR)-images --fool-dir $(DEMO_DIR)-pool   (a repeat: answered from the device's cache, nothing sent)"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

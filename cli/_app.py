@@ -30,8 +30,9 @@ def fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def command(name: str | None = None, **kwargs):
-    """app.command() that turns CvError (and any unexpected exception) into a one-line error."""
+def command(name: str | None = None, *, on: typer.Typer | None = None, **kwargs):
+    """app.command() (or `on`'s, for a sub-command group) that turns CvError (and any unexpected
+    exception) into a one-line error."""
 
     def deco(fn):
         @functools.wraps(fn)
@@ -50,7 +51,7 @@ def command(name: str | None = None, **kwargs):
                 first = one_line(exc, 500)
                 fail(f"{type(exc).__name__}: {first} (set CVCONVERT_DEBUG=1 for the traceback)", 1)
 
-        return app.command(name, **kwargs)(wrapped)
+        return (on or app).command(name, **kwargs)(wrapped)
 
     return deco
 

@@ -10,6 +10,8 @@ from typing import List, Optional
 
 import typer
 
+from cvconvert.guard import DEFAULT_CAPACITY, DEFAULT_THRESHOLD
+
 from ._app import command, emit_json, info
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -33,42 +35,32 @@ def collect_images(paths: list[Path]) -> list[Path]:
     return out
 
 
-def load_image(path: Path, shape: tuple, resize: bool):
-    """PNG/JPEG -> float32 [C, H, W] in [0, 1] for a model taking `shape` = (C, H, W).
+def load_image(path: Path, manifest, resize: bool):
+    """PNG/JPEG -> float32 [C, H, W] in [0, 1] for the model of `manifest` (the manifest dict; a bare
+    input shape (C, H, W) also works, without the data set's own preprocessing).
 
-    Channels are converted (grey <-> RGB, alpha dropped) with a warning when the colour count differs;
-    a wrong size is refused unless `resize` (then resized, with a warning), so nothing is silently
-    rescaled into a distribution the model never saw.
+    cvconvert.preprocess.to_model_input does the rest: channels are converted (grey <-> RGB, alpha
+    dropped) with a warning when the colour count differs; an image of the data set's native size gets
+    the preprocessing recorded at training time (Fashion-MNIST 28x28: zero-padded to 32x32); any other
+    size is refused unless `resize` (then resized, with a warning), so nothing is silently rescaled into
+    a distribution the model never saw.
     """
-    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     from cvconvert.errors import CvError
+    from cvconvert.preprocess import to_model_input
 
-    c, h, w = shape
-    if c not in (1, 3):
-        raise CvError(f"the model takes {c}-channel images; infer reads grey (1) or RGB (3) images only")
+    if not isinstance(manifest, dict):
+        manifest = {"input_shape": list(manifest), "data": {"preprocess": None}}
     try:
         with Image.open(path) as im:
             if im.format not in ("PNG", "JPEG"):
                 raise CvError(f"{path} is a {im.format} image; infer reads PNG or JPEG")
             im.load()
-            src_channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-            target = "L" if c == 1 else "RGB"
-            if src_channels != c:
-                info(f"warning: {path.name} has {src_channels} channel(s), the model takes {c}: converted to {target}")
-            if im.mode != target:
-                im = im.convert(target)
-            if im.size != (w, h):
-                if not resize:
-                    raise CvError(f"{path} is {im.size[0]}x{im.size[1]}, the model takes {w}x{h} "
-                                  "(pass --resize to resize it)")
-                info(f"warning: {path.name} resized from {im.size[0]}x{im.size[1]} to {w}x{h}")
-                im = im.resize((w, h), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+            return to_model_input(im, manifest, resize=resize, name=str(path),
+                                  warn=lambda msg: info(f"warning: {msg}"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise CvError(f"{path} is not a readable PNG/JPEG image ({type(exc).__name__})") from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 def _find_manifest(encoder: Path) -> Path:
@@ -81,37 +73,14 @@ def _find_manifest(encoder: Path) -> Path:
     raise CvError(f"no {MANIFEST} next to {encoder} (expected in the parent of onnx/); pass --manifest")
 
 
-@command("infer")
-def infer(
-    images: List[Path] = typer.Argument(..., help="PNG/JPEG files or directories of them."),
-    model_dir: Optional[Path] = typer.Option(None, help="Model dir with onnx/ (shortcut for the three graphs)."),
-    encoder: Optional[Path] = typer.Option(None, help="encoder.onnx (with --processing and --decoder)."),
-    processing: Optional[Path] = typer.Option(None, help="processing.onnx."),
-    decoder: Optional[Path] = typer.Option(None, help="decoder.onnx."),
-    manifest: Optional[Path] = typer.Option(None, help="cvconvert.json (default: found next to the graphs)."),
-    top_k: int = typer.Option(3, help="Classes to show per image."),
-    fool_dir: Optional[Path] = typer.Option(None, help="Images to draw the fooling inputs from."),
-    provider: str = typer.Option("auto", help="auto | cpu | cuda (ONNX Runtime execution provider)."),
-    server: Optional[str] = typer.Option(None, help="Run processing on a KServe v2 / Triton server at this URL."),
-    model_name: Optional[str] = typer.Option(None, help="Model name on --server (default ARCH_processing)."),
-    resize: bool = typer.Option(False, help="Resize images of another size (default: refuse them)."),
-    batch_size: int = typer.Option(64, help="Images per ONNX Runtime call."),
-    reveal_key: bool = typer.Option(False, help="DEBUG ONLY: print each image's secret angle theta."),
-    as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON on stdout."),
-):
-    """Classify IMAGES with the split network: encode + decode here, processing local or on --server."""
-    import numpy as np
-
+def _graphs(model_dir, encoder, processing, decoder, manifest, server):
+    """(encoder, processing, decoder, features-or-None, manifest dict) from --model-dir or the paths."""
     from cvconvert.errors import CvError
-    from cvconvert.keys import secure_angles
     from cvconvert.modeldir import read_manifest
-    from cvconvert.runtime import Pipeline, check_fools, choose_fools, export_provenance
+    from cvconvert.runtime import export_provenance
 
-    if top_k < 1 or batch_size < 1:
-        raise CvError("--top-k and --batch-size must be at least 1")
-    graphs = (encoder, processing, decoder)
     if model_dir is not None:
-        if any(g is not None for g in graphs):
+        if any(g is not None for g in (encoder, processing, decoder)):
             raise CvError("give --model-dir or --encoder/--processing/--decoder, not both")
         onnx_dir = model_dir / "onnx"
         man = read_manifest(manifest or model_dir)
@@ -125,6 +94,49 @@ def infer(
         if encoder is None or decoder is None or (processing is None and server is None):
             raise CvError("give --model-dir, or --encoder and --decoder with --processing (or --server)")
         man = read_manifest(manifest or _find_manifest(encoder))
+    features = encoder.parent / "features.onnx"
+    return encoder, processing, decoder, features if features.is_file() else None, man
+
+
+def _guard(pool, features_sha256: str, threshold: float, size: int):
+    from cvconvert.guard import SentGuard, default_guard_path
+    from cvconvert.runtime import GUARD_FILE
+
+    path = pool / GUARD_FILE if pool is not None else default_guard_path(features_sha256)
+    return SentGuard(path, threshold, size)
+
+
+@command("infer")
+def infer(
+    images: List[Path] = typer.Argument(..., help="PNG/JPEG files or directories of them."),
+    model_dir: Optional[Path] = typer.Option(None, help="Model dir with onnx/ (shortcut for the three graphs)."),
+    encoder: Optional[Path] = typer.Option(None, help="encoder.onnx (with --processing and --decoder)."),
+    processing: Optional[Path] = typer.Option(None, help="processing.onnx."),
+    decoder: Optional[Path] = typer.Option(None, help="decoder.onnx."),
+    manifest: Optional[Path] = typer.Option(None, help="cvconvert.json (default: found next to the graphs)."),
+    top_k: int = typer.Option(3, help="Classes to show per image."),
+    fool_dir: Optional[Path] = typer.Option(None, help="The device's fool pool (`cvconvert fools create`): each "
+                                                       "fool is used once."),
+    guard_threshold: float = typer.Option(DEFAULT_THRESHOLD, help="Near-duplicate guard: an image whose feature has "
+                                          "this cosine to one already sent is answered from the cache, not sent."),
+    guard_size: int = typer.Option(DEFAULT_CAPACITY, help="Sent features the guard remembers (oldest forgotten)."),
+    provider: str = typer.Option("auto", help="auto | cpu | cuda (ONNX Runtime execution provider)."),
+    server: Optional[str] = typer.Option(None, help="Run processing on a KServe v2 / Triton server at this URL."),
+    model_name: Optional[str] = typer.Option(None, help="Model name on --server (default ARCH_processing)."),
+    resize: bool = typer.Option(False, help="Resize images of another size (default: refuse them)."),
+    batch_size: int = typer.Option(64, help="Images per ONNX Runtime call."),
+    as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON on stdout."),
+):
+    """Classify IMAGES with the split network: encode + decode here, processing local or on --server."""
+    import numpy as np
+
+    from cvconvert.errors import CvError
+    from cvconvert.fools import FoolPool
+    from cvconvert.runtime import Pipeline
+
+    if top_k < 1 or batch_size < 1:
+        raise CvError("--top-k and --batch-size must be at least 1")
+    encoder, processing, decoder, features, man = _graphs(model_dir, encoder, processing, decoder, manifest, server)
     proc = processing
     if server is not None:
         try:
@@ -132,47 +144,45 @@ def infer(
         except ImportError:
             raise CvError("--server needs cvconvert.remote, which this installation lacks") from None
         proc = RemoteProcessing(server, model_name or f"{man['arch']}_processing")
-    pipe = Pipeline(encoder, proc, decoder, man, provider=provider)
+    pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, guard=None)
+    pool = FoolPool.open(fool_dir, pipe.features_sha256) if fool_dir is not None and pipe.complex else None
+    if pipe.complex:
+        pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, pool=pool,
+                        guard=_guard(fool_dir if pool else None, pipe.features_sha256, guard_threshold, guard_size))
+        pipe.on_warning = lambda msg: info(f"warning: {msg}")
 
     files = collect_images(images)
-    shape = tuple(man["input_shape"])
-    x = np.stack([load_image(f, shape, resize) for f in files])
-    pool = None
-    if fool_dir is not None:
-        if not fool_dir.is_dir():
-            raise CvError(f"--fool-dir {fool_dir} is not a directory")
-        pool = np.stack([load_image(f, shape, resize) for f in collect_images([fool_dir])])
-    if pipe.complex:
-        fools, how = choose_fools(x, pool, man.get("fool_rule", "random"))
-        check_fools(man, how)
-        if how == "noise":
-            info("warning: one image and no --fool-dir: its fooling input is smooth random noise, which hides "
-                 "less than a real image would (see README); pass --fool-dir")
-        theta = secure_angles(len(x))  # one secret angle per image; stays in this process
-    logits = []
+    x = np.stack([load_image(f, man, resize) for f in files])
+    logits, sent, how = [], [], None
     for i in range(0, len(x), batch_size):
-        sl = slice(i, i + batch_size)
-        logits.append(pipe.predict(x[sl], fools[sl], theta[sl]) if pipe.complex else pipe.predict(x[sl]))
+        logits.append(pipe.predict(x[i:i + batch_size]))
+        how = pipe.last.get("fools", how)
+        sent += [j not in pipe.last.get("repeats", []) for j in range(len(x[i:i + batch_size]))]
     probs = pipe.probabilities(np.concatenate(logits))
+    _print(files, probs, pipe, man, server, how, sent, top_k, as_json)
+
+
+def _print(files, probs, pipe, man, server, how, sent, top_k, as_json) -> None:
+    import numpy as np
 
     k = min(top_k, probs.shape[1])
-    names = pipe.class_names
     where = f"remote {server}" if server else pipe.providers["processing"]
+    cached = sum(not s for s in sent)
     info(f"ran on {pipe.providers['encoder']} (device side), processing on {where}"
-         + (f"; fooling inputs from {how}" + (" by the match rule" if man.get("fool_rule") == "match" else "")
-            if pipe.complex else ""))
+         + (f"; fooling inputs from {how or 'nowhere (nothing sent)'}" if pipe.complex else "")
+         + (f"; {cached} near-duplicate image(s) answered from this device's cache, not sent again" if cached else ""))
+    if how == "noise":
+        info("warning: no --fool-dir: each fooling input is smooth random noise, which hides less than a real image "
+             "would (see README); create a fool pool with `cvconvert fools create`")
     results = []
-    for n, (f, p) in enumerate(zip(files, probs)):
+    for f, p, s in zip(files, probs, sent):
         top = np.argsort(-p, kind="stable")[:k]
-        entry = {"image": str(f), "top": [{"class": str(names[j]), "index": int(j), "prob": float(p[j])} for j in top]}
-        if reveal_key and pipe.complex:
-            entry["theta"] = float(theta[n])
-        results.append(entry)
+        results.append({"image": str(f), "sent": bool(s),
+                        "top": [{"class": str(pipe.class_names[j]), "index": int(j), "prob": float(p[j])} for j in top]})
     if as_json:
         emit_json({"providers": pipe.providers, "processing": server or "local", "predictions": results,
                    **({"fools": how, "fool_rule": man.get("fool_rule", "random")} if pipe.complex else {})})
         return
     for r in results:
         tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
-        key = f"  theta={r['theta']:.6f}" if "theta" in r else ""
-        print(f"{r['image']}: {tops}{key}")
+        print(f"{r['image']}: {tops}" + ("" if r["sent"] else "  (cached)"))

@@ -1,20 +1,39 @@
-"""How each image's fooling image I' is picked (numpy only: the device runtime uses it, torch-free).
+"""Where every fooling image I' comes from (numpy only: the device runtime uses it, torch-free).
 
-``random`` (the paper): any other image, uniformly.
+Threat model: the cloud keeps every x it receives and compares them. Re(x) and Im(x) span {a, b}, so a
+feature vector that appears in two transmissions (a reused fool, a batch image used as another's fool,
+the same image sent twice) is exposed exactly by intersecting the two spans. Hence the device's rule:
+no feature vector appears in two transmissions. This module is the fool half of that rule:
 
-``match``: a symmetric pairing law that favours distant pairs (docs/results.md, "Choosing the fool").
-Over a set of images (the image plus up to 63 candidates, or a training batch), W = Sinkhorn(exp(lam D /
-mean D)) with a zero diagonal, D the mean absolute pixel distance, and the fool is drawn from the image's
-row of W. W is symmetric and doubly stochastic, so for an iid set P(I, I') = P(I', I): the pair stays
-exchangeable, which is what the exchange defense rests on, while the pair's expected distance rises from
-~0.21 to ~0.27 on Fashion-MNIST and with it the error of any attacker that cannot tell the two apart.
-Picking the farthest candidate instead leaks which image is real (measured: a classifier tells them apart
-91% of the time), so it is not offered.
+- ``FoolPool``: a device-private folder of fool images with their precomputed features b = g(I'). Each
+  fool is used at most once, ever: a ledger records what has been taken, written atomically under an
+  exclusive file lock, so two processes never take the same fool. An empty pool refuses in one line.
+- ``choose_fools``: the single-transmission simulation that training and the audit use (a fool is another
+  image of the same batch); it is never used to build what a device sends.
+
+The picking rules. ``random`` (the paper): any candidate, uniformly. ``match``: a symmetric pairing law
+that favours distant pairs (docs/results.md, "Choosing the fool"). Over a set of images (the image plus
+up to 63 candidates), W = Sinkhorn(exp(lam D / mean D)) with a zero diagonal, D the mean absolute pixel
+distance, and the fool is drawn from the image's row of W. W is symmetric and doubly stochastic, so for an
+iid set P(I, I') = P(I', I): the pair stays exchangeable, which is what the exchange defense rests on,
+while the pair's expected distance rises from ~0.21 to ~0.27 on Fashion-MNIST and with it the error of any
+attacker that cannot tell the two apart. Picking the farthest candidate instead leaks which image is real
+(measured: a classifier tells them apart 91% of the time), so it is not offered.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+
+from .guard import sketch
+from .modeldir import atomic_json, atomic_write, locked
 
 FOOL_RULES = ("random", "match")
 MATCH_LAMBDA = 16.0  # measured value (experiments/results/farfool.md)
@@ -64,3 +83,282 @@ def draw(probs: np.ndarray, uniform: float) -> int:
     """The index that a uniform number in [0, 1) picks from an (unnormalised) probability row."""
     c = np.cumsum(probs)
     return int(min(np.searchsorted(c / c[-1], uniform, side="right"), len(probs) - 1))
+
+
+def _uniform() -> float:
+    return secrets.randbits(53) / 2.0 ** 53
+
+
+def fallback_fool(image: np.ndarray) -> np.ndarray:
+    """A fooling input for a lone image: smooth random noise with the image's per-channel mean and std.
+
+    Never zero (b = 0 makes x = e^{i theta} a and the phase of a gives theta away) and never derived from
+    the image's content (a flipped copy would put the image into both parts). Fresh per call, so it never
+    appears in two transmissions; weaker than a real image, since noise features look unnatural.
+    """
+    c, h, w = image.shape
+    noise = np.frombuffer(os.urandom(4 * c * h * w), dtype=np.uint32).astype(np.float32) / 2.0 ** 32
+    noise = noise.reshape(c, h, w)
+    k = max(1, min(h, w) // 8)  # box blur: natural images are smooth, white noise is not
+    if k > 1:
+        kernel = np.ones(k, np.float32) / k
+        noise = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 2, noise)
+        noise = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 1, noise)
+    mean, std = image.mean(axis=(1, 2), keepdims=True), image.std(axis=(1, 2), keepdims=True)
+    n_mean, n_std = noise.mean(axis=(1, 2), keepdims=True), noise.std(axis=(1, 2), keepdims=True) + 1e-6
+    std = np.maximum(std, 0.1)  # a flat image still gets a non-zero fool
+    return np.clip((noise - n_mean) / n_std * std + mean, 0.0, 1.0).astype(np.float32)
+
+
+def pick(image: np.ndarray, candidates: np.ndarray, rule: str) -> int:
+    """Index into `candidates` of `image`'s fool: uniform (``random``) or by the ``match`` law over the
+    image and the candidates (CSPRNG either way)."""
+    if rule == "random" or len(candidates) == 1:
+        return secrets.randbelow(len(candidates))
+    group = np.concatenate([image[None], candidates]).reshape(len(candidates) + 1, -1)
+    return draw(match_law(group)[0, 1:], _uniform())  # row 0 without W_00 = 0: never the image itself
+
+
+def choose_fools(images: np.ndarray, pool: np.ndarray | None = None, rule: str = "random") -> tuple[np.ndarray, str]:
+    """SIMULATION ONLY (training's and the audit's single-transmission model, and the audit's picture of
+    the old unsafe device): one fool per image from `pool` drawn with replacement, else another image of the
+    batch, else `fallback_fool`. A device never sends these: they break the one-transmission rule.
+    Returns (fools, how)."""
+    n = images.shape[0]
+    check_rule(rule)
+    rand = secrets.SystemRandom()
+    has_pool = pool is not None and len(pool) > 0
+    if not has_pool and n == 1:
+        return np.stack([fallback_fool(im) for im in images]), "noise"
+    out = []
+    for i, image in enumerate(images):
+        if has_pool:
+            cands = pool[rand.sample(range(len(pool)), min(len(pool), MATCH_SET - 1))]
+        else:
+            cands = images[rand.sample([j for j in range(n) if j != i], min(n - 1, MATCH_SET - 1))]
+        out.append(cands[pick(image, cands, rule)])
+    return np.ascontiguousarray(np.stack(out), dtype=np.float32), "fool-dir" if has_pool else "batch"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fool pool: device-private fools, each used once.
+
+POOL_FORMAT = "cvconvert-fool-pool"
+POOL_VERSION = 1
+POOL_FILES = {"meta": "pool.json", "images": "images.npy", "features": "features.npy", "ledger": "ledger.npy",
+              "sketches": "sketches.npy"}
+
+
+def low_water(count: int) -> int:
+    """Below this many unused fools the device warns (a tenth of the pool, at least 16)."""
+    return max(16, count // 10)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write, mode=0o600)
+
+
+def image_digests(images: np.ndarray) -> list[str]:
+    """One sha256 per image of its 8-bit pixels: the same picture gives the same digest."""
+    q = np.clip(np.rint(np.asarray(images) * 255), 0, 255).astype(np.uint8)
+    return [hashlib.sha256(im.tobytes()).hexdigest() for im in q]
+
+
+@dataclass
+class Taken:
+    """Fools handed out by FoolPool.take: their pool indices, images and precomputed features."""
+    index: np.ndarray
+    images: np.ndarray
+    features: np.ndarray
+    remaining: int
+
+
+class FoolPool:
+    """A device-private folder of fool images and their features, each fool used at most once:
+
+        POOL/pool.json      format, sha256 of the graph that computed the features, shapes, options
+        POOL/images.npy     [M, C, H, W] float32 fool images (the match rule needs their pixels)
+        POOL/features.npy   [M, C', H', W'] float32 b = g(I'), computed once when the fools were added
+        POOL/ledger.npy     uint8 [M]: 1 = used (or burned); only ever goes from 0 to 1
+        POOL/sketches.npy   [M, d] float16 sketches of the features, for the near-duplicate checks
+
+    Every read-modify-write holds an exclusive flock on POOL/.lock and replaces files by rename, so two
+    processes never take the same fool and a crash never leaves a half-written file. Files are 0600.
+    """
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta = Path(path), meta
+        self.created: dict | None = None  # create(): what add() said about the first images
+
+    # -- creating and opening --------------------------------------------------------------------
+    @classmethod
+    def create(cls, path, images: np.ndarray, features: np.ndarray, *, features_sha256: str,
+               input_shape, feature_shape) -> "FoolPool":
+        """A new pool at `path` (which must not exist, or be an empty folder), built in a temporary
+        sibling folder and renamed into place, so an interrupted create leaves nothing behind."""
+        import shutil
+        import tempfile
+
+        from .errors import CvError
+
+        path = Path(path)
+        if (path / POOL_FILES["meta"]).exists():
+            raise CvError(f"{path} is already a fool pool (add fools with `cvconvert fools refill {path} ...`)")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise CvError(f"{path} exists and is not an empty folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))  # mode 0700
+        try:
+            meta = {"format": POOL_FORMAT, "version": POOL_VERSION, "features_sha256": features_sha256,
+                    "input_shape": list(input_shape), "feature_shape": list(feature_shape), "count": 0,
+                    "digests": []}
+            _save_npy(tmp / POOL_FILES["images"], np.zeros((0, *input_shape), np.float32))
+            _save_npy(tmp / POOL_FILES["features"], np.zeros((0, *feature_shape), np.float32))
+            _save_npy(tmp / POOL_FILES["ledger"], np.zeros(0, np.uint8))
+            _save_npy(tmp / POOL_FILES["sketches"], sketch(np.zeros((0, *feature_shape))).astype(np.float16))
+            atomic_json(meta, tmp / POOL_FILES["meta"])
+            stats = cls(tmp, meta).add(images, features)
+            if path.exists():
+                path.rmdir()
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        pool = cls.open(path)
+        pool.created = stats
+        return pool
+
+    @classmethod
+    def open(cls, path, features_sha256: str | None = None) -> "FoolPool":
+        """The pool at `path`; CvError when it is not one, or when its features came from another graph."""
+        from .errors import CvError
+
+        path = Path(path)
+        meta_path = path / POOL_FILES["meta"]
+        if not meta_path.is_file():
+            hint = " (a folder of images: make it a pool with `cvconvert fools create`)" if path.is_dir() else ""
+            raise CvError(f"{path} is not a fool pool{hint}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            raise CvError(f"{meta_path} is not valid JSON") from None
+        if meta.get("format") != POOL_FORMAT or meta.get("version") != POOL_VERSION:
+            raise CvError(f"{path} is not a fool pool of a version this cvconvert reads")
+        if features_sha256 is not None and meta.get("features_sha256") != features_sha256:
+            raise CvError(f"the fool pool {path} holds features of another model (features graph sha256 differs): "
+                          f"create a new pool for this model with `cvconvert fools create`")
+        return cls(path, meta)
+
+    # -- state -------------------------------------------------------------------------------------
+    def _ledger(self) -> np.ndarray:
+        return np.load(self.path / POOL_FILES["ledger"])
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return (np.load(self.path / POOL_FILES["images"], mmap_mode="r"),
+                np.load(self.path / POOL_FILES["features"], mmap_mode="r"))
+
+    def status(self) -> dict:
+        with locked(self.path):
+            ledger = self._ledger()
+            meta = json.loads((self.path / POOL_FILES["meta"]).read_text())
+        used = int(ledger.sum())
+        return {"pool": str(self.path), "count": int(len(ledger)), "used": used, "remaining": int(len(ledger)) - used,
+                "low_water": low_water(len(ledger)), "features_sha256": meta["features_sha256"],
+                "input_shape": meta["input_shape"], "feature_shape": meta["feature_shape"]}
+
+    @property
+    def remaining(self) -> int:
+        return self.status()["remaining"]
+
+    # -- changing it -------------------------------------------------------------------------------
+    def add(self, images: np.ndarray, features: np.ndarray, threshold: float | None = None) -> dict:
+        """Append fools. Pictures the pool already holds, and near-duplicates (feature cosine >= threshold,
+        default the guard's) of a pool fool or of each other, are skipped: two such fools in two
+        transmissions would expose each other. Returns {"added": K, "duplicates": D, "near_duplicates": E}."""
+        from .guard import DEFAULT_THRESHOLD
+
+        limit = min(DEFAULT_THRESHOLD if threshold is None else threshold, 1 - 1e-5)
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        new_sk = sketch(features)
+        with locked(self.path):
+            meta = json.loads((self.path / POOL_FILES["meta"]).read_text())
+            old_sk = np.load(self.path / POOL_FILES["sketches"]).astype(np.float32)
+            seen, keep, digests, dup, near = set(meta["digests"]), [], [], 0, 0
+            for i, d in enumerate(image_digests(images)):
+                others = np.concatenate([old_sk, new_sk[keep]])
+                if d in seen:
+                    dup += 1
+                elif len(others) and (others @ new_sk[i]).max() >= limit:
+                    near += 1
+                else:
+                    seen.add(d)
+                    keep.append(i)
+                    digests.append(d)
+            old_images, old_feats = self._arrays()
+            ledger = self._ledger()
+            _save_npy(self.path / POOL_FILES["images"], np.concatenate([old_images, images[keep]]))
+            _save_npy(self.path / POOL_FILES["features"], np.concatenate([old_feats, features[keep]]))
+            _save_npy(self.path / POOL_FILES["sketches"], np.concatenate([old_sk, new_sk[keep]]).astype(np.float16))
+            _save_npy(self.path / POOL_FILES["ledger"], np.concatenate([ledger, np.zeros(len(keep), np.uint8)]))
+            meta["digests"] += digests
+            meta["count"] = len(ledger) + len(keep)
+            atomic_json(meta, self.path / POOL_FILES["meta"])
+            self.meta = meta
+        return {"added": len(keep), "duplicates": dup, "near_duplicates": near}
+
+    def take(self, n: int, images: np.ndarray | None = None, rule: str = "random", reject=None) -> Taken:
+        """n fools, never used before and never again (marked in the ledger before they are returned).
+
+        images: the request's images ([n, C, H, W]), which the ``match`` rule pairs against. reject: an
+        optional ``sketches [k, d] -> bool [k]`` (see cvconvert.guard.sketch) that burns candidates the
+        caller must not send, e.g. a fool too close to something already sent; burned fools are marked
+        used too. CvError when the pool cannot supply n fools.
+        """
+        check_rule(rule)
+        with locked(self.path):
+            ledger = self._ledger()
+            pool_images, pool_feats = self._arrays()
+            sketches = np.load(self.path / POOL_FILES["sketches"], mmap_mode="r")
+            free = set(int(i) for i in np.flatnonzero(ledger == 0))
+            if len(free) < n:  # refuse before anything is taken
+                self._candidates(free, ledger, sketches, reject, 0, n)
+            chosen = []
+            try:
+                for i in range(n):
+                    cands = self._candidates(free, ledger, sketches, reject, i, n)
+                    image = images[i] if images is not None else None
+                    j = cands[pick(image, np.asarray(pool_images[cands]), rule)] if image is not None else cands[0]
+                    chosen.append(j)
+                    free.discard(j)
+                    ledger[j] = 1
+            finally:  # taken and burned fools are marked even when the request fails half-way
+                _save_npy(self.path / POOL_FILES["ledger"], ledger)
+            return Taken(np.asarray(chosen), np.array(pool_images[chosen], dtype=np.float32),
+                         np.array(pool_feats[chosen], dtype=np.float32), len(free))
+
+    def _candidates(self, free: set, ledger, sketches, reject, i: int, n: int) -> list:
+        """Up to MATCH_SET - 1 unused fools drawn with the CSPRNG; those `reject` refuses are burned."""
+        from .errors import CvError
+
+        rand = secrets.SystemRandom()
+        while True:
+            if len(free) < n - i:
+                raise CvError(f"fool pool {self.path} has {len(free)} unused fool(s), this request needs {n - i} more: "
+                              f"refill it with `cvconvert fools refill {self.path} IMAGES...` (device-private images, "
+                              "never used elsewhere)")
+            cands = rand.sample(sorted(free), min(len(free), MATCH_SET - 1))
+            if reject is None:
+                return cands
+            bad = np.asarray(reject(np.asarray(sketches[cands], dtype=np.float32)), dtype=bool)
+            for j in np.asarray(cands)[bad]:
+                free.discard(int(j))
+                ledger[int(j)] = 1
+            good = [j for j, b in zip(cands, bad) if not b]
+            if good:
+                return good

@@ -10,6 +10,8 @@ command never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -24,20 +26,33 @@ WEIGHTS = "model.pt"
 FORMAT = "cvconvert-model"
 
 
-def atomic_write(path: Path | str, write) -> None:
-    """Call write(tmp_path) then rename tmp_path onto path (same folder, so the rename is atomic)."""
+def atomic_write(path: Path | str, write, mode: int | None = None) -> None:
+    """Call write(tmp_path) then rename tmp_path onto path (same folder, so the rename is atomic).
+    mode: the file's permission bits (default: 0o666 less the umask); 0o600 for device-private files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, (0o666 & ~_umask()) if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def locked(folder: Path, name: str = ".lock"):
+    """An exclusive lock on folder/name for the duration (held across processes; released on exit or crash)."""
+    fd = os.open(Path(folder) / name, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _umask() -> int:

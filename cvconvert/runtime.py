@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +22,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import CvError, one_line
-from .fools import MATCH_SET, check_rule, draw, match_law
+from .fools import FoolPool, choose_fools, fallback_fool, low_water  # noqa: F401 (choose_fools: simulation API)
+from .guard import NoGuard, SentGuard
 from .keys import secure_angles
 from .modeldir import WEIGHTS, read_manifest
 from .ortsession import create_session
@@ -37,7 +37,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # output too, so one server and one pipeline serve every variant.
 SIGNATURES = {
     True: {"encoder": (("image", "fool", "theta"), ("x",)), "processing": (("x",), ("h",)),
-           "decoder": (("h", "theta"), ("logits",))},
+           "decoder": (("h", "theta"), ("logits",)), "features": (("image",), ("a",))},
     False: {"encoder": (("image",), ("x",)), "processing": (("x",), ("h",)), "decoder": (("h",), ("logits",)),
             "original": (("image",), ("logits",))},
 }
@@ -48,7 +48,7 @@ def expected_shapes(manifest: dict, h_shape=None) -> dict[str, tuple | None]:
     cplx = manifest["variant"] == "complex"
     feat = tuple(manifest["feature_shape"])
     return {"image": tuple(manifest["input_shape"]), "fool": tuple(manifest["input_shape"]), "theta": (),
-            "x": ((2,) if cplx else ()) + feat, "h": tuple(h_shape) if h_shape is not None else None,
+            "x": ((2,) if cplx else ()) + feat, "a": feat, "h": tuple(h_shape) if h_shape is not None else None,
             "logits": (int(manifest["num_classes"]),)}
 
 
@@ -123,105 +123,68 @@ def session_signature(sess) -> tuple[list, list]:
     return ([(i.name, i.shape) for i in sess.get_inputs()], [(o.name, o.shape) for o in sess.get_outputs()])
 
 
-def fallback_fool(image: np.ndarray) -> np.ndarray:
-    """A fooling input for a lone image: smooth random noise with the image's per-channel mean and std.
-
-    Never zero (b = 0 makes x = e^{i theta} a and the phase of a gives theta away) and never derived from
-    the image's content (a flipped copy would put the image into both parts). It is weaker than a real
-    second image, since noise features look unnatural; callers warn and suggest --fool-dir.
-    """
-    c, h, w = image.shape
-    noise = np.frombuffer(os.urandom(4 * c * h * w), dtype=np.uint32).astype(np.float32) / 2.0 ** 32
-    noise = noise.reshape(c, h, w)
-    k = max(1, min(h, w) // 8)  # box blur: natural images are smooth, white noise is not
-    if k > 1:
-        kernel = np.ones(k, np.float32) / k
-        noise = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 2, noise)
-        noise = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 1, noise)
-    mean, std = image.mean(axis=(1, 2), keepdims=True), image.std(axis=(1, 2), keepdims=True)
-    n_mean, n_std = noise.mean(axis=(1, 2), keepdims=True), noise.std(axis=(1, 2), keepdims=True) + 1e-6
-    std = np.maximum(std, 0.1)  # a flat image still gets a non-zero fool
-    return np.clip((noise - n_mean) / n_std * std + mean, 0.0, 1.0).astype(np.float32)
-
-
-def _uniform() -> float:
-    return secrets.randbits(53) / 2.0 ** 53
-
-
-def _match_fools(images: np.ndarray, pool: np.ndarray | None) -> np.ndarray:
-    """The ``match`` rule (cvconvert/fools.py): per image, a set of itself and up to 63 candidates (pool
-    images drawn with the CSPRNG, else the rest of the batch), the fool drawn from its row of the law."""
-    out = []
-    rand = secrets.SystemRandom()
-    for i, image in enumerate(images):
-        if pool is not None and len(pool):
-            cands = pool[rand.sample(range(len(pool)), min(len(pool), MATCH_SET - 1))]
-        else:
-            others = [j for j in range(len(images)) if j != i]
-            cands = images[rand.sample(others, min(len(others), MATCH_SET - 1))]
-        group = np.concatenate([image[None], cands])
-        law = match_law(group.reshape(len(group), -1))
-        out.append(group[draw(law[0], _uniform())])  # W_00 = 0: never the image itself
-    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
-
-
-def choose_fools(images: np.ndarray, pool: np.ndarray | None = None, rule: str = "random") -> tuple[np.ndarray, str]:
-    """One fooling image per image: from `pool`, else another image of the batch, else `fallback_fool`;
-    random (CSPRNG) or by the ``match`` law (``rule``, the model's manifest key "fool_rule"). Returns
-    (fools, how)."""
-    n = images.shape[0]
-    check_rule(rule)
-    has_pool = pool is not None and len(pool) > 0
-    if rule == "match" and (has_pool or n > 1):
-        return _match_fools(images, pool if has_pool else None), "fool-dir" if has_pool else "batch"
-    if has_pool:
-        idx = [secrets.randbelow(len(pool)) for _ in range(n)]
-        return np.ascontiguousarray(pool[idx], dtype=np.float32), "fool-dir"
-    if n > 1:
-        shift = 1 + secrets.randbelow(n - 1)
-        return np.ascontiguousarray(np.roll(images, shift, axis=0), dtype=np.float32), "batch"
-    return np.stack([fallback_fool(im) for im in images]), "noise"
-
-
-def check_fools(manifest: dict, how: str) -> None:
-    """The exchange defense (manifest fool_sign "quadrant") hides which reading of x is the image only
-    if the fool looks as natural as the image: a noise fool would point the attacker at the real one."""
-    if how == "noise" and manifest.get("fool_sign") == "quadrant":
-        raise CvError("one image and no fooling images: this model uses the exchange defense, which needs a real "
-                      "fooling image (a noise fool would show which reading is the image); pass --fool-dir")
-
-
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
 
 
+GUARD_FILE = "guard.npz"  # the near-duplicate guard's index, kept in the fool pool's folder
+
+
+def combine_np(a: np.ndarray, b: np.ndarray, theta: np.ndarray, fool_sign: str = "none") -> np.ndarray:
+    """x = e^{i theta}(a + i s b) as [N, 2, ...] float32, the encoder's own combine: s = 1 (``none``), or
+    +1 / -1 by the quarter-circle of theta (``quadrant``: +1 where sin(2 theta) >= 0)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    theta = np.asarray(theta, np.float32).reshape((-1,) + (1,) * (a.ndim - 1))
+    if fool_sign == "quadrant":
+        b = b * np.where(np.sin(2 * theta) >= 0, 1.0, -1.0).astype(np.float32)
+    c, s = np.cos(theta), np.sin(theta)
+    return np.ascontiguousarray(np.stack([a * c - b * s, a * s + b * c], 1), dtype=np.float32)
+
+
 class Pipeline:
-    """The three exported parts (or encoder + decoder + a processing callable) on ONNX Runtime.
+    """The exported parts (or encoder + decoder + a processing callable) on ONNX Runtime.
 
     encoder/decoder: paths to the graphs; processing: a path to processing.onnx (run locally) or a
     callable ``np.ndarray x -> np.ndarray h`` (e.g. a remote server). manifest: the model dir's
-    cvconvert.json as a dict (class names, input shape, variant). verify: check each graph's sha256
+    cvconvert.json as a dict (class names, input shape, variant). features: features.onnx (image -> a),
+    so that only the image's own feature is computed online; without it the encoder computes a.
+    pool: a FoolPool (device-private fools, each used once). guard: True (the near-duplicate guard: in
+    the pool's folder, else in memory), a SentGuard, or None (off). verify: check each graph's sha256
     against the export report next to it (a tampered graph is refused).
     """
 
     def __init__(self, encoder, processing, decoder, manifest: dict, *, provider: str = "auto",
-                 verify: bool = True):
+                 verify: bool = True, features=None, pool: FoolPool | None = None, guard=True):
         self.manifest = manifest
         self.complex = manifest.get("variant", "complex") == "complex"
         self.class_names = list(manifest.get("class_names") or range(int(manifest["num_classes"])))
         self.input_shape = tuple(manifest["input_shape"])
         self.multilabel = bool((manifest.get("data") or {}).get("multilabel"))
+        self.fool_sign = manifest.get("fool_sign", "none")
+        self.fool_rule = manifest.get("fool_rule", "random")
         paths = {"encoder": Path(encoder), "decoder": Path(decoder)}
         if not callable(processing):
             paths["processing"] = Path(processing)
+        if features is not None and self.complex:
+            paths["features"] = Path(features)
         for part, p in paths.items():
             if not p.is_file():
                 raise CvError(f"{part} graph {p} does not exist (run `cvconvert export` first)")
         if verify:
             self._verify(paths)
         self.sessions = {part: make_session(p, provider) for part, p in paths.items()}
+        self._check_signatures(paths, manifest)
+        self._processing: Callable = processing if callable(processing) else self._local_processing
+        self.remote = callable(processing)
+        self.features_sha256 = sha256(paths["features" if "features" in paths else "encoder"])
+        self.on_warning: Callable[[str], None] = lambda msg: warnings.warn(msg, stacklevel=3)
+        self.last = {}  # what the last predict did: sent / cached counts, fool source, pool remaining
+        self.pool = self._check_pool(pool)
+        self.guard = self._make_guard(guard)
+
+    def _check_signatures(self, paths: dict, manifest: dict) -> None:
         names, shapes = SIGNATURES[self.complex], expected_shapes(manifest)
         if "processing" in self.sessions:
             h_shape = self.sessions["processing"].get_outputs()[0].shape[1:]
@@ -229,18 +192,36 @@ class Pipeline:
         for part, sess in self.sessions.items():
             ins, outs = session_signature(sess)
             check_signature(f"{part} graph {paths[part]}", ins, outs, names[part], shapes)
-        self._processing: Callable = processing if callable(processing) else self._local_processing
-        self.remote = callable(processing)
+
+    def _check_pool(self, pool):
+        if pool is None:
+            return None
+        if not self.complex:
+            raise CvError(f"a fool pool is for complex models; this one is {self.manifest.get('variant')!r}")
+        if pool.meta.get("features_sha256") != self.features_sha256:
+            raise CvError(f"the fool pool {pool.path} holds features of another model (or of an earlier export): "
+                          "create a new pool for these graphs with `cvconvert fools create`")
+        return pool
+
+    def _make_guard(self, guard):
+        if guard is None or guard is False or not self.complex:
+            return NoGuard()
+        if guard is True:
+            return SentGuard(self.pool.path / GUARD_FILE if self.pool is not None else None)
+        return guard
 
     @classmethod
-    def from_model_dir(cls, model_dir, *, provider: str = "auto", processing=None, verify: bool = True):
+    def from_model_dir(cls, model_dir, *, provider: str = "auto", processing=None, verify: bool = True,
+                       pool: FoolPool | None = None, guard=True):
         model_dir = Path(model_dir)
         manifest = read_manifest(model_dir)
         onnx_dir = model_dir / ONNX_DIR
         if not onnx_dir.is_dir():
             raise CvError(f"{model_dir} has no {ONNX_DIR}/ folder: run `cvconvert export {model_dir}` first")
+        feats = onnx_dir / "features.onnx"
         return cls(onnx_dir / "encoder.onnx", processing if processing is not None else onnx_dir / "processing.onnx",
-                   onnx_dir / "decoder.onnx", manifest, provider=provider, verify=verify)
+                   onnx_dir / "decoder.onnx", manifest, provider=provider, verify=verify,
+                   features=feats if feats.is_file() else None, pool=pool, guard=guard)
 
     @staticmethod
     def _verify(paths: dict) -> None:
@@ -273,7 +254,21 @@ class Pipeline:
     def _local_processing(self, x: np.ndarray) -> np.ndarray:
         return self._run("processing", {"x": x})
 
+    # -- the parts -------------------------------------------------------------------------------------
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """a = g(image) [N, C', H', W'] (features.onnx; else the encoder's real part at theta = 0, b = a)."""
+        images = self._check_images(images)
+        if "features" in self.sessions:
+            return self._run("features", {"image": images})
+        zero = np.zeros(len(images), np.float32)
+        return self._run("encoder", {"image": images, "fool": images, "theta": zero})[:, 0]
+
+    def combine(self, a: np.ndarray, b: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        """x from the features a (images) and b (fools), exactly as encoder.onnx forms it."""
+        return combine_np(a, b, theta, self.fool_sign)
+
     def encode(self, images: np.ndarray, fools: np.ndarray | None = None, theta: np.ndarray | None = None):
+        """The encoder graph as exported (low level: no fool rules; `predict` applies them)."""
         images = self._check_images(images)
         if not self.complex:
             return self._run("encoder", {"image": images})
@@ -295,18 +290,78 @@ class Pipeline:
         theta = np.ascontiguousarray(theta, dtype=np.float32).reshape(-1)
         return self._run("decoder", {"h": np.ascontiguousarray(h, dtype=np.float32), "theta": theta})
 
-    def predict(self, images: np.ndarray, fools: np.ndarray | None = None, theta: np.ndarray | None = None,
-                fool_pool: np.ndarray | None = None) -> np.ndarray:
-        """Logits for a batch of images (pixels in [0, 1], [N, C, H, W]); theta fresh per image unless given."""
+    # -- the device's rules ----------------------------------------------------------------------------
+    def predict(self, images: np.ndarray, fools: np.ndarray | None = None, theta: np.ndarray | None = None) -> np.ndarray:
+        """Logits for a batch of images (pixels in [0, 1], [N, C, H, W]).
+
+        Complex models follow the device's rule that no feature vector appears in two transmissions: each
+        image's fool comes from the pool and is never used again (no pool: a fresh noise fool, which the
+        exchange defense refuses); theta is fresh per image (os.urandom); an image whose feature lies
+        within the guard's threshold of one already sent is not sent again (its cached answer is returned,
+        or it is refused when it matches a fool). `self.last` says what happened. Passing `fools`/`theta`
+        is the low-level path with none of these rules (tests and audits).
+        """
         images = self._check_images(images)
+        self.last = {}
         if not self.complex:
             return self.decode(self.process(self.encode(images)))
-        if fools is None:
-            fools, how = choose_fools(images, fool_pool, self.manifest.get("fool_rule", "random"))
-            check_fools(self.manifest, how)
-        if theta is None:
-            theta = secure_angles(len(images))
-        return self.decode(self.process(self.encode(images, fools, theta)), theta)
+        if fools is not None or theta is not None:
+            if fools is None or theta is None:
+                raise CvError("pass both fools and theta, or neither (then the device's rules pick them)")
+            return self.decode(self.process(self.encode(images, fools, theta)), theta)
+        a = self.features(images)
+        verdict, fools_b, keys = self.guard.screen_and_reserve(a, lambda mask: self._fool_features(images[mask], a))
+        self._refusals(verdict)
+        send = np.array([act == "send" for act in verdict.action])
+        out = np.zeros((len(images), len(self.class_names)), np.float32)
+        if send.any():
+            theta = secure_angles(int(send.sum()))  # one secret angle per image; stays in this process
+            sent = self.decode(self.process(self.combine(a[send], fools_b, theta)), theta)
+            self.guard.store_logits(keys, sent)
+            out[send] = sent
+        for i, (act, ref, cached) in enumerate(zip(verdict.action, verdict.ref, verdict.logits)):
+            if act == "cached":
+                out[i] = cached
+            elif act == "same":
+                out[i] = out[ref]
+        self.last.update(sent=int(send.sum()), cached=int(len(images) - send.sum()),
+                         repeats=[i for i, act in enumerate(verdict.action) if act != "send"])
+        return out
+
+    def _fool_features(self, images: np.ndarray, request_a: np.ndarray) -> np.ndarray:
+        """b for each image to send: a never-used pool fool (burning any that lies within the guard's
+        threshold of something sent or of this request's images), else fresh noise where allowed."""
+        if self.pool is None:
+            if self.fool_sign == "quadrant":
+                raise CvError("this model uses the exchange defense, which needs a device-private fool pool (a noise "
+                              "fool would show which reading is the image): create one with `cvconvert fools create "
+                              "POOL --model-dir DIR IMAGES...` and pass --fool-dir POOL")
+            self.last["fools"] = "noise"
+            return self.features(np.stack([fallback_fool(im) for im in images]))
+        from .guard import sketch
+
+        own = sketch(request_a)
+
+        limit = min(self.guard.threshold or 1.0, 1 - 1e-5)
+
+        def reject(sk):  # a fool near something already sent, or near one of this request's own images
+            return self.guard.too_close(sk) | ((sk @ own.T).max(1) >= limit)
+        taken = self.pool.take(len(images), images, self.fool_rule, reject=reject)
+        self.last.update(fools="pool", pool_remaining=taken.remaining)
+        if taken.remaining < low_water(self.pool.meta.get("count", 0)):
+            self.on_warning(f"fool pool {self.pool.path} is running low: {taken.remaining} unused fool(s) left; refill "
+                            f"it with `cvconvert fools refill {self.pool.path} IMAGES...`")
+        return taken.features
+
+    @staticmethod
+    def _refusals(verdict) -> None:
+        for i, act in enumerate(verdict.action):
+            if act == "refuse":
+                raise CvError(f"image {i} is a near-duplicate (cosine {verdict.cosine[i]:.4f}) of a fooling image this "
+                              "device already sent: sending it would expose both; nothing was sent")
+            if act == "busy":
+                raise CvError(f"image {i} is a near-duplicate of an image sent by a request whose answer was never "
+                              "recorded (still running, or interrupted): it is not sent again; nothing was sent")
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-logits)) if self.multilabel else softmax(logits)
@@ -319,4 +374,3 @@ class Pipeline:
             raise CvError(f"{what} have shape {list(images.shape)}, the model takes [N, "
                           f"{', '.join(map(str, self.input_shape))}]")
         return images
-

@@ -98,10 +98,16 @@ def test_train_records_the_rule_and_infer_uses_it(tmp_path, monkeypatch):
     from PIL import Image
     for i in range(3):
         Image.fromarray((np.random.default_rng(i).random((32, 32)) * 255).astype(np.uint8)).save(imgs / f"{i}.png")
-    res = runner.invoke(app, ["infer", "--model-dir", str(d), str(imgs), "--json"])
+    fools = tmp_path / "fools"
+    fools.mkdir()
+    for i in range(8):
+        Image.fromarray((np.random.default_rng(50 + i).random((32, 32)) * 255).astype(np.uint8)).save(fools / f"{i}.png")
+    res = runner.invoke(app, ["fools", "create", str(tmp_path / "pool"), str(fools), "--model-dir", str(d)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["infer", "--model-dir", str(d), str(imgs), "--json", "--fool-dir", str(tmp_path / "pool")])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert out["fool_rule"] == "match" and out["fools"] == "batch"
+    assert out["fool_rule"] == "match" and out["fools"] == "pool"
     # a later run with --fool-rule random takes it back; an original model has no fools to pick
     res = runner.invoke(app, [str(a) for a in args[:-4] + ["--fool-rule", "random", "--resume", "--epochs", 2]])
     assert res.exit_code == 0, res.output
@@ -130,3 +136,104 @@ def test_attack_victim_uses_the_rule(monkeypatch):
     assert seen == ["match"] and x.shape[:2] == (6, 2) and theta.shape == (6,) and logits.shape == (6, 10)
     attack_runner._victim(model, images, torch.device("cpu"), "random")
     assert seen == ["match"]  # the paper's derangement does not go through the match law
+
+
+# --- the fool pool and the one-transmission rule -----------------------------------------------------
+
+def _pool(tmp_path, n=20, seed=0, shape=(1, 8, 8), feat=(3, 4, 4), name="pool"):
+    from cvconvert.fools import FoolPool
+
+    rng = np.random.default_rng(seed)
+    imgs = rng.random((n, *shape), dtype=np.float32)
+    feats = rng.normal(size=(n, *feat)).astype(np.float32)
+    return FoolPool.create(tmp_path / name, imgs, feats, features_sha256="f" * 64, input_shape=shape,
+                           feature_shape=feat), imgs, feats
+
+
+def test_pool_hands_out_each_fool_once_then_refuses(tmp_path):
+    from cvconvert.fools import FoolPool
+
+    pool, imgs, feats = _pool(tmp_path)
+    assert pool.status()["remaining"] == 20 and (tmp_path / "pool").stat().st_mode & 0o777 == 0o700
+    assert all((tmp_path / "pool" / f).stat().st_mode & 0o777 == 0o600 for f in ("ledger.npy", "features.npy"))
+    got = []
+    for rule in ("random", "match", "random"):
+        t = pool.take(5, imgs[:5] * 0.5, rule)
+        for i, j in enumerate(t.index):  # each fool comes with its own precomputed feature and image
+            np.testing.assert_array_equal(t.features[i], feats[j])
+            np.testing.assert_array_equal(t.images[i], imgs[j])
+        got += list(t.index)
+    assert len(set(got)) == 15 and pool.remaining == 5
+    with pytest.raises(CvError, match=r"has 5 unused fool\(s\), this request needs 6 more: refill it with `cvconvert fools refill"):
+        pool.take(6)
+    assert pool.remaining == 5  # a refused request takes nothing
+    again = FoolPool.open(tmp_path / "pool")  # the ledger is on disk, not in this object
+    assert sorted(set(range(20)) - set(got)) == sorted(again.take(5).index.tolist())
+    with pytest.raises(CvError, match="needs 1 more"):
+        again.take(1)
+    stats = again.add(np.concatenate([imgs[:3], imgs[:1] + 0.3]), np.concatenate([feats[:3], feats[:1]]))
+    assert stats == {"added": 0, "duplicates": 3, "near_duplicates": 1}  # a picture it has, or its feature
+    with pytest.raises(CvError, match="holds features of another model"):
+        FoolPool.open(tmp_path / "pool", "0" * 64)
+    with pytest.raises(CvError, match="not a fool pool"):
+        FoolPool.open(tmp_path)
+
+
+def test_pool_burns_fools_the_caller_rejects(tmp_path):
+    pool, imgs, feats = _pool(tmp_path, n=10)
+    from cvconvert.guard import sketch
+
+    banned = sketch(feats[:6])
+    t = pool.take(4, reject=lambda sk: (sk @ banned.T).max(1) > 0.999)
+    assert sorted(t.index.tolist()) == [6, 7, 8, 9] and t.remaining == 0
+    assert pool.status()["used"] == 10  # the six rejected ones are burned, never handed out later
+
+
+_DRAW = """
+import json, sys
+from cvconvert.fools import FoolPool
+pool = FoolPool.open(sys.argv[1])
+got = []
+for _ in range(int(sys.argv[2])):
+    got += pool.take(3).index.tolist()
+print(json.dumps(got))
+"""
+
+
+def test_two_processes_never_share_a_fool(tmp_path):
+    import subprocess
+    import sys
+
+    _pool(tmp_path, n=120)
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", _DRAW, str(tmp_path / "pool"), "20"], cwd=root,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert len(outs[0]) == len(outs[1]) == 60
+    assert not set(outs[0]) & set(outs[1]) and len(set(outs[0] + outs[1])) == 120
+
+
+def test_guard_answers_repeats_from_the_cache_and_refuses_a_fool_sent_back(tmp_path):
+    from cvconvert.guard import SentGuard
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(4, 3, 4, 4)).astype(np.float32)
+    b = rng.normal(size=(4, 3, 4, 4)).astype(np.float32)
+    g = SentGuard(tmp_path / "g.npz", threshold=0.995, capacity=100)
+    verdict, fools, keys = g.screen_and_reserve(a[:2], lambda m: b[:2][m])
+    assert verdict.action == ["send", "send"] and len(keys) == 2
+    g.store_logits(keys, np.eye(2, 10, dtype=np.float32))
+    g2 = SentGuard(tmp_path / "g.npz", threshold=0.995)  # another process: the index is on disk
+    near = a[1] + 0.01 * rng.normal(size=a[1].shape).astype(np.float32)
+    verdict, _, _ = g2.screen_and_reserve(np.stack([a[0], near, a[2], a[2] * 1.0001, b[0]]), lambda m: b[2:3])
+    assert verdict.action == ["cached", "cached", "send", "same", "refuse"]
+    np.testing.assert_array_equal(verdict.logits[1], np.eye(2, 10)[1])
+    assert verdict.ref[3] == 2
+    assert oct((tmp_path / "g.npz").stat().st_mode & 0o777) == "0o600"
+    small = SentGuard(tmp_path / "s.npz", capacity=2)  # bounded: the oldest are forgotten
+    for i in range(4):
+        small.screen_and_reserve(a[i:i + 1], lambda m: b[i:i + 1])
+    assert len(small) == 2
+    with pytest.raises(CvError, match="threshold"):
+        SentGuard(None, threshold=1.5)

@@ -1,0 +1,138 @@
+"""`cvconvert fools`: create, refill and inspect a device-private fool pool (each fool used once).
+
+Torch-free apart from the optional check of the images against the model's own public data set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import typer
+
+from ._app import app, command, emit_json, info
+
+fools_app = typer.Typer(name="fools", no_args_is_help=True, add_completion=False,
+                        help="Device-private fool pools: each fooling image is sent once, then never again.")
+app.add_typer(fools_app, name="fools")
+
+
+def _pipeline(model_dir: Path):
+    from cvconvert.runtime import Pipeline
+
+    return Pipeline.from_model_dir(model_dir, guard=None)
+
+
+def _load(paths: list[Path], manifest: dict, resize: bool):
+    import numpy as np
+
+    from .infer import collect_images, load_image
+
+    files = collect_images(paths)
+    return np.stack([load_image(f, manifest, resize) for f in files]), files
+
+
+def _public_overlap(images, manifest: dict, check: bool) -> int | None:
+    """How many of `images` are pictures of the model's own data set (which an attacker holds too):
+    None when the data set is not on this machine or the check is off."""
+    if not check:
+        return None
+    name = (manifest.get("data") or {}).get("name")
+    if not name:
+        return None
+    try:
+        from cvconvert.data import get_dataset
+        from cvconvert.errors import CvError
+    except ImportError:
+        return None
+    from cvconvert.fools import image_digests
+
+    mine = set(image_digests(images))
+    hits = 0
+    for train in (True, False):
+        try:
+            ds = get_dataset(name, train=train)
+        except CvError:
+            return None
+        pics = getattr(ds, "images", None)
+        if pics is None:  # a data set decoded per item: too slow to scan here
+            return None
+        public = set(image_digests(pics.numpy().astype("float32") / 255))
+        hits += len(mine & public)
+    return hits
+
+
+def _report(pool, stats: dict | None, overlap: int | None, as_json: bool) -> None:
+    status = pool.status()
+    if stats:
+        status.update(stats)
+    if overlap is not None:
+        status["public_images"] = overlap
+    if overlap:
+        info(f"warning: {overlap} of these images belong to the model's public data set, which the cloud may hold: "
+             "it can find such a fool by testing which public feature lies in span(x). Use device-private images.")
+    if stats and (stats.get("duplicates") or stats.get("near_duplicates")):
+        info(f"skipped {stats['duplicates']} duplicate and {stats['near_duplicates']} near-duplicate image(s): "
+             "two fools that are (nearly) one picture would expose each other")
+    if as_json:
+        emit_json(status)
+        return
+    print(f"{status['pool']}: {status['remaining']} unused of {status['count']} fools "
+          f"({status['used']} used); warns below {status['low_water']}")
+
+
+_MODEL = typer.Option(..., help="Model dir with onnx/ (its features graph computes each fool's feature once).")
+_RESIZE = typer.Option(False, help="Resize images of another size (default: refuse them).")
+_CHECK = typer.Option(True, help="Warn about images of the model's own (public) data set, when it is on this machine.")
+_JSON = typer.Option(False, "--json", help="Print the pool's status as JSON on stdout.")
+
+
+@command("create", on=fools_app)
+def create(
+    pool: Path = typer.Argument(..., help="New folder for the pool (private: mode 0700, files 0600)."),
+    images: List[Path] = typer.Argument(..., help="PNG/JPEG files or folders: device-private pictures of the domain."),
+    model_dir: Path = _MODEL,
+    resize: bool = _RESIZE,
+    check_public: bool = _CHECK,
+    as_json: bool = _JSON,
+):
+    """Create a fool pool from IMAGES for the model in --model-dir, with every fool's feature precomputed."""
+    from cvconvert.fools import FoolPool
+
+    pipe = _pipeline(model_dir)
+    if not pipe.complex:
+        from cvconvert.errors import CvError
+        raise CvError(f"{model_dir} is a {pipe.manifest['variant']!r} model: fool pools are for complex models")
+    arr, files = _load(images, pipe.manifest, resize)
+    info(f"computing the features of {len(files)} fool image(s)")
+    feats = pipe.features(arr)
+    new = FoolPool.create(pool, arr, feats, features_sha256=pipe.features_sha256,
+                          input_shape=pipe.input_shape, feature_shape=feats.shape[1:])
+    _report(new, new.created, _public_overlap(arr, pipe.manifest, check_public), as_json)
+
+
+@command("refill", on=fools_app)
+def refill(
+    pool: Path = typer.Argument(..., help="An existing pool."),
+    images: List[Path] = typer.Argument(..., help="More device-private PNG/JPEG files or folders."),
+    model_dir: Path = _MODEL,
+    resize: bool = _RESIZE,
+    check_public: bool = _CHECK,
+    as_json: bool = _JSON,
+):
+    """Add fools to POOL (pictures it already holds, or near-duplicates of them, are skipped)."""
+    from cvconvert.fools import FoolPool
+
+    pipe = _pipeline(model_dir)
+    target = FoolPool.open(pool, pipe.features_sha256)
+    arr, _ = _load(images, pipe.manifest, resize)
+    stats = target.add(arr, pipe.features(arr))
+    _report(target, stats, _public_overlap(arr, pipe.manifest, check_public), as_json)
+
+
+@command("status", on=fools_app)
+def status(pool: Path = typer.Argument(..., help="A fool pool."), as_json: bool = _JSON):
+    """How many fools POOL holds, how many are used, and when it will warn."""
+    from cvconvert.fools import FoolPool
+
+    _report(FoolPool.open(pool), None, None, as_json)
