@@ -55,7 +55,7 @@ def run_in_threads(worker, n: int, timeout: float = 60) -> None:
 def exported(tmp_path_factory):
     """A converted LeNet (the paper's split: delta, max-modulus pool, conv, linears) exported with
     `export` (encoder/processing/decoder graphs, validated) plus the Triton repository it writes, and a
-    few grey PNGs (and one fooling image, so the fools are fixed)."""
+    few grey PNGs."""
     from PIL import Image
 
     from cvconvert.build import convert_to_dir
@@ -66,11 +66,10 @@ def exported(tmp_path_factory):
     export_model_dir(base / "lenet", triton_repo=base / "repo")
     rng = np.random.default_rng(0)
     (base / "images").mkdir()
-    (base / "fools").mkdir()
     yy, xx = np.mgrid[0:32, 0:32] / 31.0
-    for i in range(4):  # smooth patterns, unlike each other
+    for i in range(3):  # smooth patterns, unlike each other
         img = 0.5 + 0.5 * np.sin(2 * np.pi * (rng.uniform(0.5, 3) * xx + rng.uniform(0.5, 3) * yy + rng.uniform()))
-        Image.fromarray((img * 255).astype(np.uint8), "L").save(base / ("images" if i < 3 else "fools") / f"{i}.png")
+        Image.fromarray((img * 255).astype(np.uint8), "L").save(base / "images" / f"{i}.png")
     return base
 
 
@@ -575,23 +574,15 @@ def _predictions(args):
 
 
 @pytest.mark.timeout(180)
-def test_cli_infer_server_matches_local(exported, triton_folder_server):
-    """`cvconvert infer --server` gives the same predictions as local `infer` (fixed fooling image; each run
-    draws its own secret theta, which the decoder's unrotation cancels up to float error)."""
-    common = [str(exported / "images"), "--model-dir", str(exported / "lenet"),
-              "--fool-dir", str(exported / "fools"), "--top-k", "10"]
-    local_run = _predictions(common)
-    remote_run = _predictions(common + ["--server", triton_folder_server.url])  # default name ARCH_processing
-    assert remote_run["processing"] == triton_folder_server.url and local_run["processing"] == "local"
-    assert len(local_run["predictions"]) == len(remote_run["predictions"]) == 3
-    for a, b in zip(local_run["predictions"], remote_run["predictions"]):
-        pa = {t["index"]: t["prob"] for t in a["top"]}
-        pb = {t["index"]: t["prob"] for t in b["top"]}
-        assert pa.keys() == pb.keys()
-        assert max(abs(pa[k] - pb[k]) for k in pa) < 1e-5
-        ranked = sorted(pa.values(), reverse=True)
-        if ranked[0] - ranked[1] > 1e-4:  # a clear winner must be the same class
-            assert a["top"][0]["index"] == b["top"][0]["index"]
+def test_cli_infer_server_end_to_end(exported, triton_folder_server):
+    """`cvconvert infer --server` against the served Triton model folder (default name ARCH_processing).
+    Its fools are drawn and used once per run, so two runs cannot be compared image by image here; the
+    same-key, same-fools comparison with local processing is the library test below."""
+    res = _predictions([str(exported / "images"), "--model-dir", str(exported / "lenet"), "--top-k", "10",
+                        "--server", triton_folder_server.url])
+    assert res["processing"] == triton_folder_server.url and len(res["predictions"]) == 3
+    for p in res["predictions"]:
+        assert abs(sum(t["prob"] for t in p["top"]) - 1) < 1e-4
 
 
 def test_pipeline_with_remote_processing_same_key_same_logits(exported, triton_folder_server):
