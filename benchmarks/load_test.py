@@ -69,6 +69,15 @@ def start_server(model: Path, name: str, threads: int | None, extra: list[str], 
     return proc, url
 
 
+def stop_server(proc: subprocess.Popen, wait: float = 30) -> None:
+    """Ctrl-C (uvicorn finishes what is in flight), then kill if it takes longer than `wait` seconds."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", help="processing.onnx or a model dir (default: a converted LeNet's)")
@@ -139,11 +148,7 @@ def main() -> int:
         stop.set()
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
         tmp.cleanup()
 
     expected = args.clients * args.requests

@@ -25,9 +25,7 @@ import argparse
 import gzip
 import http.client
 import json
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from load_test import lenet_processing, start_server  # noqa: E402
+from load_test import lenet_processing, start_server, stop_server  # noqa: E402
 
 from cvconvert.serve.model import resolve_model_path  # noqa: E402
 
@@ -239,11 +237,7 @@ def main() -> int:
         results["idle after"] = w.summary()
         failed |= any(r.get("health_calls", 1) == 0 for r in results.values() if isinstance(r, dict))
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         tmp.cleanup()
     print(json.dumps(results, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in results.items()))
     return 1 if failed else 0
