@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cvconvert.remote import RemoteProcessing  # noqa: E402
-from cvconvert.server import resolve_model_path  # noqa: E402
+from cvconvert.serve.model import resolve_model_path  # noqa: E402
 
 
 def lenet_processing(folder: Path) -> Path:
@@ -41,11 +41,14 @@ def lenet_processing(folder: Path) -> Path:
     return folder / "lenet"
 
 
-def start_server(model: Path, name: str, threads: int | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, name: str, threads: int | None, extra: list[str], root: Path = ROOT
+                 ) -> tuple[subprocess.Popen, str]:
+    """`cvconvert serve` (from the checkout `root`) as its own process; (the process, its URL)."""
     cmd = [sys.executable, "-m", "cli", "serve", str(model), "--name", name, "--port", "0", "--no-access-log"]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd + extra, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(cmd + extra, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url, text = None, ""
     for line in proc.stderr:  # "infer URL: http://127.0.0.1:PORT/..." once it listens
         text = line.decode()
@@ -64,6 +67,15 @@ def start_server(model: Path, name: str, threads: int | None, extra: list[str]) 
         time.sleep(0.1)
     probe.close()
     return proc, url
+
+
+def stop_server(proc: subprocess.Popen, wait: float = 30) -> None:
+    """Ctrl-C (uvicorn finishes what is in flight), then kill if it takes longer than `wait` seconds."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def main() -> int:
@@ -136,11 +148,7 @@ def main() -> int:
         stop.set()
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
         tmp.cleanup()
 
     expected = args.clients * args.requests

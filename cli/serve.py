@@ -24,7 +24,16 @@ def serve(
                                                      "default min(4, CPUs)."),
     intra_op_threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per run (default: CPUs / "
                                                               "--threads; 0: ONNX Runtime's own default)."),
-    max_inflight: int = typer.Option(64, help="Requests accepted at once; more get 503 (bounds memory)."),
+    max_inflight: int = typer.Option(64, help="Requests with a complete body parsed, queued or run at once; more "
+                                              "get 503."),
+    max_inflight_mb: Optional[float] = typer.Option(None, help="Request bodies held at once, in MiB (after "
+                                                               "decompression); a request that would pass it gets "
+                                                               "503 (default 4 x --max-request-mb)."),
+    header_timeout: float = typer.Option(10.0, help="Seconds for a request's headers to arrive; then the "
+                                                    "connection is closed."),
+    body_timeout: float = typer.Option(30.0, help="Seconds for a request's whole body to arrive, from the end of "
+                                                  "its headers; then 408 and the connection is closed."),
+    max_connections: int = typer.Option(1000, help="Open connections at once; uvicorn answers 503 beyond."),
     max_batch: int = typer.Option(1, help="Dynamic batching: stack concurrent requests up to this many rows "
                                           "(1: off). Refused for graphs whose rows are not independent."),
     batch_delay_ms: float = typer.Option(2.0, help="With --max-batch: how long a request waits for company."),
@@ -33,27 +42,23 @@ def serve(
     cuda: bool = typer.Option(False, help="Run on the CUDA execution provider (falls back to CPU if absent)."),
 ):
     """Serve PROCESSING.onnx over the KServe Open Inference Protocol v2 (REST + Triton binary tensors)."""
-    from cvconvert import server as srv
     from cvconvert.errors import CvError
+    from cvconvert.serve.app import build_app
+    from cvconvert.serve import run as srv_run
+    from cvconvert.serve.model import load_served_model
 
     if not 0 <= port <= 65535:
         raise CvError(f"--port {port} is not a TCP port")
-    if threads is not None and threads < 1:
-        raise CvError("--threads must be >= 1")
-    if max_inflight < 1:
-        raise CvError("--max-inflight must be >= 1")
-    if max_batch < 1 or not 0 <= batch_delay_ms <= 1000:
-        raise CvError("--max-batch must be >= 1 and --batch-delay-ms in [0, 1000]")
-    options = srv.ServerOptions(max_request_bytes=srv.max_request_bytes(max_request_mb),
-                                threads=threads or srv.default_threads(), max_inflight=max_inflight,
-                                allow_nonfinite=allow_nonfinite, max_batch=max_batch,
-                                batch_delay_ms=batch_delay_ms)
+    options = srv_run.server_options(
+        max_request_mb=max_request_mb, threads=threads, max_inflight=max_inflight, allow_nonfinite=allow_nonfinite,
+        max_batch=max_batch, batch_delay_ms=batch_delay_ms, max_inflight_mb=max_inflight_mb,
+        header_timeout=header_timeout, body_timeout=body_timeout, max_connections=max_connections)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
     if intra_op_threads is None:
-        intra_op_threads = srv.default_intra_op_threads(options.threads)
-    served = srv.load_model(model, name, intra_op_threads=intra_op_threads, providers=providers)
-    app = srv.build_app(served, options)
-    sock = srv.bind(host, port)
+        intra_op_threads = srv_run.default_intra_op_threads(options.threads)
+    served = load_served_model(model, name, intra_op_threads=intra_op_threads, providers=providers)
+    app = build_app(served, options)
+    sock = srv_run.bind(host, port)
     port = sock.getsockname()[1]  # the real one when --port 0
     if cuda and served.session.get_providers()[0] != "CUDAExecutionProvider":
         info("warning: --cuda: the CUDA execution provider did not start (no GPU or CUDA libraries); using CPU")
@@ -65,7 +70,7 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1"):
         info("note: no TLS or authentication here; put it behind a reverse proxy or a private network")
     try:
-        srv.serve(app, sock, access_log=access_log)
+        srv_run.serve(app, sock, access_log=access_log)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
         pass
     info("stopped")

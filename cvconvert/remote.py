@@ -18,27 +18,25 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from .errors import CvError
+from .serve.protocol import HEADER_LENGTH, NP_TO_V2, V2_TO_NP, le_bytes, pack
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
-_V2 = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtype(np.float64): "FP64"}
-_NP = {v: k for k, v in _V2.items()}
+_FLOATS = ("FP32", "FP16", "FP64")  # what a processing part takes and gives
 
 
 def build_request(x: np.ndarray, input_name: str = "x", output_name: str | None = None) -> tuple[bytes, int]:
     """(body, JSON header length) of an infer request carrying only x, asking for binary output."""
     x = np.ascontiguousarray(x)
-    datatype = _V2.get(x.dtype)
-    if datatype is None:
+    datatype = NP_TO_V2.get(x.dtype)
+    if datatype not in _FLOATS:
         raise CvError(f"x has dtype {x.dtype}; the processing part takes float32")
-    raw = x.astype(x.dtype.newbyteorder("<"), copy=False).tobytes()
+    raw = le_bytes(x)
     header = {"inputs": [{"name": input_name, "shape": list(x.shape), "datatype": datatype,
                           "parameters": {"binary_data_size": len(raw)}}]}
     if output_name is None:
         header["parameters"] = {"binary_data_output": True}
     else:
         header["outputs"] = [{"name": output_name, "parameters": {"binary_data": True}}]
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return head + raw, len(head)
+    return pack(header, [raw])
 
 
 def parse_response(body: bytes, header_length: str | None, output_name: str | None = None) -> np.ndarray:
@@ -59,7 +57,8 @@ def parse_response(body: bytes, header_length: str | None, output_name: str | No
         if output_name is not None and out.get("name") != output_name:
             offset += size or 0
             continue
-        dtype = _NP.get(out.get("datatype"))
+        datatype = out.get("datatype")
+        dtype = np.dtype(V2_TO_NP[datatype]) if datatype in _FLOATS else None
         shape = out.get("shape")
         if dtype is None or not isinstance(shape, list):
             raise CvError(f"the server's output has datatype {out.get('datatype')!r}; expected FP32")
