@@ -181,7 +181,7 @@ def servers(model):
     ks = Server([sys.executable, str(script), str(onnx), NAME, str(free_port())], model / "kserve.log")
     ks.url = f"http://127.0.0.1:{ks.proc.args[-1]}"
     ours = Server([sys.executable, "-m", "cli", "serve", str(model / "lenet"), "--port", "0", "--threads", "1",
-                   "--max-request-mb", str(MAX_MB), "--max-inflight", "1", "--no-access-log"], model / "serve.log")
+                   "--max-request-mb", str(MAX_MB), "--max-inflight-mb", str(MAX_MB), "--no-access-log"], model / "serve.log")
     try:
         deadline = time.monotonic() + 90
         yield ks.wait_ready(deadline), ours.wait_ready(deadline)
@@ -337,10 +337,12 @@ def test_kserve_client_shows_our_error_bodies(servers, local):
         body = exc.response.json()
         assert list(body) == ["error"] and words in body["error"]
         assert str(exc).startswith(body["error"])  # KServe's client puts our message first
-    # 503: one request held open mid-body fills --max-inflight 1
+    # 503: one request held open mid-body, with almost all of --max-inflight-mb 1 received, fills the budget
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as held:
-        held.sendall(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{".encode())
+        sent = 1_040_000  # of the 1,048,576-byte budget; a 1-image request (~38 kB) no longer fits
+        held.sendall(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {sent + 100}\r\n\r\n"
+                     .encode() + b"{" + b" " * (sent - 1))
         deadline = time.monotonic() + 20
         while True:  # until the held request is counted
             try:
