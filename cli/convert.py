@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from cvconvert.datasets import dataset_names
+
 from ._app import command, emit_json, info, parse_shape
 
 
@@ -17,7 +19,8 @@ def convert(
     split: Optional[str] = typer.Option(None, "--split", "-s",
                                         help="Preset (alpha, beta, paper) or ENCODER_END:DECODER_START dotted node names."),
     variant: str = typer.Option("complex", help="complex | original | noisy | additional"),
-    data: str = typer.Option("fashion-mnist", help="Data set the model is for (input shape, classes, normalisation)."),
+    data: str = typer.Option("fashion-mnist", help=f"Data set the model is for (input shape, classes, "
+                                                   f"normalisation): {' | '.join(dataset_names())}."),
     task: str = typer.Option("fine", help="fine | coarse (Fashion-MNIST's 4 superclasses)."),
     input_shape: Optional[str] = typer.Option(None, help="C,H,W; overrides the data set's."),
     num_classes: Optional[int] = typer.Option(None, help="Overrides the data set's class count."),

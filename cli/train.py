@@ -1,4 +1,4 @@
-"""`cvconvert train`: train a model directory in place (task loss; + WGAN loss for the complex variant).
+"""`cvconvert train`: train a model directory in place (task loss; + a phase-hiding defense for the complex variant).
 
 Runs unchanged under torchrun: `torchrun --nproc-per-node 2 -m cli train DIR ...` (gloo on CPU, nccl on CUDA).
 """
@@ -10,14 +10,16 @@ from typing import Optional
 
 import typer
 
+from cvconvert.datasets import dataset_names
+
 from ._app import command, emit_json, info
 
 
 @command("train")
 def train(
     model_dir: Path = typer.Argument(..., help="Model directory written by `cvconvert convert`."),
-    data: Optional[str] = typer.Option(None, help="fashion-mnist | cifar10 | cifar100 | celeba | cub200 | "
-                                                  "folder:PATH (default: the data set the model was converted for)."),
+    data: Optional[str] = typer.Option(None, help=f"{' | '.join(dataset_names())} (default: the data set the "
+                                                  "model was converted for)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder holding the data set's files."),
     task: Optional[str] = typer.Option(None, help="fine | coarse (Fashion-MNIST's 4 superclasses)."),
     epochs: int = typer.Option(10, help="Epochs in total (with --resume: including those already done)."),
@@ -29,8 +31,8 @@ def train(
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps (smoke runs)."),
     resume: bool = typer.Option(False, help="Continue from DIR/checkpoints/last.pt."),
-    k: Optional[int] = typer.Option(None, help="GAN: 1 real + k-1 rotated negatives (default: the manifest's k)."),
-    gan_weight: float = typer.Option(0.01, help="Weight of the WGAN loss in the complex variant's loss (0: none; "
+    k: Optional[int] = typer.Option(None, help="--defense paper: 1 real + k-1 rotated negatives (default: the manifest's k)."),
+    gan_weight: float = typer.Option(0.01, help="--defense paper: weight of the WGAN loss in the model's loss (0: none; "
                                                 "see docs/results.md for 0.1 vs 0.01)."),
     critic_steps: int = typer.Option(1, help="Critic updates per GAN step."),
     critic_lr: Optional[float] = typer.Option(None, help="Critic learning rate (default: --lr)."),
@@ -38,14 +40,17 @@ def train(
     gan_every: int = typer.Option(1, help="Do the critic + adversarial step on every N-th batch only."),
     gan_batch: Optional[int] = typer.Option(None, help="Samples of each batch the critic and the adversarial "
                                                        "loss see (default: all; fewer is cheaper)."),
-    defense: str = typer.Option("paper", help="Phase-hiding defense of the complex variant: paper (Eqs. 8-9 "
-                                              "WGAN) | exchange (theta-quadrant fool sign) | symmetric (exchange + "
-                                              "a sign critic); see docs/results.md."),
+    defense: Optional[str] = typer.Option(None, help="Phase-hiding defense of the complex variant: exchange "
+                                                     "(theta-quadrant fool sign) | paper (Eqs. 8-9 WGAN, to "
+                                                     "reproduce the paper) | symmetric (exchange + a sign critic). "
+                                                     "Default: the model's own, else exchange; see "
+                                                     "docs/results.md."),
     defense_weight: float = typer.Option(0.1, help="Weight of the symmetric defense's loss."),
     fool_rule: Optional[str] = typer.Option(None, help="How each image's fooling image is picked: random (the "
                                                        "paper) | match (favours distant pairs, keeps them "
                                                        "exchangeable); recorded for infer and attack. "
-                                                       "Default: the model's own, else random."),
+                                                       "Default: the model's own, else match (random for a "
+                                                       "model trained before without a rule)."),
     val_fraction: float = typer.Option(0.05, help="Share of the training set held out to pick the best epoch."),
     train_limit: Optional[int] = typer.Option(None, help="Train on a seeded random subset of this many images."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),

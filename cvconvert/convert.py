@@ -4,6 +4,10 @@ The mapping is data (like torch.ao.quantization's default mappings): each real m
 complex class that builds itself with ``from_real``. Functional calls in ``forward`` (F.relu, ``+=``
 skips, torch.flatten) are rewritten on the torch.fx graph. Anything else is refused by name: a layer
 that silently breaks equivariance would make decoding fail.
+
+A model family with a layer of its own registers the layer's complex counterpart where it defines the
+layer (``register_complex(ShortcutA, CShortcutA, leaf=True)`` in zoo/resnet_cifar.py), so this module
+depends on no model family.
 """
 
 from __future__ import annotations
@@ -18,9 +22,6 @@ from torch import nn
 from .complex import layers as C
 from .errors import ConversionError
 
-# Module imported lazily to keep zoo -> cvconvert one-way: the zoo's option-A shortcut.
-from zoo.resnet_cifar import ShortcutA
-
 DEFAULT_MAPPING: dict[type, type] = {
     nn.Conv2d: C.CConv2d,
     nn.Linear: C.CLinear,
@@ -32,11 +33,20 @@ DEFAULT_MAPPING: dict[type, type] = {
     nn.AdaptiveAvgPool2d: C.CAdaptiveAvgPool2d,
     nn.Dropout: C.CDropout,
     nn.Flatten: C.CFlatten,
-    ShortcutA: C.CShortcutA,
 }
 # Layers that are already linear and layout-agnostic stay as they are.
 PASSTHROUGH = (nn.Identity,)
-LEAF_MODULES = (ShortcutA,)
+# Modules torch.fx keeps whole (not traced into) when splitting, so that they map one to one.
+LEAF_MODULES: list[type] = []
+
+
+def register_complex(real: type, complex_: type, *, leaf: bool = False) -> None:
+    """Map the real module type `real` to `complex_` (a class with ``from_real(module, **act)``).
+    leaf: trace `real` as one node (its forward uses ops the converter would refuse one by one)."""
+    DEFAULT_MAPPING[real] = complex_
+    if leaf and real not in LEAF_MODULES:
+        LEAF_MODULES.append(real)
+
 
 _ADD = {operator.add, operator.iadd, torch.add}
 _RELU = {F.relu, torch.relu, torch.relu_}

@@ -1,6 +1,8 @@
 """Data sets for training, evaluation and the privacy audit, read with torchvision's classes and formats.
 
-``get_dataset(name, train, data_dir=None, task="fine")`` returns a torch Dataset whose items are
+``get_dataset(name, train, data_dir=None, task="fine")`` looks NAME up in the registry of
+cvconvert/datasets.py and calls its loader; the built-in loaders are the ``load_*`` functions below, each
+``loader(train, data_dir, info)``. It returns a torch Dataset whose items are
 ``(image, target, prop)``: image float32 [C,H,W] in [0,1] at ``dataset_info(name).input_shape``,
 target an int (a float multi-hot tensor for multi-label data), prop the hidden property label used by
 the privacy audit (int or multi-hot) or -1 where the data set has none.
@@ -31,23 +33,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import CELEBA_PROPERTY_ATTRS, CELEBA_TASK_ATTRS, FASHION_COARSE, dataset_info
+from .datasets import CELEBA_PROPERTY_ATTRS, CELEBA_TASK_ATTRS, FASHION_COARSE, dataset_info, get_entry
 from .errors import CvError, one_line
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte")
-HOW_TO_GET = {
-    "fashion-mnist": "install it with `apt-get install dataset-fashion-mnist` (to /usr/share/datasets/fashion-mnist) "
-                     "or pass --data-dir with the four idx .gz files",
-    "cifar10": "download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, unpack it and "
-               "pass --data-dir (the folder holding cifar-10-batches-py)",
-    "cifar100": "download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, unpack it and "
-                "pass --data-dir (the folder holding cifar-100-python)",
-    "celeba": "download CelebA (img_align_celeba and the list_*.txt / identity_CelebA.txt files) and pass --data-dir "
-              "(the folder holding celeba/)",
-    "cub200": "download CUB_200_2011.tgz, unpack it and pass --data-dir (the folder holding CUB_200_2011/)",
-}
 
 
 def cache_dir() -> Path:
@@ -95,7 +86,7 @@ def _candidates(name: str, data_dir) -> list[Path]:
 
 def _missing(name: str, where: list[Path]) -> CvError:
     places = ", ".join(str(p) for p in where) or "nowhere"
-    return CvError(f"{name} data not found (looked in {places}): {HOW_TO_GET[name]}")
+    return CvError(f"{name} data not found (looked in {places}): {get_entry(name).how_to_get}")
 
 
 # --- Fashion-MNIST ------------------------------------------------------------------------------
@@ -144,7 +135,7 @@ def _fashion_root(src: Path) -> Path:
     return root
 
 
-def _fashion(train: bool, data_dir, task: str, info):
+def load_fashion_mnist(train: bool, data_dir, info):
     from torchvision.datasets import FashionMNIST
 
     where = _candidates("fashion-mnist", data_dir)
@@ -167,7 +158,7 @@ def _fashion(train: bool, data_dir, task: str, info):
             raise _missing("fashion-mnist", where + [root]) from None
     images = torch.nn.functional.pad(ds.data.unsqueeze(1), (2, 2, 2, 2))  # 28x28 -> 32x32, zero border
     fine = ds.targets.long()
-    if task == "coarse":
+    if info.task == "coarse":
         table = torch.tensor([FASHION_COARSE[i] for i in range(10)])
         targets = table[fine]
     else:
@@ -195,9 +186,10 @@ def _cifar_classes():
     return LooseCIFAR10, LooseCIFAR100
 
 
-def _cifar(name: str, train: bool, data_dir, info):
+def load_cifar(train: bool, data_dir, info):
     import pickle
 
+    name = info.name
     cls = _cifar_classes()[name == "cifar100"]
     where = _candidates(name, data_dir)
     for d in where:
@@ -236,7 +228,7 @@ def _image_transform(shape, crop: int | None = None):
     return T.Compose(steps)
 
 
-def _celeba(train: bool, data_dir, info):
+def load_celeba(train: bool, data_dir, info):
     from torchvision.datasets import CelebA
 
     class LooseCelebA(CelebA):
@@ -264,7 +256,7 @@ def _celeba(train: bool, data_dir, info):
     raise _missing("celeba", where)
 
 
-def _cub(train: bool, data_dir, info):
+def load_cub(train: bool, data_dir, info):
     from torch.utils.data import Subset
     from torchvision.datasets import ImageFolder
 
@@ -283,10 +275,10 @@ def _cub(train: bool, data_dir, info):
     raise _missing("cub200", where)
 
 
-def _folder(name: str, train: bool, info):
+def load_folder(train: bool, data_dir, info):
     from torchvision.datasets import ImageFolder
 
-    root = Path(name.split(":", 1)[1])
+    root = Path(info.name.split(":", 1)[1])
     sub = root / ("train" if train else "test")
     if (root / "train").is_dir() and not sub.is_dir():
         raise CvError(f"image folder {root} has train/ but no {sub.name}/")
@@ -305,12 +297,4 @@ def get_dataset(name: str, train: bool, data_dir=None, task: str = "fine") -> Da
     info = dataset_info(name, task)  # unknown names / tasks fail here, before any file access
     if data_dir is not None and not Path(data_dir).is_dir():
         raise CvError(f"--data-dir {data_dir} is not a directory")
-    if name == "fashion-mnist":
-        return _fashion(train, data_dir, info.task, info)
-    if name in ("cifar10", "cifar100"):
-        return _cifar(name, train, data_dir, info)
-    if name == "celeba":
-        return _celeba(train, data_dir, info)
-    if name == "cub200":
-        return _cub(train, data_dir, info)
-    return _folder(name, train, info)
+    return get_entry(name).load(train, data_dir, info)

@@ -23,7 +23,8 @@ class Generator(nn.Module):
     """Input conv, one residual block, output conv (four convs); output has the input's size.
 
     The output conv has no activation, so the feature a = g(I) may take both signs: non-negative
-    features would give the phase away (see notes/phase-hiding.md).
+    features would give the phase away (of the readings (a, b), (-b, a), (-a, -b), (b, -a) of a rotated
+    x, only the one with a >= 0 would look natural; see cvconvert/defense.py).
     """
 
     def __init__(self, channels: int):

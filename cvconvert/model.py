@@ -5,8 +5,14 @@
     noisy       original with a + gamma * eps after the encoder (baseline 2)
     additional  original with the generator-shaped layers, no adversarial loss (baseline 3)
 
-``model.encoder``, ``model.processing`` and ``model.decoder`` have exactly the ONNX signatures of
-DESIGN.md, so export needs no wrappers.
+``model.encoder``, ``model.processing`` and ``model.decoder`` have exactly the signatures of the exported
+graphs, so export needs no wrappers: for the complex variant encoder(image, fool, theta) -> x,
+processing(x) -> h, decoder(h, theta) -> logits, with x and h in the real-pair layout [N, 2, C, H, W]
+(index 0 the real part, 1 the imaginary part); for the baselines encoder(image) -> a, processing(a) -> h,
+decoder(h) -> logits.
+
+Architectures come from the zoo's registry (zoo/); the zoo depends only on cvconvert's converter and
+layers, never on this module, so the imports run one way.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+import zoo
 
 from . import split as splitlib
 from .complex.functional import encode, unrotate_real
@@ -187,8 +195,6 @@ def _final_bias(gm) -> torch.Tensor | None:
 
 def build_model(spec: ModelSpec, real: nn.Module | None = None) -> SplitModel:
     """Split (and for the complex variant, convert) a real model as the spec says."""
-    import zoo
-
     if spec.variant not in VARIANTS:
         raise CvError(f"unknown variant {spec.variant!r} (choose from {', '.join(VARIANTS)})")
     if spec.fool_sign not in FOOL_SIGNS:

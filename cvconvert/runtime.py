@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -24,7 +23,7 @@ import onnxruntime as ort
 
 from .errors import CvError, one_line
 from .fools import FoolPool, choose_fools, fallback_fool, low_water  # noqa: F401 (choose_fools: simulation API)
-from .guard import DEFAULT_CAPACITY, DEFAULT_THRESHOLD, NoGuard, SentGuard
+from .guard import NoGuard, SentGuard
 from .keys import secure_angles
 from .modeldir import WEIGHTS, read_manifest
 from .ortsession import create_session

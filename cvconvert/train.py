@@ -1,20 +1,13 @@
 """Training and evaluation of a model directory, on one process or under torchrun.
 
 Every variant trains on the task loss (cross-entropy, or BCE for multi-label data). The complex variant
-adds the WGAN loss of the paper's Eqs. 8-9: for each sample, b = the feature of another sample of the
-batch, theta ~ U(0, 2 pi), and a negative a' = Re[(a + ib) e^{i dtheta}] with dtheta one of the k-1
-angles j pi / k (j = 1..k-1, cycled over the batch so every angle is used in every step). The critic D
-(``model.discriminator``) is trained to score a above a'; the encoder is trained to close the gap.
-
-WGAN variant (our choice, documented in README): WGAN-GP (Gulrajani et al. 2017) with the penalty on a
-subset of the batch (``GP_SAMPLES`` interpolates) to keep the double backward cheap, Adam(0.5, 0.9) for
-the critic. Critic and model steps alternate on every ``gan_every``-th batch. ``gan_batch`` plays the
-game on only the first n samples of each (shuffled) batch: cheaper (the critic costs about as much per
-sample as the generator), but 32 of 128 cost accuracy in our LeNet runs, so the default is the whole
-batch (docs/results.md). The critic sees the features
-divided by the batch's RMS of a (not detached), so the encoder cannot win the game by shrinking its
-features towards zero (the processing part's delta with c = E|f| is scale-free, so nothing else would
-stop it).
+adds its phase-hiding defense (cvconvert/defense.py): ``exchange`` by default, ``paper`` for the paper's
+WGAN-GP of Eqs. 8-9, ``symmetric``. Every defense goes through the same two calls per step
+(``update`` for its own critic, ``extra_loss`` for the term added to the task loss), so the training
+step does not know which one it runs. Each image's fool is another image of the batch, picked by the
+fool rule (cvconvert/fools.py: ``match`` by default, ``random`` for the paper). Without an explicit
+choice a model keeps the defense and the fool rule it was trained with before, so a resumed or
+continued run never switches.
 
 Files (rank 0 only, all written atomically): DIR/checkpoints/last.pt (model, optimizers, epoch, RNG
 state, metrics; for --resume), DIR/model.pt (the best weights by validation error, so load_model and
@@ -22,35 +15,38 @@ export see them), DIR/metrics.jsonl (one line per epoch), the manifest's ``histo
 
 Distributed: under torchrun (WORLD_SIZE > 1) each process takes a DistributedSampler shard of the
 batches (--batch-size is per process) and gradients of the model and the critic are averaged with one
-all-reduce per step (the manual form of DistributedDataParallel: the model is called part by part and
-the critic and model steps alternate, which DDP's hooks do not follow); buffers (batch-norm running
-statistics) are broadcast from rank 0 after each step as DDP does.
+all-reduce per step (cvconvert/dist.py); buffers (batch-norm running statistics) are broadcast from
+rank 0 after each step as DDP does.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .datasets import dataset_info
+from .defense import gradient_penalty as _gradient_penalty, make_defense, negatives  # noqa: F401
+from .dist import Dist, device_kind, pick_device
 from .errors import CvError
 from .fools import check_rule, match_law
 from .model import random_theta
-from .modeldir import (MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_write, load_model, read_manifest,
-                       torch_load)
+from .modeldir import (MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_write, load_into, load_model,
+                       read_manifest, torch_load)
 
+# negatives and _gradient_penalty live in defense.py; experiments/ still imports them from here.
 CHECKPOINT = Path("checkpoints") / "last.pt"
 METRICS = "metrics.jsonl"
-GP_SAMPLES = 16
+DEFAULT_DEFENSE = "exchange"  # measured in docs/results.md: the angle stays at the pi/4 floor
+DEFAULT_FOOL_RULE = "match"   # measured in docs/results.md: raises the attacker's reconstruction error
 
 
 @dataclass
@@ -74,73 +70,12 @@ class TrainConfig:
     gp_weight: float = 10.0
     gan_every: int = 1
     gan_batch: int | None = None  # None: the whole batch
-    defense: str = "paper"  # cvconvert/defense.py: paper | exchange | symmetric
+    defense: str | None = None  # paper | exchange | symmetric; None: the model's own, else exchange
     defense_weight: float = 0.1
-    fool_rule: str | None = None  # cvconvert/fools.py: random | match; None keeps the manifest's (random)
+    fool_rule: str | None = None  # random | match; None: the model's own, else match (complex models)
     val_fraction: float = 0.05
     train_limit: int | None = None
     log_every: int = 50
-
-
-# --- distributed ------------------------------------------------------------------------------------
-
-class Dist:
-    """The process group when run under torchrun, else a one-process stand-in."""
-
-    def __init__(self, device_kind: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.world > 1
-        if self.enabled and not torch.distributed.is_initialized():
-            backend = "nccl" if device_kind == "cuda" else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(self.local_rank)
-            torch.distributed.init_process_group(backend)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def average_grads(self, params, extra: torch.Tensor) -> torch.Tensor:
-        """All-reduce-average the gradients of params (one flat buffer) and `extra` (summed stats)."""
-        if not self.enabled:
-            return extra
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [extra.reshape(-1)])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        off = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[off:off + n].view_as(p).clone()
-            off += n
-        return flat[off:].view_as(extra)
-
-    def broadcast_buffers(self, module) -> None:
-        if self.enabled:
-            for b in module.buffers():
-                torch.distributed.broadcast(b, 0)
-
-    def barrier(self):
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def close(self):
-        if self.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def pick_device(name: str, dist_local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise CvError("--device cuda asked for, but no CUDA device is available (use --device cpu or auto)")
-        return torch.device(name if ":" in name else f"cuda:{dist_local_rank}")
-    if name != "cpu":
-        raise CvError(f"unknown device {name!r} (auto, cpu or cuda)")
-    return torch.device("cpu")
 
 
 # --- data and model checks -----------------------------------------------------------------------------
@@ -162,6 +97,47 @@ def data_for(manifest: dict, data: str | None, task: str | None):
     return name, task, info
 
 
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.epochs < 1 and cfg.max_steps is None:
+        raise CvError("--epochs must be at least 1")
+    if cfg.batch_size < 1 or cfg.lr <= 0 or cfg.critic_steps < 1 or cfg.gan_every < 1:
+        raise CvError("--batch-size, --lr, --critic-steps and --gan-every must be positive")
+    if cfg.k is not None and cfg.k < 2:
+        raise CvError("--k must be at least 2")
+
+
+def choose_defense(cfg: TrainConfig, manifest: dict) -> str | None:
+    """--defense, else the one the model was trained with, else exchange; None for a real variant."""
+    if manifest["variant"] != "complex":
+        if cfg.defense not in (None, "paper"):  # "paper" on a real variant: task loss only, as always
+            raise CvError(f"--defense {cfg.defense} needs a complex model (this one is {manifest['variant']!r})")
+        return None
+    return cfg.defense or (manifest.get("defense") or {}).get("name") or DEFAULT_DEFENSE
+
+
+def choose_fool_rule(cfg: TrainConfig, manifest: dict) -> str:
+    """--fool-rule, else the model's own (a trained model without the key used random), else match."""
+    complex_ = manifest["variant"] == "complex"
+    if cfg.fool_rule is not None:
+        rule = check_rule(cfg.fool_rule)
+    elif manifest.get("fool_rule") or manifest.get("history") or not complex_:
+        rule = check_rule(manifest.get("fool_rule") or "random")
+    else:
+        rule = DEFAULT_FOOL_RULE
+    if rule != "random" and not complex_:
+        raise CvError(f"--fool-rule {rule} needs a complex model (this one is {manifest['variant']!r})")
+    return rule
+
+
+def _defense_options(name: str, cfg: TrainConfig, k: int) -> dict:
+    """The CLI's defense options, as the named defense's config fields."""
+    if name == "paper":
+        return {"weight": cfg.gan_weight, "k": k, "critic_lr": cfg.critic_lr or cfg.lr,
+                "critic_steps": cfg.critic_steps, "gp_weight": cfg.gp_weight, "every": cfg.gan_every,
+                "batch": cfg.gan_batch}
+    return {"weight": cfg.defense_weight}
+
+
 def _loss_fn(multilabel: bool):
     if multilabel:
         return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y)
@@ -175,7 +151,7 @@ def _errors(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> tuple[fl
     return float((logits.argmax(1) != y).sum()), y.shape[0]
 
 
-# --- the steps ---------------------------------------------------------------------------------------------
+# --- the step ----------------------------------------------------------------------------------------------
 
 def _derangement(n: int, device) -> torch.Tensor:
     """A random permutation with no fixed point (b must come from another sample)."""
@@ -185,51 +161,25 @@ def _derangement(n: int, device) -> torch.Tensor:
     return out
 
 
-def negatives(a: torch.Tensor, b: torch.Tensor, k: int, offset: int) -> torch.Tensor:
-    """a' = Re[(a + ib) e^{i dtheta}] = a cos(dtheta) - b sin(dtheta), dtheta = j pi / k, j cycling 1..k-1."""
-    j = (torch.arange(a.shape[0], device=a.device) + offset) % (k - 1) + 1
-    dtheta = (j.float() * (math.pi / k)).reshape((-1,) + (1,) * (a.dim() - 1))
-    return a * torch.cos(dtheta) - b * torch.sin(dtheta)
+class SplitTrainer:
+    """One optimiser step of a SplitModel: task loss plus the complex variant's defense."""
 
-
-def _gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    n = min(GP_SAMPLES, real.shape[0])
-    eps = torch.rand((n,) + (1,) * (real.dim() - 1), device=real.device)
-    mix = (eps * real[:n] + (1 - eps) * fake[:n]).requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(mix).sum(), mix, create_graph=True)
-    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
-
-
-class Trainer:
     def __init__(self, model, manifest, cfg: TrainConfig, device, dist: Dist, multilabel: bool):
         self.model, self.manifest, self.cfg, self.device, self.dist = model, manifest, cfg, device, dist
         self.multilabel = multilabel
         self.loss_fn = _loss_fn(multilabel)
-        self.critic = model.discriminator if model.is_complex else None
         self.k = int(cfg.k or manifest.get("k") or 8)
-        # the additional variant's discriminator is never trained (no adversarial loss): leave it out
+        # the critic belongs to the defense (or, for real variants, is never trained): not the model's optimiser
         critic_ids = {id(p) for p in model.discriminator.parameters()} if model.discriminator is not None else set()
         self.model_params = [p for p in model.parameters() if id(p) not in critic_ids]
         self.opt = torch.optim.Adam(self.model_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.copt = None
-        if self.critic is not None:
-            self.critic_params = list(self.critic.parameters())
-            self.copt = torch.optim.Adam(self.critic_params, lr=cfg.critic_lr or cfg.lr, betas=(0.5, 0.9))
-        self.fool_rule = check_rule(cfg.fool_rule or manifest.get("fool_rule") or "random")
-        if self.fool_rule != "random" and not model.is_complex:
-            raise CvError(f"--fool-rule {self.fool_rule} needs a complex model (this one is {manifest['variant']!r})")
+        self.fool_rule = choose_fool_rule(cfg, manifest)
         self.defense = None
-        if model.is_complex:
-            from .defense import make_defense
-            self.defense = make_defense(cfg.defense, model, {"weight": cfg.defense_weight})
-            if hasattr(self.defense, "to"):
-                self.defense.to(device)
-            if not self.defense.uses_paper_gan:
-                self.critic = None  # the defense replaces the paper's WGAN term
-            if dist.enabled and self.defense.parameters():
-                raise CvError(f"--defense {cfg.defense} keeps a per-process critic: run it without torchrun")
-        elif cfg.defense != "paper":
-            raise CvError(f"--defense {cfg.defense} needs a complex model (this one is {manifest['variant']!r})")
+        name = choose_defense(cfg, manifest)
+        if name is not None:
+            self.defense = make_defense(name, model, _defense_options(name, cfg, self.k), dist).to(device)
+            if dist.enabled and not self.defense.distributed:
+                raise CvError(f"--defense {name} keeps a per-process critic: run it without torchrun")
         self.step = 0
 
     def _task(self, image):
@@ -252,43 +202,14 @@ class Trainer:
         return torch.multinomial(torch.from_numpy(law).float(), 1).squeeze(1).to(image.device)
 
     def train_step(self, image, y) -> dict:
-        cfg, m = self.cfg, self.model
-        gan = self.critic is not None and cfg.gan_weight > 0 and self.step % cfg.gan_every == 0
         logits, a, b, x = self._task(image)
         task_loss = self.loss_fn(logits, y)
-        stats = {}
-        loss = task_loss
-        if self.defense is not None and not self.defense.uses_paper_gan:
-            stats.update(self.defense.update(a, b, x))
+        loss, stats = task_loss, {}
+        if self.defense is not None:
+            stats.update(self.defense.update(a, b, x, self.step))
             d_loss, d_stats = self.defense.extra_loss(a, b, x, self.step)
             loss = loss + d_loss
             stats.update(d_stats)
-        if gan:
-            scale = a.pow(2).mean().sqrt() + 1e-8
-            # the game on a slice of the (already shuffled) batch: the critic's cost is the GAN's cost
-            n = min(cfg.gan_batch or a.shape[0], a.shape[0])
-            real, fake = a[:n] / scale, negatives(a[:n], b[:n], self.k, self.step) / scale
-            # critic: maximise D(a) - D(a') (WGAN-GP), on the detached features of this very forward pass
-            for _ in range(cfg.critic_steps):
-                r, f = real.detach(), fake.detach()
-                d_real, d_fake = self.critic(torch.cat((r, f))).chunk(2)  # no batch-norm in D: one call
-                d_loss = d_fake.mean() - d_real.mean()
-                c_loss = d_loss + cfg.gp_weight * _gradient_penalty(self.critic, r, f)
-                self.copt.zero_grad(set_to_none=True)
-                c_loss.backward()
-                extra = self.dist.average_grads(self.critic_params, d_loss.detach().reshape(1))
-                self.copt.step()
-                stats["critic_loss"] = float(c_loss.detach())
-                stats["wdist"] = -float(extra)  # the critic's estimate of W(a, a')
-            # encoder/generator: minimise D(a) - D(a') with the critic frozen
-            for p in self.critic_params:
-                p.requires_grad_(False)
-            d_real, d_fake = self.critic(torch.cat((real, fake))).chunk(2)
-            g_loss = d_real.mean() - d_fake.mean()
-            for p in self.critic_params:
-                p.requires_grad_(True)
-            loss = loss + cfg.gan_weight * g_loss
-            stats["gan_loss"] = float(g_loss.detach())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         err, n = _errors(logits.detach(), y, self.multilabel)
@@ -297,7 +218,7 @@ class Trainer:
         if not all(math.isfinite(float(v)) for v in extra):
             raise _NonFinite(self.step)
         self.opt.step()
-        self.dist.broadcast_buffers(m)
+        self.dist.broadcast_buffers(self.model)
         self.step += 1
         stats.update(loss=float(extra[1]), task_loss=float(extra[0]), error=float(extra[2]))
         return stats
@@ -309,7 +230,7 @@ class _NonFinite(Exception):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, multilabel: bool, limit: int | None = None, progress=None) -> dict:
+def evaluate_error(model, loader, device, multilabel: bool, limit: int | None = None, progress=None) -> dict:
     """Classification error with the right key (the complex model's forward draws theta and decodes with it)."""
     model.eval()
     errs = preds = seen = 0
@@ -328,7 +249,7 @@ def evaluate(model, loader, device, multilabel: bool, limit: int | None = None, 
     return {"error": errs / max(preds, 1), "loss": loss_sum / max(seen, 1), "n": seen}
 
 
-# --- the run -------------------------------------------------------------------------------------------------
+# --- data, checkpoints, progress ---------------------------------------------------------------------------
 
 def _split_train_val(dataset, fraction: float, seed: int):
     from torch.utils.data import Subset
@@ -340,6 +261,42 @@ def _split_train_val(dataset, fraction: float, seed: int):
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g).tolist()
     return Subset(dataset, perm[n_val:]), Subset(dataset, perm[:n_val])
+
+
+@dataclass
+class _Data:
+    train_set: object
+    loader: object
+    sampler: object
+    order: torch.Generator  # the loader's shuffle generator, re-seeded per epoch
+    val_loader: object
+
+
+def _load_data(name: str, task: str, cfg: TrainConfig, dist: Dist, device) -> _Data:
+    """The training split (a seeded subset with --train-limit), its held-out part and their loaders."""
+    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from .data import get_dataset
+
+    full = get_dataset(name, True, cfg.data_dir, task)
+    if len(full) == 0:
+        raise CvError(f"{name} training set is empty")
+    if cfg.train_limit is not None and cfg.train_limit < len(full):  # a seeded random subset (benchmarks)
+        keep = torch.randperm(len(full), generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.train_limit]
+        full = Subset(full, sorted(keep.tolist()))
+    train_set, val_set = _split_train_val(full, cfg.val_fraction, cfg.seed)
+    sampler = DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=cfg.seed) \
+        if dist.enabled else None
+    order = torch.Generator()
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size * dist.world,
+                        generator=order, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+    val_loader = DataLoader(val_set, batch_size=max(cfg.batch_size, 256), num_workers=cfg.workers) \
+        if val_set is not None else None
+    if len(loader) == 0:
+        raise CvError(f"{name}: fewer training images ({len(train_set)}) than one batch")
+    return _Data(train_set, loader, sampler, order, val_loader)
 
 
 def _rng_state(device) -> dict:
@@ -366,10 +323,29 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def _restore(trainer: SplitTrainer, ckpt: dict, path: Path, cfg: TrainConfig, device) -> tuple[int, list, dict]:
+    """Load a checkpoint into the trainer and the RNGs; returns (first epoch to run, records, best)."""
+    load_into(trainer.model, ckpt["model"], f"checkpoint {path}")
+    try:
+        trainer.opt.load_state_dict(ckpt["optimizer"])
+        # checkpoints written before the paper's WGAN became a defense keep its optimizer on its own
+        state = ckpt.get("defense") or ({"opt": ckpt["critic_optimizer"]} if ckpt.get("critic_optimizer") else None)
+        if trainer.defense is not None and state:
+            trainer.defense.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CvError(f"checkpoint {path}: optimizer state does not match: {str(exc)[:200]}") from None
+    trainer.step = int(ckpt.get("step", 0))
+    _set_rng_state(ckpt["rng"], device)
+    if ckpt.get("epochs_planned") and cfg.epochs <= ckpt["epoch"]:
+        raise CvError(f"--resume: the checkpoint already holds {ckpt['epoch']} epochs; "
+                      f"pass --epochs greater than that to train on")
+    return ckpt["epoch"] + 1, list(json.loads(ckpt.get("metrics", "[]"))), ckpt.get("best")
+
+
 class _Reporter:
     """A rich progress bar on a terminal, plain log lines otherwise (stderr; rank 0 only)."""
 
-    def __init__(self, enabled: bool, total_steps: int, epochs: int):
+    def __init__(self, enabled: bool):
         self.enabled = enabled
         self.tty = enabled and sys.stderr.isatty()
         self.progress = None
@@ -414,178 +390,160 @@ def _fmt(stats: dict) -> str:
     return out
 
 
-def train(model_dir, cfg: TrainConfig, log=True) -> dict:
-    """Train DIR in place; returns the run summary (also in the manifest's history)."""
+# --- the run -------------------------------------------------------------------------------------------------
+
+Callback = Callable[[SplitTrainer, dict], None]
+
+
+@dataclass
+class _Run:
+    """What one `train` call works on, shared by its epoch and save steps."""
+
+    model_dir: Path
+    cfg: TrainConfig
+    device: torch.device
+    dist: Dist
+    manifest: dict
+    name: str
+    task: str
+    multilabel: bool
+    trainer: SplitTrainer
+    data: _Data
+    rep: _Reporter
+    records: list
+    best: dict | None
+    last_good: Path
+
+
+def train(model_dir, cfg: TrainConfig, log=True, callbacks: Sequence[Callback] = ()) -> dict:
+    """Train DIR in place; returns the run summary (also in the manifest's history).
+
+    Each callback is called on every process at the end of each epoch, after rank 0 saved it, with
+    the trainer (its model holds the weights) and the epoch's metrics record."""
     model_dir = Path(model_dir)
     read_manifest(model_dir)  # one-line errors for a missing / foreign dir before anything starts
-    kind = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
     pick_device(cfg.device)  # fails before any process group is set up
-    dist = Dist(kind)
+    dist = Dist(device_kind(cfg.device))
     try:
-        return _train(model_dir, cfg, pick_device(cfg.device, dist.local_rank), dist, log)
+        return _train(model_dir, cfg, pick_device(cfg.device, dist.local_rank), dist, log, callbacks)
     finally:
         dist.close()
 
 
-def _train(model_dir: Path, cfg: TrainConfig, device, dist: Dist, log: bool) -> dict:
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
-    from .data import get_dataset
-
-    if cfg.epochs < 1 and cfg.max_steps is None:
-        raise CvError("--epochs must be at least 1")
-    if cfg.batch_size < 1 or cfg.lr <= 0 or cfg.critic_steps < 1 or cfg.gan_every < 1:
-        raise CvError("--batch-size, --lr, --critic-steps and --gan-every must be positive")
-    if cfg.k is not None and cfg.k < 2:
-        raise CvError("--k must be at least 2")
+def _train(model_dir: Path, cfg: TrainConfig, device, dist: Dist, log: bool, callbacks) -> dict:
+    _check_config(cfg)
     model, manifest = load_model(model_dir)
     name, task, info = data_for(manifest, cfg.data, cfg.task)
     ckpt_path = model_dir / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
-
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    full = get_dataset(name, True, cfg.data_dir, task)
-    if len(full) == 0:
-        raise CvError(f"{name} training set is empty")
-    if cfg.train_limit is not None and cfg.train_limit < len(full):  # a seeded random subset (benchmarks)
-        from torch.utils.data import Subset
-        keep = torch.randperm(len(full), generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.train_limit]
-        full = Subset(full, sorted(keep.tolist()))
-    train_set, val_set = _split_train_val(full, cfg.val_fraction, cfg.seed)
-    sampler = DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=cfg.seed) \
-        if dist.enabled else None
-    loader_gen = torch.Generator()
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size * dist.world,
-                        generator=loader_gen, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.workers > 0)
-    val_loader = DataLoader(val_set, batch_size=max(cfg.batch_size, 256), num_workers=cfg.workers) \
-        if val_set is not None else None
-
+    data = _load_data(name, task, cfg, dist, device)
     model.to(device)
-    trainer = Trainer(model, manifest, cfg, device, dist, info.multilabel)
-    start_epoch, records, best = 1, [], None
-    if ckpt is not None:
-        from .modeldir import load_into
-        load_into(model, ckpt["model"], f"checkpoint {ckpt_path}")
-        try:
-            trainer.opt.load_state_dict(ckpt["optimizer"])
-            if trainer.copt is not None and ckpt.get("critic_optimizer"):
-                trainer.copt.load_state_dict(ckpt["critic_optimizer"])
-            if trainer.defense is not None and ckpt.get("defense"):
-                trainer.defense.load_state_dict(ckpt["defense"])
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise CvError(f"checkpoint {ckpt_path}: optimizer state does not match: {str(exc)[:200]}") from None
-        start_epoch, records, best = ckpt["epoch"] + 1, list(json.loads(ckpt.get("metrics", "[]"))), ckpt.get("best")
-        trainer.step = int(ckpt.get("step", 0))
-        _set_rng_state(ckpt["rng"], device)
-        if ckpt.get("epochs_planned") and cfg.epochs <= ckpt["epoch"]:
-            raise CvError(f"--resume: the checkpoint already holds {ckpt['epoch']} epochs; "
-                          f"pass --epochs greater than that to train on")
-    epochs = cfg.epochs
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise CvError(f"{name}: fewer training images ({len(train_set)}) than one batch")
-    rep = _Reporter(log and dist.main, steps_per_epoch, epochs)
-    if dist.main and log:
-        rep.log(f"training {manifest['variant']} {manifest['arch']} on {name} ({len(train_set)} images, "
+    trainer = SplitTrainer(model, manifest, cfg, device, dist, info.multilabel)  # a critic's init draws from the seed
+    start_epoch, records, best = _restore(trainer, ckpt, ckpt_path, cfg, device) if ckpt else (1, [], None)
+    run = _Run(model_dir, cfg, device, dist, manifest, name, task, info.multilabel, trainer, data,
+               _Reporter(log and dist.main), records, best,
+               ckpt_path if ckpt_path.exists() else model_dir / WEIGHTS)
+    run.rep.log(f"training {manifest['variant']} {manifest['arch']} on {name} ({len(data.train_set)} images, "
                 f"{dist.world} process{'es' if dist.world > 1 else ''}, {device.type}) from epoch {start_epoch}"
-                + (f", GAN weight {cfg.gan_weight}, k={trainer.k}" if trainer.critic is not None else ""))
-    run_start = time.time()
-    last_good = ckpt_path if ckpt_path.exists() else model_dir / WEIGHTS
-    stopped = None
+                + (trainer.defense.describe() if trainer.defense is not None else "")
+                + (f", fool rule {trainer.fool_rule}" if trainer.fool_rule != "random" else ""))
+    run_start, stopped = time.time(), None
     try:
-        for epoch in range(start_epoch, epochs + 1):
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            loader_gen.manual_seed(cfg.seed * 100003 + epoch)  # same order on resume
-            model.train()
-            rep.epoch(epoch, epochs, steps_per_epoch)
-            t0 = time.time()
-            sums, count = {}, 0
-            for i, (image, y, _) in enumerate(loader):
-                image, y = image.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                try:
-                    stats = trainer.train_step(image, y)
-                except _NonFinite as nf:
-                    raise CvError(f"the loss became NaN/inf at epoch {epoch}, step {nf.step} (try a lower --lr); "
-                                  f"stopped, the last good weights are kept in {last_good}") from None
-                count += 1
-                for key, v in stats.items():
-                    sums[key] = sums.get(key, 0.0) + v
-                every = max(1, min(cfg.log_every, steps_per_epoch // 5 or 1))
-                rep.step(_fmt(stats), f"epoch {epoch} step {i + 1}/{steps_per_epoch} {_fmt(stats)}"
-                         if (i + 1) % every == 0 else None)
-                if cfg.max_steps is not None and trainer.step >= cfg.max_steps:
-                    stopped = "max_steps"
-                    break
-            train_time = time.time() - t0
-            rec = {"epoch": epoch, "steps": count, "global_step": trainer.step, "time_s": round(train_time, 3),
-                   "images_per_s": round(count * cfg.batch_size * dist.world / max(train_time, 1e-9), 1)}
-            rec.update({f"train_{k}": round(v / max(count, 1), 6) for k, v in sums.items()})
-            if stopped:
-                rec["partial"] = True
-            if dist.main and val_loader is not None:
-                rec.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device, info.multilabel).items()})
-            records.append(rec)
-            val_err = rec.get("val_error", rec.get("train_error"))
-            improved = best is None or val_err <= best["error"]
-            if improved:
-                best = {"epoch": epoch, "error": val_err}
-            if dist.main:
-                _save(model_dir, model, trainer, epoch, records, best, improved, cfg, manifest, name, task, device)
-                last_good = ckpt_path
-                msg = f"epoch {epoch}/{epochs}: {rec['time_s']:.1f}s, train loss {rec.get('train_loss', 0):.4f}, " \
-                      f"train error {rec.get('train_error', 0):.4f}"
-                if "val_error" in rec:
-                    msg += f", val error {rec['val_error']:.4f}"
-                if "train_wdist" in rec:
-                    msg += f", W(a,a') {rec['train_wdist']:.3f}"
-                rep.log(msg + (" (best)" if improved else ""))
-            dist.barrier()
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            rec, stopped = _run_epoch(run, epoch)
+            _end_epoch(run, rec)
+            for cb in callbacks:
+                cb(trainer, rec)
             if stopped:
                 break
     finally:
-        rep.close()
-    summary = {"epochs": records[-1]["epoch"] if records else start_epoch - 1, "steps": trainer.step,
-               "best": best, "time_s": round(time.time() - run_start, 2), "stopped": stopped,
-               "world_size": dist.world}
-    if os.environ.get("CVCONVERT_TEST_WEIGHT_DUMP"):  # test hook: each rank writes its final weights' hash
-        import hashlib
-        h = hashlib.sha256()
-        for key, v in sorted(model.state_dict().items()):
-            h.update(key.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        Path(f"{os.environ['CVCONVERT_TEST_WEIGHT_DUMP']}.{dist.rank}").write_text(h.hexdigest())
-    return summary
+        run.rep.close()
+    return {"epochs": run.records[-1]["epoch"] if run.records else start_epoch - 1, "steps": trainer.step,
+            "best": run.best, "time_s": round(time.time() - run_start, 2), "stopped": stopped,
+            "world_size": dist.world}
 
 
-def _save(model_dir, model, trainer, epoch, records, best, improved, cfg, manifest, name, task, device):
-    """last.pt, then (when best) model.pt, then metrics.jsonl and the manifest: each written atomically."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    ckpt = {"model": state, "optimizer": trainer.opt.state_dict(),
-            "critic_optimizer": trainer.copt.state_dict() if trainer.copt is not None else None,
-            "defense": trainer.defense.state_dict() if trainer.defense is not None else None,
-            "epoch": epoch, "step": trainer.step, "best": best, "rng": _rng_state(device),
-            "metrics": json.dumps(records), "epochs_planned": cfg.epochs, "config": json.dumps(asdict(cfg))}
-    atomic_torch_save(ckpt, model_dir / CHECKPOINT)
+def _run_epoch(run: _Run, epoch: int) -> tuple[dict, str | None]:
+    """One pass over the training shard; returns the epoch's record and why it stopped early (or None)."""
+    cfg, trainer, data = run.cfg, run.trainer, run.data
+    if data.sampler is not None:
+        data.sampler.set_epoch(epoch)
+    data.order.manual_seed(cfg.seed * 100003 + epoch)  # same order on resume
+    trainer.model.train()
+    steps = len(data.loader)
+    run.rep.epoch(epoch, cfg.epochs, steps)
+    t0, sums, count, stopped = time.time(), {}, 0, None
+    every = max(1, min(cfg.log_every, steps // 5 or 1))
+    for i, (image, y, _) in enumerate(data.loader):
+        image, y = image.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        try:
+            stats = trainer.train_step(image, y)
+        except _NonFinite as nf:
+            raise CvError(f"the loss became NaN/inf at epoch {epoch}, step {nf.step} (try a lower --lr); "
+                          f"stopped, the last good weights are kept in {run.last_good}") from None
+        count += 1
+        for key, v in stats.items():
+            sums[key] = sums.get(key, 0.0) + v
+        run.rep.step(_fmt(stats), f"epoch {epoch} step {i + 1}/{steps} {_fmt(stats)}" if (i + 1) % every == 0 else None)
+        if cfg.max_steps is not None and trainer.step >= cfg.max_steps:
+            stopped = "max_steps"
+            break
+    train_time = time.time() - t0
+    rec = {"epoch": epoch, "steps": count, "global_step": trainer.step, "time_s": round(train_time, 3),
+           "images_per_s": round(count * cfg.batch_size * run.dist.world / max(train_time, 1e-9), 1)}
+    rec.update({f"train_{k}": round(v / max(count, 1), 6) for k, v in sums.items()})
+    if stopped:
+        rec["partial"] = True
+    return rec, stopped
+
+
+def _end_epoch(run: _Run, rec: dict) -> None:
+    """Validate (rank 0), track the best epoch, save and log it; then wait for every process."""
+    if run.dist.main and run.data.val_loader is not None:
+        val = evaluate_error(run.trainer.model, run.data.val_loader, run.device, run.multilabel)
+        rec.update({f"val_{k}": v for k, v in val.items()})
+    run.records.append(rec)
+    val_err = rec.get("val_error", rec.get("train_error"))
+    improved = run.best is None or val_err <= run.best["error"]
     if improved:
-        atomic_torch_save(state, model_dir / WEIGHTS)
+        run.best = {"epoch": rec["epoch"], "error": val_err}
+    if run.dist.main:
+        _save(run, rec["epoch"], improved)
+        run.last_good = run.model_dir / CHECKPOINT
+        msg = f"epoch {rec['epoch']}/{run.cfg.epochs}: {rec['time_s']:.1f}s, " \
+              f"train loss {rec.get('train_loss', 0):.4f}, train error {rec.get('train_error', 0):.4f}"
+        if "val_error" in rec:
+            msg += f", val error {rec['val_error']:.4f}"
+        if "train_wdist" in rec:
+            msg += f", W(a,a') {rec['train_wdist']:.3f}"
+        run.rep.log(msg + (" (best)" if improved else ""))
+    run.dist.barrier()
+
+
+def _save(run: _Run, epoch: int, improved: bool) -> None:
+    """last.pt, then (when best) model.pt, then metrics.jsonl and the manifest: each written atomically."""
+    cfg, trainer, records = run.cfg, run.trainer, run.records
+    state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+    ckpt = {"model": state, "optimizer": trainer.opt.state_dict(),
+            "defense": trainer.defense.state_dict() if trainer.defense is not None else None,
+            "epoch": epoch, "step": trainer.step, "best": run.best, "rng": _rng_state(run.device),
+            "metrics": json.dumps(records), "epochs_planned": cfg.epochs, "config": json.dumps(asdict(cfg))}
+    atomic_torch_save(ckpt, run.model_dir / CHECKPOINT)
+    if improved:
+        atomic_torch_save(state, run.model_dir / WEIGHTS)
 
     def write_metrics(tmp):
         with open(tmp, "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-    atomic_write(model_dir / METRICS, write_metrics)
-    current = read_manifest(model_dir)
+    atomic_write(run.model_dir / METRICS, write_metrics)
+    current = read_manifest(run.model_dir)
     current["history"] = {
-        "data": {"name": name, "task": task}, "epochs": epoch, "steps": trainer.step, "best": best,
+        "data": {"name": run.name, "task": run.task}, "epochs": epoch, "steps": trainer.step, "best": run.best,
         "last": records[-1], "optimizer": {"name": "adam", "lr": cfg.lr, "batch_size": cfg.batch_size},
-        "gan": ({"weight": cfg.gan_weight, "k": trainer.k, "critic_steps": cfg.critic_steps,
-                 "gp_weight": cfg.gp_weight, "gan_every": cfg.gan_every} if trainer.critic is not None else None),
-        "seed": cfg.seed}
+        "gan": trainer.defense.history() if trainer.defense is not None else None, "seed": cfg.seed}
     if cfg.k is not None:
         current["k"] = cfg.k
     if trainer.defense is not None:  # e.g. fool_sign: quadrant, so load_model rebuilds the same encoder
@@ -594,7 +552,7 @@ def _save(model_dir, model, trainer, epoch, records, best, improved, cfg, manife
         current.pop("fool_rule", None)
     else:
         current["fool_rule"] = trainer.fool_rule
-    atomic_json(current, model_dir / MANIFEST)
+    atomic_json(current, run.model_dir / MANIFEST)
 
 
 def eval_dir(model_dir, data=None, data_dir=None, task=None, batch_size=256, device="auto", workers=0,
@@ -612,7 +570,7 @@ def eval_dir(model_dir, data=None, data_dir=None, task=None, batch_size=256, dev
     loader = DataLoader(test, batch_size=batch_size, num_workers=workers)
     model.to(dev)
     t0 = time.time()
-    res = evaluate(model, loader, dev, info.multilabel, limit)
+    res = evaluate_error(model, loader, dev, info.multilabel, limit)
     out = {"data": name, "task": task, "split": "test", "variant": manifest["variant"], "arch": manifest["arch"],
            "error": round(res["error"], 6), "loss": round(res["loss"], 6), "n": res["n"],
            "multilabel": info.multilabel, "time_s": round(time.time() - t0, 2),

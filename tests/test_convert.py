@@ -2,6 +2,9 @@
 
 import dataclasses
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +125,35 @@ def test_converter_refuses_non_equivariant_layers_by_name():
 
     with pytest.raises(ConversionError, match="adds a constant"):
         build_model(dataclasses.replace(spec, arch="x", encoder_end="conv1", decoder_start=None), AddsConstant())
+
+
+def test_zoo_registers_its_own_layers_and_the_converter_imports_no_zoo():
+    """The converter knows no model family: importing it loads no zoo module, and the zoo's option-A
+    shortcut maps to its complex twin (traced as one leaf) because the zoo registered it."""
+    code = "import sys, cvconvert.convert, cvconvert.complex; print(sorted(m for m in sys.modules if m.split('.')[0] == 'zoo'))"
+    repo = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo).stdout
+    assert out.strip() == "[]"
+    from cvconvert.complex import CShortcutA
+    from cvconvert.convert import DEFAULT_MAPPING, register_complex, swap_module
+
+    assert DEFAULT_MAPPING[zoo.ShortcutA] is CShortcutA and zoo.ShortcutA in LEAF_MODULES
+    assert isinstance(swap_module(zoo.ShortcutA(4), "layer2.0.shortcut"), CShortcutA)
+
+    class Twice(nn.Module):  # a new linear layer: one registration makes it convertible
+        def forward(self, x):
+            return 2 * x
+
+    class CTwice(Twice):
+        @classmethod
+        def from_real(cls, mod, **_):
+            return cls()
+
+    with pytest.raises(ConversionError, match="Twice"):
+        swap_module(Twice(), "scale")
+    register_complex(Twice, CTwice, leaf=True)
+    try:
+        assert isinstance(swap_module(Twice(), "scale"), CTwice) and Twice in LEAF_MODULES
+    finally:
+        DEFAULT_MAPPING.pop(Twice)
+        LEAF_MODULES.remove(Twice)

@@ -192,3 +192,50 @@ def test_bad_names_and_dirs(tmp_path):
         get_dataset("fashion-mnist", True, data_dir=tmp_path / "nope")
     with pytest.raises(CvError, match="does not exist"):
         get_dataset(f"folder:{tmp_path / 'nope'}", True)
+
+
+def test_a_new_data_set_is_one_registry_entry(tmp_path, monkeypatch):
+    """Register a data set (info per task, loader, how to get it): it converts, loads and names itself
+    in errors like the built-in ones, and --data lists it."""
+    from cvconvert import datasets
+    from cvconvert.data import TensorItems
+    from cvconvert.datasets import DatasetEntry, DatasetInfo, dataset_info, dataset_names, register_dataset
+
+    monkeypatch.setattr(datasets, "DATASETS", dict(datasets.DATASETS))  # undone after the test
+    info = DatasetInfo("toy", (1, 16, 16), 3, ["a", "b", "c"], [0.5], [0.5])
+
+    def load_toy(train, data_dir, info):
+        if data_dir is None:
+            raise CvError(f"toy data not found: {datasets.get_entry('toy').how_to_get}")
+        n = 6 if train else 3
+        images = torch.arange(n * 256, dtype=torch.uint8).reshape(n, 1, 16, 16)
+        return TensorItems(images, [i % 3 for i in range(n)], [-1] * n, info)
+
+    register_dataset("toy", DatasetEntry({"fine": info}, load_toy, "make it with `toy-maker`"))
+    assert "toy" in dataset_names() and dataset_info("toy") is info
+    ds = get_dataset("toy", True, data_dir=tmp_path)
+    image, target, prop = ds[4]
+    assert len(ds) == 6 and image.shape == (1, 16, 16) and (target, prop) == (1, -1)
+    assert len(get_dataset("toy", False, data_dir=tmp_path)) == 3
+    with pytest.raises(CvError, match="toy-maker"):
+        get_dataset("toy", True)
+    with pytest.raises(CvError, match="has no task 'coarse'"):
+        dataset_info("toy", "coarse")
+    from cvconvert.build import convert_to_dir
+    manifest = convert_to_dir("lenet", tmp_path / "m", data="toy", variant="original")
+    assert manifest["input_shape"] == [1, 16, 16] and manifest["class_names"] == ["a", "b", "c"]
+
+
+def test_builtin_infos_per_task():
+    from cvconvert.datasets import dataset_info, dataset_names
+
+    assert dataset_names() == ["fashion-mnist", "cifar10", "cifar100", "celeba", "cub200", "folder:PATH"]
+    fm, coarse = dataset_info("fashion-mnist"), dataset_info("fashion-mnist", "coarse")
+    assert (fm.num_classes, coarse.num_classes, coarse.property_classes, fm.input_shape) == (10, 4, 10, (1, 32, 32))
+    c100 = dataset_info("cifar100")
+    assert c100.task == "coarse" and c100.num_classes == 20 and c100.property_classes == 100
+    assert dataset_info("celeba").multilabel and dataset_info("cub200").num_classes == 200
+    with pytest.raises(CvError, match="has no task 'coarse'"):
+        dataset_info("cifar10", "coarse")
+    with pytest.raises(CvError, match=r"choose from fashion-mnist, .*, folder:PATH"):
+        dataset_info("svhn")

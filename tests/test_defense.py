@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cvconvert.complex.functional import encode
-from cvconvert.defense import DefenseConfig, SignCritic, make_defense, odd_moments
+from cvconvert.defense import DefenseConfig, PaperDefense, SignCritic, make_defense, negatives, odd_moments
 from cvconvert.errors import CvError
 from cvconvert.model import ModelSpec, build_model, quadrant_sign
 
@@ -79,7 +79,11 @@ def test_make_defense_errors():
     d = make_defense("exchange", m)
     assert m.encoder.fool_sign == "quadrant" and d.manifest_updates()["fool_sign"] == "quadrant"
     paper = make_defense("paper", tiny())
-    assert paper.uses_paper_gan and not d.uses_paper_gan
+    assert isinstance(paper, PaperDefense) and paper.history()["k"] == 8 and d.history() is None
+    with pytest.raises(CvError, match="complex model"):
+        make_defense("paper", tiny(variant="original"))
+    with pytest.raises(CvError, match="unknown defense option"):
+        make_defense("paper", tiny(), {"moment_weight": 1.0})  # each defense takes its own options
 
 
 def test_odd_moments_vanish_for_symmetric_data():
@@ -161,3 +165,38 @@ def test_state_dict_round_trip():
     with pytest.raises(CvError, match="does not match"):
         d2.load_state_dict({"critic": {}})
     assert isinstance(SignCritic(3, 8, 2)(torch.randn(2, 3)), torch.Tensor)  # flat features work too
+
+
+def test_negatives_are_rotations_decoded_with_wrong_angles():
+    a, b = torch.randn(14, 3, 4, 4), torch.randn(14, 3, 4, 4)
+    neg = negatives(a, b, k=8, offset=0)
+    # a' = Re[(a + ib) e^{i dtheta}], dtheta = j pi / 8 with j cycling over 1..7
+    for i in range(14):
+        t = torch.tensor((i % 7 + 1) * torch.pi / 8)
+        want = torch.real(torch.complex(a[i], b[i]) * torch.exp(1j * t))
+        assert torch.allclose(neg[i], want, atol=1e-5)
+
+
+def test_paper_defense_critic_learns_and_plays_only_on_its_steps():
+    """The WGAN-GP critic scores a above its rotated negatives after training; with every=2 the odd steps
+    leave critic and loss alone; the encoder's term reaches the generator, never the critic."""
+    torch.manual_seed(0)
+    m = tiny().train()
+    d = make_defense("paper", m, {"weight": 1.0, "k": 4, "every": 2, "critic_lr": 3e-3})
+    with torch.no_grad():
+        a = m.encoder.features(torch.rand(16, 1, 16, 16))
+    b = a.roll(1, 0)
+    before = [p.detach().clone() for p in m.discriminator.parameters()]
+    assert d.update(a, b, None, step=1) == {} and float(d.extra_loss(a, b, None, 1)[0]) == 0.0
+    assert all(torch.equal(x, y) for x, y in zip(before, m.discriminator.parameters()))
+    hist = [d.update(a, b, None, step=2 * i) for i in range(30)]
+    assert hist[-1]["wdist"] > hist[0]["wdist"] and hist[-1]["wdist"] > 0  # it tells a from a' better
+    for p in m.parameters():
+        p.grad = None
+    loss, stats = d.extra_loss(m.encoder.features(torch.rand(16, 1, 16, 16)), b, None, 0)
+    loss.backward()
+    assert stats["gan_loss"] != 0 and all(p.grad is None for p in m.discriminator.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.encoder.features.generator.parameters())
+    d2 = make_defense("paper", tiny(), {"k": 4})
+    d2.load_state_dict(d.state_dict())
+    assert d2.opt.state_dict()["state"].keys() == d.opt.state_dict()["state"].keys()

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from cli.main import app
 from cvconvert.build import convert_to_dir
 from cvconvert.modeldir import load_model
-from cvconvert.train import CHECKPOINT, TrainConfig, Trainer, negatives
+from cvconvert.dist import Dist
+from cvconvert.train import CHECKPOINT, SplitTrainer, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import write_fashion  # noqa: E402
@@ -73,9 +74,8 @@ def test_complex_gan_steps_move_encoder_and_critic(tmp_path):
     d = tmp_path / "cx"
     convert_to_dir("lenet", d)
     model, manifest = load_model(d)
-    cfg = TrainConfig(gan_weight=0.5, lr=1e-3)
-    from cvconvert.train import Dist
-    trainer = Trainer(model, manifest, cfg, torch.device("cpu"), Dist("cpu"), multilabel=False)
+    cfg = TrainConfig(gan_weight=0.5, lr=1e-3, defense="paper")
+    trainer = SplitTrainer(model, manifest, cfg, torch.device("cpu"), Dist("cpu"), multilabel=False)
     critic0 = [p.detach().clone() for p in model.discriminator.parameters()]
     gen0 = [p.detach().clone() for p in model.encoder.features.generator.parameters()]
     x, y = torch.rand(8, 1, 32, 32), torch.randint(0, 10, (8,))
@@ -89,16 +89,6 @@ def test_complex_gan_steps_move_encoder_and_critic(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(gen0, model.encoder.features.generator.parameters()))
 
 
-def test_negatives_are_rotations_decoded_with_wrong_angles():
-    a, b = torch.randn(14, 3, 4, 4), torch.randn(14, 3, 4, 4)
-    neg = negatives(a, b, k=8, offset=0)
-    # a' = Re[(a + ib) e^{i dtheta}], dtheta = j pi / 8 with j cycling over 1..7
-    for i in range(14):
-        t = torch.tensor((i % 7 + 1) * torch.pi / 8)
-        want = torch.real(torch.complex(a[i], b[i]) * torch.exp(1j * t))
-        assert torch.allclose(neg[i], want, atol=1e-5)
-
-
 def test_complex_cli_smoke_and_finetune_from_original(tmp_path, fm):
     orig = tmp_path / "orig"
     convert_to_dir("lenet", orig, variant="original")
@@ -110,7 +100,7 @@ def test_complex_cli_smoke_and_finetune_from_original(tmp_path, fm):
     assert torch.equal(torch.load(cx / "model.pt", weights_only=True)["encoder.features.body.conv1.weight"],
                        trained_conv1)
     code, out = _cli(*_train_args(cx, fm, "--epochs", 1, "--max-steps", 3, "--k", 4, "--gan-batch", 4,
-                                  "--train-limit", 20))
+                                  "--train-limit", 20, "--defense", "paper"))
     assert code == 0, out
     rec = json.loads((cx / "metrics.jsonl").read_text())
     assert rec["steps"] == 2 and "train_wdist" in rec and "train_critic_loss" in rec  # 16 of 20 images: 2 steps
@@ -178,24 +168,47 @@ def test_nan_loss_stops_and_keeps_last_good(tmp_path, fm):
     assert (d / CHECKPOINT).read_bytes() == ckpt
 
 
+# Run under torchrun by the test below: trains through the public API, and a callback records each
+# process's final weights (only rank 0 writes files, so the other rank's weights are not on disk).
+_WORKER = """
+import hashlib, json, os, sys
+from pathlib import Path
+from cvconvert.train import TrainConfig, train
+
+def dump(trainer, rec):
+    h = hashlib.sha256()
+    for key, v in sorted(trainer.model.state_dict().items()):
+        h.update(key.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    Path(f"{sys.argv[2]}.{os.environ['RANK']}").write_text(h.hexdigest())
+
+cfg = TrainConfig(data_dir=sys.argv[3], batch_size=4, device="cpu", epochs=1, max_steps=3, val_fraction=0.2,
+                  defense="paper")
+summary = train(sys.argv[1], cfg, log=False, callbacks=[dump])
+if os.environ["RANK"] == "0":
+    print(json.dumps(summary))
+"""
+
+
 def test_torchrun_two_gloo_processes_end_identical(tmp_path, fm):
     d = tmp_path / "cx"
     convert_to_dir("lenet", d)
     dump = tmp_path / "hash"
-    env = {**os.environ, "CVCONVERT_TEST_WEIGHT_DUMP": str(dump), "CVCONVERT_CACHE": str(tmp_path / "cache"),
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    worker = tmp_path / "worker.py"
+    worker.write_text(_WORKER)
+    env = {**os.environ, "CVCONVERT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "cli", "train", str(d), "--data-dir", str(fm), "--batch-size", "4", "--device", "cpu",
-           "--epochs", "1", "--max-steps", "3", "--val-fraction", "0.2", "--json"]
+           str(worker), str(d), str(dump), str(fm)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     h0, h1 = (Path(f"{dump}.{r}").read_text() for r in (0, 1))
     assert h0 == h1
     summary = json.loads(res.stdout)
     assert summary["world_size"] == 2 and summary["steps"] == 3
-    # rank 0 wrote the files, and they hold the weights both ranks agree on
+    # rank 0 wrote the files, and they hold the weights both ranks agree on, critic included
     ckpt = torch.load(d / CHECKPOINT, weights_only=True)
-    assert ckpt["step"] == 3
+    assert ckpt["step"] == 3 and any(k.startswith("discriminator.") for k in ckpt["model"])
+    assert json.loads((d / "metrics.jsonl").read_text())["train_wdist"] != 0
     import hashlib
     h = hashlib.sha256()
     for key, v in sorted(ckpt["model"].items()):
@@ -236,3 +249,26 @@ def test_train_defense_option_persists_and_keeps_decoding(tmp_path, fm):
     convert_to_dir("lenet", orig, variant="original")
     code, out = _cli(*_train_args(orig, fm, "--max-steps", 1, "--defense", "exchange"))
     assert code != 0 and "needs a complex model" in out
+
+
+def test_private_defaults_and_a_trained_model_keeps_its_own(tmp_path, fm):
+    """A fresh complex model trains with exchange + match; a model trained before keeps its defense and
+    rule when trained again without the options; --defense paper still gives the paper's WGAN."""
+    d = tmp_path / "new"
+    convert_to_dir("lenet", d)
+    code, out = _cli(*_train_args(d, fm, "--max-steps", 2))
+    assert code == 0, out
+    manifest = json.loads((d / "cvconvert.json").read_text())
+    assert manifest["defense"]["name"] == "exchange" and manifest["fool_sign"] == "quadrant"
+    assert manifest["fool_rule"] == "match" and manifest["history"]["gan"] is None
+    rec = json.loads((d / "metrics.jsonl").read_text())
+    assert "train_wdist" not in rec and "train_loss" in rec
+    p = tmp_path / "paper"
+    convert_to_dir("lenet", p)
+    assert _cli(*_train_args(p, fm, "--max-steps", 1, "--defense", "paper", "--fool-rule", "random"))[0] == 0
+    code, out = _cli(*_train_args(p, fm, "--max-steps", 1))  # no options: the model's own
+    assert code == 0, out
+    manifest = json.loads((p / "cvconvert.json").read_text())
+    assert manifest["defense"]["name"] == "paper" and manifest["history"]["gan"]["k"] == 8
+    assert "fool_rule" not in manifest and "fool_sign" not in manifest
+    assert "train_wdist" in json.loads((p / "metrics.jsonl").read_text())

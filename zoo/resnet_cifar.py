@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvconvert.complex.layers import CShortcutA
+from cvconvert.convert import register_complex
+
 from ._registry import register_model
 
 
@@ -18,6 +21,10 @@ class ShortcutA(nn.Module):
 
     def forward(self, x):
         return F.pad(x[..., ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+# The converter sees the shortcut as one layer and turns it into its complex twin (same padding).
+register_complex(ShortcutA, CShortcutA, leaf=True)
 
 
 class BasicBlock(nn.Module):

@@ -24,7 +24,7 @@ from ..datasets import dataset_info
 from ..errors import CvError
 from ..modeldir import load_model
 from ..model import random_theta
-from ..train import pick_device
+from ..dist import pick_device
 from . import angle, inference, invariant, inversion, phase_support, regressor, whitebox
 from ..runtime import choose_fools
 from .common import batched, combiner, make_partners, partners
