@@ -21,7 +21,7 @@ def export(
     max_batch_size: int = typer.Option(64, help="Triton max_batch_size (dynamic batching)."),
     as_json: bool = typer.Option(False, "--json", help="Print the validation report as JSON on stdout."),
 ):
-    """Export DIR's encoder / processing / decoder to DIR/onnx/*.onnx; validate; fail on any mismatch."""
+    """Export DIR's encoder / processing / decoder (+ features) to DIR/onnx/*.onnx; validate; fail on any mismatch."""
     from cvconvert.export import export_model_dir, summary_lines
 
     from rich.console import Console

@@ -7,7 +7,8 @@ import importlib
 from ._app import app
 
 # One module per command (huggingface_hub's cli/ layout); each registers itself on import.
-COMMANDS = ["convert", "list_cmd", "info", "serve", "export", "infer", "fools", "train", "eval_cmd", "attack", "bench"]
+COMMANDS = ["convert", "list_cmd", "info", "serve", "export", "validate", "infer", "fools", "train", "eval_cmd",
+            "attack", "bench"]
 for _name in COMMANDS:
     importlib.import_module(f"cli.{_name}")
 

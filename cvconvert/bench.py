@@ -4,9 +4,14 @@ Every configuration (model x part x engine) of one batch size is timed round-rob
 round, so that both models see the same machine load (the ratios are what matter on a shared CPU).
 Warm-up calls are excluded; the reported latency is the median (p50) and p90 over the timed rounds.
 
-Engines: ONNX Runtime (CPU, or CUDA with IO binding so tensors stay on the GPU between the three parts)
+Stages: each graph on its own (encoder, processing, decoder, and the complex model's features), the
+chain end to end (image and fool through the encoder), and the complex model's online device path:
+features on the image only, x formed in numpy from a precomputed fool feature, processing, decoder.
+The original model's encoder and end to end are the baselines of features and online.
+
+Engines: ONNX Runtime (CPU, or CUDA with IO binding so tensors stay on the GPU between the parts)
 and PyTorch eager (torch.inference_mode). The ONNX graphs come from DIR/onnx/ when `cvconvert export`
-wrote them; otherwise they are exported here (`export_parts`).
+wrote them all; otherwise they are exported here (`prepare_graphs`).
 """
 
 from __future__ import annotations
@@ -23,76 +28,96 @@ import numpy as np
 
 from .errors import CvError
 
-PARTS = ("encoder", "processing", "decoder")
-STAGES = PARTS + ("end_to_end",)
+STAGES = ("encoder", "features", "processing", "decoder", "end_to_end", "online")
+# The original model has neither a feature graph nor an online path: the complex model's features
+# (the device's work per image) are compared with the original's encoder, and online with its end to end.
+BASELINE_STAGE = {"features": "encoder", "online": "end_to_end"}
+
+
+def baseline_stage(stage: str) -> str:
+    return BASELINE_STAGE.get(stage, stage)
 
 
 # ----------------------------------------------------------------------------- ONNX graphs
 
-def _inputs(model, n: int, part: str, gen=None):
-    """Example torch inputs of `part` at batch n (random pixels, features and angles)."""
-    import torch
+def _graphs_needed(model) -> list[str]:
+    from .contracts import SIGNATURES
 
-    gen = gen or torch.Generator().manual_seed(0)
-    dev = next(model.parameters()).device  # the eager runner may have moved the model to the GPU already
-    img = lambda: torch.rand((n,) + tuple(model.spec.input_shape), generator=gen).to(dev)  # noqa: E731
-    theta = lambda: (torch.rand(n, generator=gen) * (2 * math.pi)).to(dev)  # timing only: not a key  # noqa: E731
-    with torch.inference_mode():
-        if part == "encoder":
-            return (img(), img(), theta()) if model.is_complex else (img(),)
-        x = model.encoder(img(), img(), theta()) if model.is_complex else model.encoder(img())
-        if part == "processing":
-            return (x,)
-        h = model.processing(x)
-        return (h, theta()) if model.is_complex else (h,)
-
-
-def _names(model, part: str):
-    if part == "encoder":
-        return (["image", "fool", "theta"] if model.is_complex else ["image"]), ["x"]
-    if part == "processing":
-        return ["x"], ["h"]
-    return (["h", "theta"] if model.is_complex else ["h"]), ["logits"]
+    return [p for p in SIGNATURES[model.is_complex] if p != "original"]  # original.onnx: not timed
 
 
 def prepare_graphs(model_dir, model, manifest: dict, work_dir: Path, log=None) -> tuple[dict[str, Path], str]:
-    """The three ONNX graphs of a model: DIR/onnx/ when `cvconvert export` wrote them, else exported
+    """The ONNX graphs of a model: DIR/onnx/ when `cvconvert export` wrote them all, else exported
     with `cvconvert export` (same folding, validation and graph) into a copy of the model dir under
     work_dir, so the user's dir is never written to. `model_dir` None: a model built in memory."""
     from .export import export_model_dir
     from .modeldir import write_model_dir
 
+    needed = _graphs_needed(model)
     onnx_dir = Path(model_dir) / "onnx" if model_dir is not None else None
-    if onnx_dir is not None and all((onnx_dir / f"{p}.onnx").is_file() for p in PARTS):
-        return {p: onnx_dir / f"{p}.onnx" for p in PARTS}, str(onnx_dir)
+    missing = [p for p in needed if onnx_dir is None or not (onnx_dir / f"{p}.onnx").is_file()]
+    if not missing:
+        return {p: onnx_dir / f"{p}.onnx" for p in needed}, str(onnx_dir)
     tmp = Path(work_dir)
     write_model_dir(tmp, {k: v.detach().cpu() for k, v in model.state_dict().items()}, manifest, force=True)
     if log:
-        log(f"exporting the {manifest['variant']} model for timing (`cvconvert export` into a temporary copy)")
+        why = f" ({onnx_dir} lacks {', '.join(p + '.onnx' for p in missing)})" if onnx_dir and onnx_dir.is_dir() else ""
+        log(f"exporting the {manifest['variant']} model for timing (`cvconvert export` into a temporary copy){why}")
     export_model_dir(tmp)
-    return {p: tmp / "onnx" / f"{p}.onnx" for p in PARTS}, "exported by bench (cvconvert export)"
+    return {p: tmp / "onnx" / f"{p}.onnx" for p in needed}, "exported by bench (cvconvert export)"
+
+
+def stage_feeds(model, n: int) -> dict[str, dict[str, np.ndarray]]:
+    """Numpy inputs per stage at batch n: random images and fools, angles, and what the model's earlier
+    parts make of them. end_to_end takes the sources (image, fool, theta); online takes the image, theta
+    and b, the fool's feature as a fool pool stores it (computed once, outside the timed call)."""
+    import torch
+
+    from .contracts import SIGNATURES, example_inputs, sources
+    from .export import reference, torch_parts
+
+    sigs = {p: s for p, s in SIGNATURES[model.is_complex].items() if p != "original"}
+    mods = torch_parts(model.eval())  # eval: b as a pool stores it, not through training-mode batch-norm
+    src = example_inputs(sources(sigs, list(sigs)), model.spec.input_shape, n, np.random.default_rng(n))
+    device = next(model.parameters()).device  # the eager runner may have moved the model to the GPU
+    feeds = {part: feeds for part, (feeds, _) in reference(mods, sigs, src, device).items()}
+    feeds["end_to_end"] = {k: src[k] for k in sources(sigs)}
+    if "features" in mods:
+        with torch.inference_mode():
+            b = mods["features"](torch.from_numpy(src["fool"]).to(device)).cpu().numpy()
+        feeds["online"] = {"image": src["image"], "b": b, "theta": src["theta"]}
+    return feeds
 
 
 # ----------------------------------------------------------------------------- runners
 
 class OrtPipeline:
-    """The three ONNX Runtime sessions of one model; `run(stage, feeds)` times one part or all three."""
+    """The ONNX Runtime sessions of one model; `run(stage, feeds)` times one graph, the chain
+    (end_to_end) or, with features.onnx, the online device path: features on the image, x formed in
+    numpy from a precomputed fool feature (`contracts.combine_np`), processing, decoder."""
 
-    def __init__(self, paths: dict[str, Path], provider: str, threads: int | None, is_complex: bool):
+    def __init__(self, paths: dict[str, Path], provider: str, threads: int | None, is_complex: bool,
+                 fool_sign: str = "none"):
+        from .contracts import SIGNATURES
         from .runtime import make_session
 
-        self.provider, self.is_complex = provider, is_complex
-        self.sessions = {p: make_session(paths[p], provider, threads) for p in PARTS}  # the runtime's options
-        self.in_names = {p: [i.name for i in s.get_inputs()] for p, s in self.sessions.items()}
+        self.provider, self.fool_sign = provider, fool_sign
+        self.sigs = {p: s for p, s in SIGNATURES[is_complex].items() if p in paths}
+        self.sessions = {p: make_session(paths[p], provider, threads) for p in self.sigs}  # the runtime's options
+        self.stages = tuple(self.sessions) + ("end_to_end",) + (("online",) if "features" in self.sessions else ())
 
     def prepare(self, feeds: dict[str, dict]):
-        """Move the inputs once (CUDA: OrtValues on the device, so timing excludes host copies)."""
+        """Move the inputs once (CUDA: OrtValues on the device, so timing excludes host copies). The
+        online path keeps b and a copy of theta on the host, where a device combines them."""
         import onnxruntime as ort
 
         if self.provider != "cuda":
             return feeds
-        return {stage: {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in f.items()}
-                for stage, f in feeds.items()}
+        out = {stage: {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in f.items()}
+               for stage, f in feeds.items()}
+        if "online" in feeds:
+            out["online"].update(b=feeds["online"]["b"], theta_host=feeds["online"]["theta"])
+        return out
 
     def _run_part(self, part, feeds):
         sess = self.sessions[part]
@@ -105,55 +130,66 @@ class OrtPipeline:
         sess.run_with_iobinding(binding)
         return binding.get_outputs()[0]  # an OrtValue that stays on the GPU
 
+    def _online(self, feeds):
+        import onnxruntime as ort
+
+        from .contracts import combine_np
+
+        a = self._run_part("features", {"image": feeds["image"]})
+        cuda = self.provider == "cuda"
+        x = combine_np(a.numpy() if cuda else a, feeds["b"], feeds.get("theta_host", feeds["theta"]), self.fool_sign)
+        h = self._run_part("processing", {"x": ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0) if cuda else x})
+        return self._run_part("decoder", {"h": h, "theta": feeds["theta"]})
+
     def run(self, stage: str, feeds: dict):
-        if stage != "end_to_end":
-            out = self._run_part(stage, feeds)
+        from .contracts import CHAIN, run_chain
+
+        if stage == "end_to_end":
+            out = run_chain(self._run_part, self.sigs, CHAIN, feeds)[self.sigs[CHAIN[-1]].outputs[0]]
+        elif stage == "online":
+            out = self._online(feeds)
         else:
-            enc = {k: feeds[k] for k in self.in_names["encoder"]}
-            x = self._run_part("encoder", enc)
-            h = self._run_part("processing", {"x": x})
-            out = self._run_part("decoder", {"h": h, "theta": feeds["theta"]} if self.is_complex else {"h": h})
+            out = self._run_part(stage, feeds)
         if self.provider == "cuda":
-            out.numpy()  # the result back on the host ends the timed call (synchronises)
+            out = out.numpy()  # the result back on the host ends the timed call (synchronises)
         return out
 
 
 class EagerPipeline:
+    """The same stages in PyTorch eager; online forms x with the encoder's own combine."""
+
     def __init__(self, model, device: str):
         import torch
 
+        from .contracts import SIGNATURES
+        from .export import torch_parts
+
         self.model, self.device, self.torch = model.eval().to(device), device, torch
+        self.mods = torch_parts(self.model)
+        self.sigs = SIGNATURES[model.is_complex]
+        self.stages = tuple(self.mods) + ("end_to_end",) + (("online",) if "features" in self.mods else ())
 
     def prepare(self, feeds):
         return {stage: {k: self.torch.from_numpy(v).to(self.device) for k, v in f.items()}
                 for stage, f in feeds.items()}
 
+    def _run(self, stage: str, feeds: dict):
+        from .contracts import CHAIN, run_chain
+
+        m = self.mods
+        if stage == "end_to_end":
+            return run_chain(lambda p, f: m[p](*f.values()), self.sigs, CHAIN, feeds)[self.sigs[CHAIN[-1]].outputs[0]]
+        if stage == "online":
+            x = self.model.encoder.combine(m["features"](feeds["image"]), feeds["b"], feeds["theta"])
+            return m["decoder"](m["processing"](x), feeds["theta"])
+        return m[stage](*feeds.values())
+
     def run(self, stage: str, feeds: dict):
-        m = self.model
         with self.torch.inference_mode():
-            if stage == "encoder":
-                out = m.encoder(*feeds.values())
-            elif stage == "processing":
-                out = m.processing(feeds["x"])
-            elif stage == "decoder":
-                out = m.decoder(*feeds.values())
-            else:
-                x = m.encoder(feeds["image"], feeds["fool"], feeds["theta"]) if m.is_complex else m.encoder(feeds["image"])
-                h = m.processing(x)
-                out = m.decoder(h, feeds["theta"]) if m.is_complex else m.decoder(h)
+            out = self._run(stage, feeds)
             if self.device == "cuda":
                 self.torch.cuda.synchronize()
         return out
-
-
-def stage_feeds(model, n: int) -> dict[str, dict[str, np.ndarray]]:
-    """Numpy inputs per stage at batch n (end_to_end takes the encoder's)."""
-    feeds = {}
-    for part in PARTS:
-        names, _ = _names(model, part)
-        feeds[part] = {k: v.cpu().numpy() for k, v in zip(names, _inputs(model, n, part))}
-    feeds["end_to_end"] = {**feeds["encoder"], **({"theta": feeds["decoder"]["theta"]} if model.is_complex else {})}
-    return feeds
 
 
 # ----------------------------------------------------------------------------- timing
@@ -207,7 +243,8 @@ def run_bench(models: dict, graphs: dict, cfg: BenchConfig, log=None) -> dict:
     runners = {}
     for name, model in models.items():
         if "ort" in cfg.engines:
-            runners[(name, "ort")] = OrtPipeline(graphs[name], device, cfg.threads, model.is_complex)
+            runners[(name, "ort")] = OrtPipeline(graphs[name], device, cfg.threads, model.is_complex,
+                                                 model.spec.fool_sign)
         if "eager" in cfg.engines:
             runners[(name, "eager")] = EagerPipeline(model, device)
     import torch
@@ -229,8 +266,9 @@ def _timed_rounds(models, runners, cfg: BenchConfig, device: str) -> dict:
         task = bar.add_task("bench", total=total) if bar else None
         for n in cfg.batch_sizes:
             feeds = {name: stage_feeds(m, n) for name, m in models.items()}
-            cases = [(name, eng, stage, r, r.prepare(feeds[name])[stage])
-                     for (name, eng), r in runners.items() for stage in cfg.stages]
+            prepared = {key: r.prepare(feeds[key[0]]) for key, r in runners.items()}
+            cases = [(name, eng, stage, r, prepared[(name, eng)][stage])
+                     for (name, eng), r in runners.items() for stage in cfg.stages if stage in r.stages]
             times = {c[:3]: [] for c in cases}
             for i in range(cfg.warmup + cfg.repeats):
                 for name, eng, stage, runner, feed in cases:  # round-robin: same load for every case
@@ -259,13 +297,15 @@ def _threads_used(device):
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """complex/original per (batch, engine, stage), and ORT/eager per (batch, model, stage), from p50s."""
+    """complex/original per (batch, engine, stage), and ORT/eager per (batch, model, stage), from p50s.
+    The complex model's features and online stages are divided by the original's encoder and end to end."""
     p50 = {(r["batch"], r["model"], r["engine"], r["stage"]): r["p50_ms"] for r in rows}
     out = []
     for (n, model, eng, stage), v in p50.items():
-        if model == "complex" and (n, "original", eng, stage) in p50:
+        base = (n, "original", eng, baseline_stage(stage))
+        if model == "complex" and base in p50:
             out.append({"kind": "complex/original", "batch": n, "engine": eng, "stage": stage,
-                        "ratio": v / p50[(n, "original", eng, stage)]})
+                        "baseline_stage": base[3], "ratio": v / p50[base]})
     for (n, model, eng, stage), v in p50.items():
         if eng == "ort" and (n, model, "eager", stage) in p50:
             out.append({"kind": "ort/eager", "batch": n, "model": model, "stage": stage,
@@ -385,7 +425,7 @@ def plot_report(report: dict, path) -> None:
                        hatch="//" if eng == "eager" else None, label=f"{model} ({eng})")
                 if model == "complex":
                     for x, s, y in zip(xs, stages, ys):
-                        base = p50.get((n, "original", eng, s))
+                        base = p50.get((n, "original", eng, baseline_stage(s)))
                         if base:
                             ax.annotate(f"{y / base:.1f}x", (x, y), ha="center", va="bottom", fontsize=6)
         ax.set_yscale("log")

@@ -1,13 +1,22 @@
-"""`cvconvert export`: the model dir's three parts -> validated ONNX graphs (DESIGN.md contracts).
+"""`cvconvert export` in three steps, each callable on its own:
+
+    export_parts(model, manifest, opset)       -> {graph: onnx.ModelProto}     torch.onnx (dynamo)
+    validate_graphs(model, manifest, blobs)    -> the validation report         CvError on any mismatch
+    write_export(model_dir, blobs, report)     -> DIR/onnx/*.onnx, export.json (+ a Triton repository)
+
+`validate_dir` runs the middle step again on an existing DIR/onnx/ folder (`cvconvert validate`).
+The graphs and their names are those of cvconvert/contracts.py: encoder, processing, decoder, and
+features (complex models) or original (baselines).
 
 Exporter: torch.onnx's dynamo path (torch.export + onnxscript). Measured on the processing part of the
 Fashion-MNIST LeNet / ResNet-20 (folded): 49/106 nodes and exact output shapes, where the TorchScript
 exporter gave 212/352 nodes (Shape/Gather chains for every reshape) and symbolic non-batch output dims.
 
-Validation is part of export and any failure raises CvError before a file is written:
-onnx.checker full check, the DESIGN.md signature (names, dims, symbolic batch "N", float32, opset,
-no complex dtypes), ONNX Runtime vs PyTorch at batch sizes 1, 3 and 8, the whole ORT chain vs the
-PyTorch model for random keys, and the rotation property of processing.onnx for random theta.
+Validation fails before any file is written: onnx.checker full check, each graph's signature (names,
+dims, symbolic batch "N", float32, opset, no complex dtypes), ONNX Runtime vs PyTorch for every graph at
+batch sizes 1, 3 and 8, the whole ORT chain vs the PyTorch model for random keys, the rotation property
+of processing.onnx for random theta, and x formed in numpy from features.onnx (`contracts.combine_np`)
+vs encoder.onnx.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ import contextlib
 import copy
 import hashlib
 import io
+import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -28,19 +39,26 @@ from torch import nn
 
 from . import __version__
 from .complex.layers import CBatchNorm, CConv2d, CLinear
+from .contracts import (CHAIN, OPTIONAL, SIGNATURES, check_signature, combine_np, example_inputs,
+                        expected_shapes, rotate_np, run_chain, signatures, sources)
 from .errors import CvError, one_line
-from .graphopt import custom_translations as graph_translations  # bench hook (issue 7)
+from .graphopt import custom_translations as graph_translations
 from .keys import secure_angles
-from .modeldir import WEIGHTS, atomic_json, atomic_write, load_model, swap_dir
+from .modeldir import WEIGHTS, atomic_json, atomic_write, load_model, read_manifest, swap_dir
 from .ortsession import add_session_config
-from .runtime import (ONNX_DIR, REPORT, SIGNATURES, check_signature, expected_shapes, make_session,
-                      session_signature, sha256)
+from .runtime import ONNX_DIR, REPORT, make_session, session_signature, sha256
 
-EXAMPLE_BATCH = 2  # >= 2 so no batch dim can be specialised to 1 (notes/onnx-pitfalls.md)
+EXAMPLE_BATCH = 2  # >= 2 so no batch dim can be specialised to 1 (a batch-1 example freezes it)
 CHECK_BATCHES = (1, 3, 8)
+CHAIN_BATCH = 8
 MIN_OPSET = 17
 _FLOAT = onnx.TensorProto.FLOAT
 _COMPLEX = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
+
+# How ONNX Runtime's output is compared with PyTorch's, per variant and graph ("exact" unless listed).
+# The noisy baseline draws fresh noise inside its encoder, and so inside original.onnx, which PyTorch
+# cannot reproduce: its encoder is checked on the noise scale (exact per sample), original.onnx on shape.
+COMPARISON = {"noisy": {"encoder": "noise scale", "original": "shape"}}
 
 
 # ---------------------------------------------------------------- folding
@@ -102,7 +120,7 @@ def _to_onnx(module: nn.Module, args: tuple, inputs: tuple, outputs: tuple, opse
             prog = torch.onnx.export(module, args, None, input_names=list(inputs), output_names=list(outputs),
                                      dynamic_shapes=shapes, opset_version=opset, dynamo=True, verbose=False,
                                      external_data=False,
-                                     # bench hook (issue 7): faster max-modulus pooling graph, see graphopt.py
+                                     # faster max-modulus pooling graph, see graphopt.py
                                      custom_translation_table=graph_translations())
         except Exception as exc:
             first = one_line(exc)
@@ -112,7 +130,72 @@ def _to_onnx(module: nn.Module, args: tuple, inputs: tuple, outputs: tuple, opse
     return proto
 
 
-# ---------------------------------------------------------------- validation
+# ---------------------------------------------------------------- the PyTorch side
+
+class _Original(nn.Module):
+    """The baseline variant as one graph, image -> logits (original.onnx, for benchmarks)."""
+
+    def __init__(self, encoder, processing, decoder):
+        super().__init__()
+        self.encoder, self.processing, self.decoder = encoder, processing, decoder
+
+    def forward(self, image):
+        return self.decoder(self.processing(self.encoder(image)))
+
+
+def torch_parts(model, processing: nn.Module | None = None) -> dict[str, nn.Module]:
+    """The PyTorch module behind each graph of the model's contract; `processing` replaces the model's
+    processing part (export passes its folded copy)."""
+    proc = model.processing if processing is None else processing
+    make = {"encoder": lambda: model.encoder, "features": lambda: model.encoder.features,
+            "processing": lambda: proc, "decoder": lambda: model.decoder,
+            "original": lambda: _Original(model.encoder, proc, model.decoder)}
+    return {part: make[part]() for part in SIGNATURES[model.is_complex]}
+
+
+def reference(mods: dict, sigs: dict, src: dict[str, np.ndarray], device=None) -> dict[str, tuple[dict, np.ndarray]]:
+    """Per graph in `sigs`: its inputs and PyTorch's output (numpy), computed from the source tensors
+    (on `device` if the modules live there)."""
+    per_part = {}
+
+    def run(part, feeds):
+        with torch.no_grad():
+            out = mods[part](*(torch.from_numpy(v).to(device) for v in feeds.values())).cpu().numpy()
+        per_part[part] = (feeds, out)
+        return out
+
+    run_chain(run, sigs, list(sigs), src)
+    return per_part
+
+
+def _sources(manifest: dict, sigs: dict, n: int, rng) -> dict[str, np.ndarray]:
+    return example_inputs(sources(sigs, list(sigs)), manifest["input_shape"], n, rng)
+
+
+# ---------------------------------------------------------------- step 1: export
+
+def export_parts(model, manifest: dict, opset: int = 18, step=None) -> tuple[dict[str, onnx.ModelProto], int]:
+    """Each graph of the model's contract as an ONNX proto carrying its ONNX Runtime session options,
+    and the number of batch-norms folded into the processing part (on a copy; the model is untouched)."""
+    model.eval()
+    fold = fold_complex_batchnorm if model.is_complex else fold_real_batchnorm
+    processing, folded = fold(model.processing)
+    mods = torch_parts(model, processing)
+    sigs = SIGNATURES[model.is_complex]
+    examples = reference(mods, sigs, _sources(manifest, sigs, EXAMPLE_BATCH, np.random.default_rng(0)))
+    protos = {}
+    for part, mod in mods.items():
+        if step:
+            step(f"exporting {part}")
+        args = tuple(torch.from_numpy(v) for v in examples[part][0].values())
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress; stdout is --json's
+            proto = _to_onnx(mod, args, *sigs[part], opset)
+        add_session_config(proto)  # the runtime reads the measured ORT options back from the graph
+        protos[part] = proto
+    return protos, folded
+
+
+# ---------------------------------------------------------------- step 2: validate
 
 def _dims(value_info) -> list:
     return [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
@@ -162,18 +245,6 @@ def _compare(label: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: f
     return diff
 
 
-def rotate_np(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """e^{i theta} x on the [N, 2, ...] layout (DESIGN.md's rotate), in numpy."""
-    t = theta.reshape((-1,) + (1,) * (x.ndim - 2)).astype(np.float64)
-    re, im = x[:, 0].astype(np.float64), x[:, 1].astype(np.float64)
-    c, s = np.cos(t), np.sin(t)
-    return np.stack((re * c - im * s, re * s + im * c), axis=1).astype(np.float32)
-
-
-def _rand_images(n: int, shape, gen: torch.Generator) -> torch.Tensor:
-    return torch.rand((n,) + tuple(shape), generator=gen)
-
-
 def _noisy_check(label, got: np.ndarray, clean: np.ndarray, gamma: float, atol: float, rtol: float) -> float:
     """The noisy baseline draws fresh noise in the graph: check its scale, which is exact per sample
     (mean|out - a| = gamma * mean|a| by construction of NoiseInjection)."""
@@ -183,166 +254,270 @@ def _noisy_check(label, got: np.ndarray, clean: np.ndarray, gamma: float, atol: 
     return _compare(label + " (noise scale)", have, want, atol, max(rtol, 1e-3))
 
 
-# ---------------------------------------------------------------- the command
+def _clean_features(encoder, image: np.ndarray) -> np.ndarray:
+    """A noisy baseline's feature before its noise: what the noise scale is measured against."""
+    with torch.no_grad():
+        a = encoder.body(encoder.normalize(torch.from_numpy(image)))
+        return (encoder.generator(a) if encoder.generator is not None else a).numpy()
+
+
+def _ort(sess, feeds: dict, label: str) -> np.ndarray:
+    try:
+        return sess.run(None, feeds)[0]
+    except Exception as exc:
+        raise CvError(f"{label}: ONNX Runtime failed: {one_line(exc)}") from None
+
+
+def _load_checked(part: str, blob: bytes, sig, shapes: dict, opset: int):
+    """(report entry, CPU session) of one serialised graph after its structure and signature checks."""
+    label = f"{part}.onnx"
+    try:
+        proto = onnx.load_from_string(blob)
+    except Exception as exc:
+        raise CvError(f"{label} is not an ONNX graph: {one_line(exc)}") from None
+    entry = check_graph(label, proto, sig, shapes, opset)
+    sess = make_session(blob, "cpu")
+    check_signature(label, *session_signature(sess), sig, shapes)
+    return {"file": label, **entry, "nodes": len(proto.graph.node), "bytes": len(blob), "max_abs_diff": {}}, sess
+
+
+def _check_parts(model, manifest, mods, sigs, sessions, n: int, tol: tuple, rng) -> dict[str, float | None]:
+    """ONNX Runtime vs PyTorch for each graph on its own at batch n; the max abs diff per graph."""
+    rules = COMPARISON.get(manifest["variant"], {})
+    diffs = {}
+    for part, (feeds, want) in reference(mods, sigs, _sources(manifest, sigs, n, rng)).items():
+        label = f"{part}.onnx at batch {n}"
+        got = _ort(sessions[part], feeds, label)
+        how = rules.get(part, "exact")
+        if how == "noise scale":
+            gamma = float(manifest.get("gamma", 0.0))
+            diffs[part] = _noisy_check(label, got, _clean_features(model.encoder, feeds["image"]), gamma, *tol)
+        elif how == "shape":  # fresh noise inside: only shape and finiteness are comparable
+            if got.shape != want.shape or not np.isfinite(got).all():
+                raise CvError(f"{label}: bad output shape {list(got.shape)} or NaN/inf")
+            diffs[part] = None
+        else:
+            diffs[part] = _compare(label, got, want, *tol)
+    return diffs
+
+
+def _check_chain(manifest, mods, sigs, sessions, tol: tuple) -> tuple[dict, dict]:
+    """The whole ORT chain vs the PyTorch model for fresh random keys; (report entry, the ORT values)."""
+    n = CHAIN_BATCH
+    src = example_inputs(sources(sigs), manifest["input_shape"], n, np.random.default_rng(n))
+    got = run_chain(lambda p, f: _ort(sessions[p], f, f"{p}.onnx in the chain"), sigs, CHAIN, src)
+    # A graph that draws fresh noise hands PyTorch its own output, so both sides see the same noise.
+    noisy = {p for p, how in COMPARISON.get(manifest["variant"], {}).items() if how != "exact"}
+
+    def run(part, feeds):
+        if part in noisy:
+            return got[sigs[part].outputs[0]]
+        with torch.no_grad():
+            return mods[part](*(torch.from_numpy(v) for v in feeds.values())).numpy()
+
+    want = run_chain(run, sigs, CHAIN, src)
+    out = sigs[CHAIN[-1]].outputs[0]
+    diff = _compare(f"encoder -> processing -> decoder chain (batch {n})", got[out], want[out], *tol)
+    return {"batch": n, "max_abs_diff": diff,
+            "argmax_agree": float((got[out].argmax(1) == want[out].argmax(1)).mean())}, got
+
+
+def _check_rotation(sessions, values: dict, tol: tuple) -> dict:
+    """processing(rotate(x, t)) == rotate(processing(x), t) for random t, on the exported graph."""
+    x, h = values["x"], values["h"]
+    t = secure_angles(len(x))
+    rot_then = _ort(sessions["processing"], {"x": rotate_np(x, t)}, "processing.onnx on rotated x")
+    diff = _compare("processing.onnx rotation property", rot_then, rotate_np(h, t), *tol)
+    return {"batch": len(x), "max_abs_diff": diff}
+
+
+def _check_combine(sessions, values: dict, fool_sign: str, tol: tuple) -> dict:
+    """x from features.onnx's a and b with `combine_np` == encoder.onnx's x. The angles cover each
+    quarter-circle twice (CSPRNG within each), so both signs of the quadrant rule are checked."""
+    image, fool = values["image"], values["fool"]
+    n = len(image)
+    theta = (secure_angles(n) / 4 + (np.arange(n) % 4) * (math.pi / 2)).astype(np.float32)
+    want = _ort(sessions["encoder"], {"image": image, "fool": fool, "theta": theta}, "encoder.onnx")
+    a = _ort(sessions["features"], {"image": image}, "features.onnx")
+    b = _ort(sessions["features"], {"image": fool}, "features.onnx on the fools")
+    got = combine_np(a, b, theta, fool_sign)
+    diff = _compare("features.onnx + combine_np vs encoder.onnx", got, want, *tol)
+    return {"batch": n, "fool_sign": fool_sign, "max_abs_diff": diff}
+
+
+def validate_graphs(model, manifest: dict, blobs: dict[str, bytes], *, opset: int = MIN_OPSET,
+                    atol: float = 1e-4, rtol: float = 1e-3, step=None) -> dict:
+    """Check serialised graphs against the contract and the PyTorch model; CvError on the first mismatch.
+
+    blobs: graph name -> bytes, every graph of the chain (features/original as present). Returns
+    {"graphs": {name: signature, nodes, bytes, max_abs_diff per batch}, "chain": ..., and for complex
+    models "rotation" and, with features.onnx, "combine"}.
+    """
+    step = step or (lambda msg: None)
+    model.eval()
+    sigs = {p: s for p, s in SIGNATURES[model.is_complex].items() if p in blobs}
+    mods, tol, rng = torch_parts(model), (atol, rtol), np.random.default_rng(1)
+    h = reference(mods, sigs, _sources(manifest, sigs, 1, rng))["processing"][1]
+    shapes = expected_shapes(manifest, tuple(h.shape[1:]))
+    step("checking the graphs")
+    graphs, sessions = {}, {}
+    for part in sigs:
+        graphs[part], sessions[part] = _load_checked(part, blobs[part], sigs[part], shapes, opset)
+    for n in CHECK_BATCHES:  # none of them the export batch
+        step(f"validating at batch {n}")
+        for part, diff in _check_parts(model, manifest, mods, sigs, sessions, n, tol, rng).items():
+            graphs[part]["max_abs_diff"][str(n)] = diff
+    step("validating the chain")
+    chain, values = _check_chain(manifest, mods, sigs, sessions, tol)
+    out = {"graphs": graphs, "chain": chain}
+    if model.is_complex:
+        step("checking the rotation property")
+        out["rotation"] = _check_rotation(sessions, values, tol)
+    if "features" in sessions:
+        step("checking features.onnx + combine_np against encoder.onnx")
+        out["combine"] = _check_combine(sessions, values, manifest.get("fool_sign", "none"), tol)
+    return out
+
+
+# ---------------------------------------------------------------- step 3: write
+
+def write_export(model_dir, blobs: dict[str, bytes], report: dict, *, triton_repo=None,
+                 triton_name: str | None = None, max_batch_size: int = 64) -> dict:
+    """Each graph atomically into DIR/onnx/, the Triton repository for processing.onnx if asked, then
+    DIR/onnx/export.json: the report with each graph's sha256 (which infer checks). Returns the report."""
+    out = Path(model_dir) / ONNX_DIR
+    for part, blob in blobs.items():
+        report["graphs"][part]["sha256"] = hashlib.sha256(blob).hexdigest()
+        atomic_write(out / f"{part}.onnx", lambda tmp, b=blob: Path(tmp).write_bytes(b))
+    if triton_repo is not None:
+        name = triton_name or f"{report['arch']}_processing"
+        report["triton"] = write_triton_repo(Path(triton_repo), name, blobs["processing"],
+                                             report["graphs"]["processing"], max_batch_size)
+    atomic_json(report, out / REPORT)
+    return report
+
+
+class _Clock:
+    """Seconds per stage for the report, and each new stage's progress message."""
+
+    def __init__(self, progress=None):
+        self.progress, self.timings, self.stage = progress, {}, "loading"
+        self.start = self.last = time.perf_counter()
+
+    def step(self, msg: str) -> None:
+        now = time.perf_counter()
+        self.timings[self.stage] = round(now - self.last, 2)
+        self.stage, self.last = msg, now
+        if self.progress:
+            self.progress(msg)
+
+    def finish(self, report: dict) -> dict:
+        self.step("done")
+        report["seconds"] = round(time.perf_counter() - self.start, 2)
+        report["timings"] = self.timings
+        return report
+
+
+def _check_options(opset: int, atol: float, rtol: float) -> None:
+    if opset < MIN_OPSET:
+        raise CvError(f"--opset {opset}: the contracts need opset >= {MIN_OPSET}")
+    if atol < 0 or rtol < 0:
+        raise CvError("--atol and --rtol must be non-negative")
+
+
+def _header(model_dir: Path, manifest: dict, weights_sha: str | None) -> dict:
+    return {"model_dir": str(model_dir), "arch": manifest["arch"], "variant": manifest["variant"],
+            "weights_sha256": weights_sha}  # which model.pt the graphs come from (runtime.export_provenance)
+
 
 def export_model_dir(model_dir, *, opset: int = 18, atol: float = 1e-4, rtol: float = 1e-3,
                      triton_repo=None, triton_name: str | None = None, max_batch_size: int = 64,
                      progress=None) -> dict:
     """Export, validate, then write DIR/onnx/*.onnx (+ export.json, + the Triton repo). Returns the report."""
-    if opset < MIN_OPSET:
-        raise CvError(f"--opset {opset}: the contracts need opset >= {MIN_OPSET}")
-    if atol < 0 or rtol < 0:
-        raise CvError("--atol and --rtol must be non-negative")
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    current = ["loading", time.perf_counter()]
-
-    def step(msg):  # time per stage for the report, and the progress message
-        now = time.perf_counter()
-        timings[current[0]] = round(now - current[1], 2)
-        current[:] = [msg, now]
-        if progress:
-            progress(msg)
+    _check_options(opset, atol, rtol)
+    clock = _Clock(progress)
     model_dir = Path(model_dir)
     weights_sha = sha256(model_dir / WEIGHTS) if (model_dir / WEIGHTS).is_file() else None  # before loading
     model, manifest = load_model(model_dir)
-    model.eval()
-    cplx = model.is_complex
-    names = SIGNATURES[cplx]
-    gen = torch.Generator().manual_seed(0)  # inputs only; theta below always comes from os.urandom
-    in_shape = tuple(manifest["input_shape"])
+    protos, folded = export_parts(model, manifest, opset, clock.step)
+    blobs = {part: proto.SerializeToString() for part, proto in protos.items()}
+    report = {**_header(model_dir, manifest, weights_sha), "opset": opset, "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
+              "atol": atol, "rtol": rtol, "folded_batchnorms": folded,
+              **validate_graphs(model, manifest, blobs, opset=opset, atol=atol, rtol=rtol, step=clock.step),
+              "ok": True}
+    clock.step("writing")
+    return write_export(model_dir, blobs, clock.finish(report), triton_repo=triton_repo,
+                        triton_name=triton_name, max_batch_size=max_batch_size)
 
-    if cplx:
-        processing, folded = fold_complex_batchnorm(model.processing)
-    else:
-        processing, folded = fold_real_batchnorm(model.processing)
-    parts = {"encoder": model.encoder, "processing": processing,
-             "decoder": model.decoder}
 
-    def torch_inputs(n):
-        img, fool = _rand_images(n, in_shape, gen), _rand_images(n, in_shape, gen)
-        theta = torch.from_numpy(secure_angles(n))
-        return img, fool, theta
+# ---------------------------------------------------------------- validate an existing export
 
-    with torch.no_grad():
-        img, fool, theta = torch_inputs(EXAMPLE_BATCH)
-        x = model.encoder(img, fool, theta) if cplx else model.encoder(img)
-        h = model.processing(x)
-    examples = {"encoder": (img, fool, theta) if cplx else (img,), "processing": (x,),
-                "decoder": (h, theta) if cplx else (h,)}
-    if not cplx:
-        parts["original"] = _Original(model.encoder, processing, model.decoder)
-        examples["original"] = (img,)
-
-    shapes = expected_shapes(manifest, tuple(h.shape[1:]))
-    report = {"model_dir": str(model_dir), "arch": manifest["arch"], "variant": manifest["variant"],
-              "weights_sha256": weights_sha,  # which model.pt these graphs come from (runtime.export_provenance)
-              "opset": opset, "exporter": f"torch.onnx dynamo (torch {torch.__version__})", "atol": atol,
-              "rtol": rtol, "folded_batchnorms": folded, "graphs": {}}
-    protos, sessions = {}, {}
-    for part, mod in parts.items():
-        step(f"exporting {part}")
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress; stdout is --json's
-            proto = _to_onnx(mod, examples[part], *names[part], opset)
-        sig = check_graph(f"{part}.onnx", proto, names[part], shapes, opset)
-        add_session_config(proto)  # the runtime reads the measured ORT options back from the graph
-        blob = proto.SerializeToString()
-        sess = make_session(blob, "cpu")
-        ins, outs = session_signature(sess)
-        check_signature(f"{part}.onnx", ins, outs, names[part], shapes)
-        protos[part], sessions[part] = blob, sess
-        report["graphs"][part] = {"file": f"{part}.onnx", **sig, "nodes": len(proto.graph.node),
-                                  "bytes": len(blob), "max_abs_diff": {}}
-
-    # ORT vs PyTorch per part at several batch sizes (none of them the export batch).
-    noisy = manifest["variant"] == "noisy"
-    for n in CHECK_BATCHES:
-        step(f"validating at batch {n}")
-        with torch.no_grad():
-            img, fool, theta = torch_inputs(n)
-            if cplx:
-                x = model.encoder(img, fool, theta)
-                feeds = {"image": img.numpy(), "fool": fool.numpy(), "theta": theta.numpy()}
-            else:
-                x = model.encoder.body(model.encoder.normalize(img)) if noisy else model.encoder(img)
-                if noisy:  # the clean a; the graph adds fresh noise
-                    x = model.encoder.generator(x) if model.encoder.generator is not None else x
-                feeds = {"image": img.numpy()}
-            h = model.processing(x)
-            logits = model.decoder(h, theta) if cplx else model.decoder(h)
-        checks = [("encoder", feeds, x), ("processing", {"x": x.numpy()}, h),
-                  ("decoder", {"h": h.numpy(), **({"theta": theta.numpy()} if cplx else {})}, logits)]
-        if not cplx:
-            checks.append(("original", {"image": img.numpy()}, logits))
-        for part, feed, want in checks:
-            label = f"{part}.onnx at batch {n}"
-            try:
-                got = sessions[part].run(None, feed)[0]
-            except Exception as exc:
-                raise CvError(f"{label}: ONNX Runtime failed: {one_line(exc)}") from None
-            if noisy and part == "encoder":
-                diff = _noisy_check(label, got, want.numpy(), float(manifest.get("gamma", 0.0)), atol, rtol)
-            elif noisy and part == "original":
-                diff = None  # fresh noise inside: only shape and finiteness are comparable
-                if got.shape != tuple(want.shape) or not np.isfinite(got).all():
-                    raise CvError(f"{label}: bad output shape {list(got.shape)} or NaN/inf")
-            else:
-                diff = _compare(label, got, want.numpy(), atol, rtol)
-            report["graphs"][part]["max_abs_diff"][str(n)] = diff
-
-    # The whole ORT chain vs the PyTorch model for fresh random keys.
-    step("validating the chain")
-    n = 8
-    with torch.no_grad():
-        img, fool, theta = torch_inputs(n)
-        feeds = {"image": img.numpy(), **({"fool": fool.numpy(), "theta": theta.numpy()} if cplx else {})}
-        x_ort = sessions["encoder"].run(None, feeds)[0]
-        h_ort = sessions["processing"].run(None, {"x": x_ort})[0]
-        dec = {"h": h_ort, **({"theta": theta.numpy()} if cplx else {})}
-        chain = sessions["decoder"].run(None, dec)[0]
-        if noisy:  # same noise on both sides: continue PyTorch from the graph's noisy features
-            want = model.decoder(model.processing(torch.from_numpy(x_ort))).numpy()
-        else:
-            want = (model(img, fool, theta) if cplx else model(img)).numpy()
-    diff = _compare(f"encoder -> processing -> decoder chain (batch {n})", chain, want, atol, rtol)
-    report["chain"] = {"batch": n, "max_abs_diff": diff,
-                       "argmax_agree": float((chain.argmax(1) == want.argmax(1)).mean())}
-
-    if cplx:
-        # Rotation property of the exported processing graph: Phi(e^{it} x) == e^{it} Phi(x).
-        step("checking the rotation property")
-        t = secure_angles(n)
-        rot_then = sessions["processing"].run(None, {"x": rotate_np(x_ort, t)})[0]
-        then_rot = rotate_np(h_ort, t)
-        rdiff = _compare("processing.onnx rotation property", rot_then, then_rot, atol, rtol)
-        report["rotation"] = {"batch": n, "max_abs_diff": rdiff}
-
-    # Everything passed: write the graphs (each atomically), then the report.
-    out = model_dir / ONNX_DIR
-    for part, blob in protos.items():
-        report["graphs"][part]["sha256"] = hashlib.sha256(blob).hexdigest()
-        atomic_write(out / f"{part}.onnx", lambda tmp, b=blob: Path(tmp).write_bytes(b))
-    report["ok"] = True
-    if triton_repo is not None:
-        name = triton_name or f"{manifest['arch']}_processing"
-        report["triton"] = write_triton_repo(Path(triton_repo), name, protos["processing"],
-                                             report["graphs"]["processing"], max_batch_size)
-    step("done")
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    report["timings"] = timings
-    atomic_json(report, out / REPORT)
+def _recorded(onnx_dir: Path) -> dict:
+    path = onnx_dir / REPORT
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text())
+        if not isinstance(report, dict) or not isinstance(report.get("graphs", {}), dict):
+            raise ValueError
+    except ValueError:
+        raise CvError(f"{path} is not a valid export report (re-export to rewrite it)") from None
     return report
 
 
-class _Original(nn.Module):
-    """The baseline variant as one graph, image -> logits (original.onnx, for benchmarks)."""
+def _read_graphs(onnx_dir: Path, manifest: dict, recorded: dict) -> tuple[dict[str, bytes], list[str]]:
+    """The graphs of the contract found in onnx_dir; a missing optional one that the export report does
+    not list (an export made before that graph existed) is skipped, any other missing one fails."""
+    blobs, skipped = {}, []
+    for part in signatures(manifest):
+        path = onnx_dir / f"{part}.onnx"
+        if path.is_file():
+            blobs[part] = path.read_bytes()
+        elif part in OPTIONAL and part not in recorded.get("graphs", {}):
+            skipped.append(f"{part}.onnx")
+        else:
+            raise CvError(f"{path} is missing: run `cvconvert export {onnx_dir.parent}`")
+    return blobs, skipped
 
-    def __init__(self, encoder, processing, decoder):
-        super().__init__()
-        self.encoder, self.processing, self.decoder = encoder, processing, decoder
 
-    def forward(self, image):
-        return self.decoder(self.processing(self.encoder(image)))
+def _check_records(model_dir: Path, blobs: dict[str, bytes], recorded: dict) -> str:
+    """Each graph's and model.pt's sha256 against export.json (when it records them); model.pt's sha256."""
+    for part, blob in blobs.items():
+        want = (recorded.get("graphs", {}).get(part) or {}).get("sha256")
+        if want and want != hashlib.sha256(blob).hexdigest():
+            raise CvError(f"{model_dir / ONNX_DIR / (part + '.onnx')} was modified after export (sha256 differs "
+                          f"from {REPORT}); re-export it")
+    weights = sha256(model_dir / WEIGHTS)
+    if recorded.get("weights_sha256") not in (None, weights):
+        raise CvError(f"{model_dir / WEIGHTS} changed since the export ({REPORT} records another sha256): "
+                      f"re-export with `cvconvert export {model_dir}`")
+    return weights
+
+
+def validate_dir(model_dir, *, atol: float = 1e-4, rtol: float = 1e-3, progress=None) -> dict:
+    """`cvconvert validate`: the export's validation again on an existing DIR/onnx/, against DIR/model.pt,
+    plus each graph's and the weights' sha256 against export.json where it records them. Writes nothing;
+    CvError on the first mismatch. Returns the report (graphs, chain, rotation, combine, skipped)."""
+    _check_options(MIN_OPSET, atol, rtol)
+    clock = _Clock(progress)
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    onnx_dir = model_dir / ONNX_DIR
+    if not onnx_dir.is_dir():
+        raise CvError(f"{model_dir} has no {ONNX_DIR}/ folder: run `cvconvert export {model_dir}` first")
+    if not (model_dir / WEIGHTS).is_file():
+        raise CvError(f"{model_dir} has no {WEIGHTS}: validate compares the graphs with the PyTorch model")
+    recorded = _recorded(onnx_dir)
+    blobs, skipped = _read_graphs(onnx_dir, manifest, recorded)
+    weights_sha = _check_records(model_dir, blobs, recorded)
+    model, manifest = load_model(model_dir)
+    report = {**_header(model_dir, manifest, weights_sha), "atol": atol, "rtol": rtol, "export_report": bool(recorded),
+              **validate_graphs(model, manifest, blobs, opset=int(recorded.get("opset", MIN_OPSET)),
+                                atol=atol, rtol=rtol, step=clock.step)}
+    for part, blob in blobs.items():
+        report["graphs"][part]["sha256"] = hashlib.sha256(blob).hexdigest()
+    report["skipped"], report["ok"] = skipped, True
+    return clock.finish(report)
 
 
 # ---------------------------------------------------------------- Triton
@@ -413,5 +588,12 @@ def summary_lines(report: dict) -> list[str]:
                  f"argmax agree {c['argmax_agree']:.0%}")
     if "rotation" in report:
         lines.append(f"rotation property of processing.onnx: max abs diff {report['rotation']['max_abs_diff']:.2e}")
-    lines.append(f"folded batch-norms: {report['folded_batchnorms']}")
+    if "combine" in report:
+        c = report["combine"]
+        lines.append(f"features.onnx + combine_np (fool sign {c['fool_sign']}) vs encoder.onnx: "
+                     f"max abs diff {c['max_abs_diff']:.2e}")
+    if "folded_batchnorms" in report:
+        lines.append(f"folded batch-norms: {report['folded_batchnorms']}")
+    for name in report.get("skipped", []):
+        lines.append(f"{name}: not in this export (made before it existed); re-export to add it")
     return lines

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
+from .contracts import SIGNATURES, check_signature, expected_shapes  # noqa: F401 (re-exported)
 from .errors import CvError, one_line
 from .fools import FoolPool, choose_fools, fallback_fool, low_water  # noqa: F401 (choose_fools: simulation API)
 from .guard import NoGuard, SentGuard
@@ -32,49 +33,6 @@ ONNX_DIR = "onnx"
 REPORT = "export.json"  # written by `cvconvert export` next to the graphs: signatures, sha256, validation
 PARTS = ("encoder", "processing", "decoder")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-# Input and output names of each graph (DESIGN.md); the real baselines use x for the encoder's
-# output too, so one server and one pipeline serve every variant.
-SIGNATURES = {
-    True: {"encoder": (("image", "fool", "theta"), ("x",)), "processing": (("x",), ("h",)),
-           "decoder": (("h", "theta"), ("logits",)), "features": (("image",), ("a",))},
-    False: {"encoder": (("image",), ("x",)), "processing": (("x",), ("h",)), "decoder": (("h",), ("logits",)),
-            "original": (("image",), ("logits",))},
-}
-
-
-def expected_shapes(manifest: dict, h_shape=None) -> dict[str, tuple | None]:
-    """Per tensor name, its shape without the batch axis (None where the manifest does not say)."""
-    cplx = manifest["variant"] == "complex"
-    feat = tuple(manifest["feature_shape"])
-    return {"image": tuple(manifest["input_shape"]), "fool": tuple(manifest["input_shape"]), "theta": (),
-            "x": ((2,) if cplx else ()) + feat, "a": feat, "h": tuple(h_shape) if h_shape is not None else None,
-            "logits": (int(manifest["num_classes"]),)}
-
-
-def check_signature(label: str, inputs, outputs, names: tuple, shapes: dict) -> None:
-    """inputs/outputs: [(name, shape)] with shape as ONNX Runtime reports it (str for symbolic dims).
-
-    Fails (CvError) on a wrong name, a fixed or missing batch axis, or a wrong non-batch dim.
-    """
-    for kind, got, want in (("inputs", inputs, names[0]), ("outputs", outputs, names[1])):
-        got_names = tuple(n for n, _ in got)
-        if got_names != want:
-            raise CvError(f"{label}: {kind} are {list(got_names)}, expected {list(want)} (DESIGN.md contract)")
-        for name, shape in got:
-            shape = list(shape or [])
-            if not shape:
-                raise CvError(f"{label}: {name} has no batch axis")
-            if not isinstance(shape[0], str):
-                raise CvError(f"{label}: the batch axis of {name} is frozen to {shape[0]}; it must be symbolic "
-                              "(re-export with `cvconvert export`)")
-            rest, exp = shape[1:], shapes.get(name)
-            if any(not isinstance(d, int) for d in rest):
-                raise CvError(f"{label}: {name} has symbolic non-batch dims {rest}")
-            if exp is not None and tuple(rest) != tuple(exp):
-                raise CvError(f"{label}: {name} has shape [N, {', '.join(map(str, rest))}], "
-                              f"expected [N, {', '.join(map(str, exp))}]")
-
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()

@@ -78,12 +78,13 @@ def test_session_config_round_trip(tmp_path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A LeNet split network on 16x16 inputs, exported by `cvconvert export` (processing has two
-    max-modulus pools and four delta layers: the formulations above, inside the validated export)."""
+    max-modulus pools and four delta layers: the formulations above, inside the validated export);
+    the exchange defense's fool sign, so the online path's numpy combine runs the quadrant rule."""
     from cvconvert.build import convert_to_dir
     from cvconvert.export import export_model_dir
 
     d = tmp_path_factory.mktemp("bench") / "lenet"
-    convert_to_dir("lenet", d, input_shape=(1, 16, 16), num_classes=3)
+    convert_to_dir("lenet", d, input_shape=(1, 16, 16), num_classes=3, fool_sign="quadrant")
     report = export_model_dir(d)
     return d, report
 
@@ -121,14 +122,24 @@ def test_bench_json_has_every_field(tiny, tmp_path):
         assert key in report, key
     assert report["device"] == "cpu" and report["batch_sizes"] == [1, 2]
     combos = {(r["batch"], r["model"], r["engine"], r["stage"]) for r in report["results"]}
-    assert combos == {(n, m, e, s) for n in (1, 2) for m in ("complex", "original") for e in ("ort", "eager")
-                      for s in ("encoder", "processing", "decoder", "end_to_end")}
+    common = ("encoder", "processing", "decoder", "end_to_end")
+    assert combos == {(n, m, e, s) for n in (1, 2) for e in ("ort", "eager")
+                      for m, stages in (("complex", common + ("features", "online")), ("original", common))
+                      for s in stages}
     for r in report["results"]:
         assert r["runs"] == 2
         assert 0 < r["p50_ms"] <= r["p90_ms"] and r["throughput_per_s"] > 0
     kinds = {(r["kind"], r["stage"]) for r in report["ratios"]}
     assert ("complex/original", "processing") in kinds and ("ort/eager", "end_to_end") in kinds
     assert all(r["ratio"] > 0 for r in report["ratios"])
+    # online and features are set against the original's end to end and encoder
+    p50 = {(r["batch"], r["model"], r["engine"], r["stage"]): r["p50_ms"] for r in report["results"]}
+    co = {(r["batch"], r["engine"], r["stage"]): r for r in report["ratios"] if r["kind"] == "complex/original"}
+    for n in (1, 2):
+        for stage, base in (("online", "end_to_end"), ("features", "encoder"), ("processing", "processing")):
+            r = co[(n, "ort", stage)]
+            assert r["baseline_stage"] == base
+            assert r["ratio"] == pytest.approx(p50[(n, "complex", "ort", stage)] / p50[(n, "original", "ort", base)])
     assert report["graphs"]["complex"].endswith("onnx")  # DIR/onnx/ from the export, not re-exported
     assert report["peak_rss_mb"] > 0
 
@@ -149,3 +160,37 @@ def test_bench_table_and_bad_inputs(tiny, tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.output
     res = runner.invoke(app, ["bench", str(d), "--baseline", str(d)])
     assert res.exit_code == 2 and "not an original" in res.output
+
+
+def _quarter_angles(n):
+    from cvconvert.keys import secure_angles
+    return (secure_angles(n) / 4 + (np.arange(n) % 4) * (np.pi / 2)).astype(np.float32)
+
+
+def test_online_path_computes_what_the_encoder_path_does(tiny):
+    """bench's online path (features.onnx + a precomputed fool feature + numpy combine + processing +
+    decoder) gives the logits of the full chain for the same image, fool and theta, in ONNX Runtime and
+    eager; with another fool's feature it does not, so the comparison can fail. (The sign rule is checked
+    on x in test_export: with real weights Re[Phi(a - ib)] = Re[Phi(a + ib)], so logits cannot see it.)"""
+    from cvconvert.bench import EagerPipeline, OrtPipeline, stage_feeds
+    from cvconvert.modeldir import load_model
+
+    d, _ = tiny
+    model, manifest = load_model(d)
+    assert manifest["fool_sign"] == "quadrant"
+    feeds = stage_feeds(model, 8)
+    theta = _quarter_angles(8)  # both signs of the quadrant rule
+    feeds["end_to_end"]["theta"] = feeds["online"]["theta"] = theta
+    assert np.array_equal(feeds["online"]["image"], feeds["end_to_end"]["image"])
+    paths = {p: d / "onnx" / f"{p}.onnx" for p in ("encoder", "features", "processing", "decoder")}
+    ort_pipe = OrtPipeline(paths, "cpu", 1, True, "quadrant")
+    assert ort_pipe.stages == ("encoder", "features", "processing", "decoder", "end_to_end", "online")
+    want = ort_pipe.run("end_to_end", feeds["end_to_end"])
+    np.testing.assert_allclose(ort_pipe.run("online", feeds["online"]), want, rtol=1e-4, atol=1e-5)
+    other = {**feeds["online"], "b": np.roll(feeds["online"]["b"], 1, axis=0)}
+    assert np.abs(ort_pipe.run("online", other) - want).max() > 1e-3
+    eager = EagerPipeline(model, "cpu")
+    e = {k: eager.prepare({k: feeds[k]})[k] for k in ("end_to_end", "online")}
+    np.testing.assert_allclose(eager.run("online", e["online"]).numpy(), eager.run("end_to_end", e["end_to_end"]).numpy(),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(eager.run("end_to_end", e["end_to_end"]).numpy(), want, rtol=1e-3, atol=1e-4)

@@ -1,4 +1,5 @@
-"""`cvconvert export`: contracts of DESIGN.md, ORT == PyTorch, folding, validation that fails, Triton repo.
+"""`cvconvert export` and `cvconvert validate`: the ONNX contracts, ORT == PyTorch, features.onnx and the
+numpy combine, folding, validation that fails, Triton repo.
 
 Every zoo entry's default split is exported and checked (about 3 minutes on 2 cores: the dynamo
 exporter takes seconds per graph); CVCONVERT_FAST_TESTS=1 skips the sweep while developing.
@@ -7,6 +8,7 @@ exporter takes seconds per graph); CVCONVERT_FAST_TESTS=1 skips the sweep while 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -40,7 +42,8 @@ def _rotate_complex(x: np.ndarray, t: np.ndarray) -> np.ndarray:
 def _check_contract(onnx_dir: Path, manifest: dict):
     cplx = manifest["variant"] == "complex"
     want = {"encoder": (["image", "fool", "theta"] if cplx else ["image"], ["x"]),
-            "processing": (["x"], ["h"]), "decoder": (["h", "theta"] if cplx else ["h"], ["logits"])}
+            "processing": (["x"], ["h"]), "decoder": (["h", "theta"] if cplx else ["h"], ["logits"]),
+            **({"features": (["image"], ["a"])} if cplx else {"original": (["image"], ["logits"])})}
     for part, (ins, outs) in want.items():
         m = onnx.load(str(onnx_dir / f"{part}.onnx"))
         assert [i.name for i in m.graph.input] == ins and [o.name for o in m.graph.output] == outs
@@ -55,6 +58,34 @@ def _check_contract(onnx_dir: Path, manifest: dict):
     enc = onnx.load(str(onnx_dir / "encoder.onnx"))
     dims = [d.dim_value for d in enc.graph.output[0].type.tensor_type.shape.dim[1:]]
     assert dims == ([2] if cplx else []) + manifest["feature_shape"]
+    if cplx:
+        feat = onnx.load(str(onnx_dir / "features.onnx"))
+        assert [d.dim_value for d in feat.graph.output[0].type.tensor_type.shape.dim[1:]] == manifest["feature_shape"]
+
+
+def _quarters(n: int) -> np.ndarray:
+    """Secret-style angles, two in each quarter-circle: both signs of the quadrant rule occur."""
+    return (secure_angles(n) / 4 + (np.arange(n) % 4) * (np.pi / 2)).astype(np.float32)
+
+
+def _combine_matches_encoder(onnx_dir: Path, fool_sign: str, n: int = 8):
+    """x formed in numpy from features.onnx's a and b equals encoder.onnx's x; with the other sign rule
+    it does not (so the check can fail)."""
+    import onnxruntime as ort
+    from cvconvert.contracts import combine_np
+
+    shape = tuple(read_manifest(onnx_dir.parent)["input_shape"])
+    sess = {p: ort.InferenceSession(str(onnx_dir / f"{p}.onnx"), providers=["CPUExecutionProvider"])
+            for p in ("encoder", "features")}
+    img, fool = np.random.default_rng(3).random((2, n) + shape, dtype=np.float32)
+    theta = _quarters(n)
+    want = sess["encoder"].run(None, {"image": img, "fool": fool, "theta": theta})[0]
+    a, b = (sess["features"].run(None, {"image": v})[0] for v in (img, fool))
+    got = combine_np(a, b, theta, fool_sign)
+    peak = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * peak)
+    other = combine_np(a, b, theta, {"none": "quadrant", "quadrant": "none"}[fool_sign])
+    assert np.abs(other - want).max() > 1e-2 * peak
 
 
 def _chain_matches_torch(model_dir: Path, n: int = 5):
@@ -77,7 +108,6 @@ def _chain_matches_torch(model_dir: Path, n: int = 5):
 def lenet_export(tmp_path_factory):
     """LeNet (paper split) exported once through the CLI with --json; the exported protos are kept so
     the failure tests can feed them back without paying for the exporter again."""
-    import json
     out = tmp_path_factory.mktemp("lenet") / "lenet"
     convert_to_dir("lenet", out, input_shape=SHAPE)
     cache, real = {}, export_mod._to_onnx
@@ -97,10 +127,59 @@ def lenet_export(tmp_path_factory):
 def test_lenet_export_cli_report_contract_and_chain(lenet_export):
     out, report, _ = lenet_export
     assert report["ok"] and report["variant"] == "complex" and report["rotation"]["max_abs_diff"] < 1e-4
+    assert set(report["graphs"]) == {"encoder", "features", "processing", "decoder"}
     assert all(set(g["max_abs_diff"]) == {"1", "3", "8"} for g in report["graphs"].values())
     assert report["graphs"]["processing"]["inputs"] == [{"name": "x", "shape": ["N", 2, 6, 28, 28]}]
+    assert report["graphs"]["features"]["outputs"] == [{"name": "a", "shape": ["N", 6, 28, 28]}]
+    assert report["combine"]["fool_sign"] == "none" and report["combine"]["max_abs_diff"] < 1e-4
+    recorded = json.loads((out / "onnx" / "export.json").read_text())["graphs"]
+    for part in report["graphs"]:  # export.json records every graph's sha256, features.onnx included
+        assert recorded[part]["sha256"] == hashlib.sha256((out / "onnx" / f"{part}.onnx").read_bytes()).hexdigest()
     _check_contract(out / "onnx", read_manifest(out))
     _chain_matches_torch(out)
+    _combine_matches_encoder(out / "onnx", "none")
+
+
+def test_features_graph_is_the_encoders_feature_part(lenet_export):
+    """features.onnx == model.encoder.features in PyTorch, at a batch size export never used."""
+    import onnxruntime as ort
+
+    out = lenet_export[0]
+    model, manifest = load_model(out)
+    model.eval()
+    img = torch.rand(5, *manifest["input_shape"])
+    sess = ort.InferenceSession(str(out / "onnx" / "features.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model.encoder.features(img).numpy()
+    np.testing.assert_allclose(sess.run(None, {"image": img.numpy()})[0], want, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("fool_sign", ["none", "quadrant"])
+def test_combine_np_is_the_encoders_combine(fool_sign):
+    """The torch-free combine against ComplexEncoder.combine (PyTorch) for both sign rules."""
+    from cvconvert.contracts import combine_np
+    from cvconvert.model import ModelSpec, build_model
+
+    model = build_model(ModelSpec("lenet", "conv1", None, input_shape=SHAPE, fool_sign=fool_sign)).eval()
+    a, b = torch.randn(2, 8, *model.feature_shape)
+    theta = _quarters(8)
+    with torch.no_grad():
+        want = model.encoder.combine(a, b, torch.from_numpy(theta)).numpy()
+    np.testing.assert_allclose(combine_np(a.numpy(), b.numpy(), theta, fool_sign), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(CvError, match="unknown fool_sign"):
+        combine_np(a.numpy(), b.numpy(), theta, "octant")
+    with pytest.raises(CvError, match="do not match"):
+        combine_np(a.numpy(), b.numpy()[:3], theta, fool_sign)
+
+
+def test_contracts_import_no_torch():
+    import subprocess
+    import sys
+    code = ("import sys, cvconvert.contracts; "
+            "sys.exit([m for m in sys.modules if m == 'torch' or m.startswith('torch.')] != [])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 0, res.stderr
 
 
 # LeNet is covered above; the rest of the zoo here (CVCONVERT_FAST_TESTS=1 skips it while developing).
@@ -111,16 +190,17 @@ def test_zoo_default_split_exports_and_chain_matches(arch, tmp_path):
     convert_to_dir(arch, out, input_shape=SHAPE)
     report = export_model_dir(out)
     assert report["ok"] and report["variant"] == "complex"
-    assert set(report["graphs"]) == {"encoder", "processing", "decoder"}
+    assert set(report["graphs"]) == {"encoder", "features", "processing", "decoder"}
     assert all(set(g["max_abs_diff"]) == {"1", "3", "8"} for g in report["graphs"].values())
     _check_contract(out / "onnx", read_manifest(out))
     _chain_matches_torch(out)
 
 
 def _trained_resnet20(tmp_path) -> Path:
-    """A 'trained' model dir: a few SGD steps in train mode move weights and the norm's running stats."""
+    """A 'trained' model dir (ResNet-20 alpha, the exchange defense's fool sign): a few SGD steps in
+    train mode move weights and the norm's running stats."""
     src = tmp_path / "r20"
-    convert_to_dir("resnet20", src, input_shape=SHAPE)
+    convert_to_dir("resnet20", src, input_shape=SHAPE, fool_sign="quadrant")
     model, manifest = load_model(src)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -147,6 +227,11 @@ def test_trained_model_dir_exports_folds_and_keeps_rotation_property(tmp_path):
     # the fold worked on a copy: the weights on disk are untouched, the graph has no norm left
     assert hashlib.sha256((out / "model.pt").read_bytes()).hexdigest() == weights_before
     assert report["folded_batchnorms"] > 0
+    # features.onnx exported and validated, and the numpy combine with the quadrant rule is encoder.onnx
+    assert set(report["graphs"]) == {"encoder", "features", "processing", "decoder"}
+    assert report["combine"]["fool_sign"] == "quadrant" and set(report["graphs"]["features"]["max_abs_diff"]) == {"1", "3", "8"}
+    _check_contract(out / "onnx", read_manifest(out))
+    _combine_matches_encoder(out / "onnx", "quadrant")
     pipe, model, img, fool, theta = _chain_matches_torch(out, n=6)
     assert any(isinstance(m, CBatchNorm) for m in model.processing.modules())
 
@@ -252,3 +337,70 @@ def test_baseline_variant_exports_original_and_split(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(sess.run(None, {"image": img.numpy()})[0], model(img).numpy(), rtol=1e-3, atol=1e-4)
     _chain_matches_torch(out)
+
+
+# ---------------------------------------------------------------- cvconvert validate
+
+def _copy_export(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _scale_largest_weight(path: Path, factor: float = 1.5) -> None:
+    """A wrong graph that still loads and runs: the largest initializer scaled."""
+    proto = onnx.load(str(path))
+    init = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+    arr = onnx.numpy_helper.to_array(init) * factor
+    init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
+    onnx.save(proto, str(path))
+
+
+def test_validate_passes_on_a_fresh_export(lenet_export):
+    out = lenet_export[0]
+    before = _snapshot(out)
+    res = CliRunner().invoke(app, ["validate", str(out), "--json"])
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["ok"] and report["export_report"] and report["skipped"] == []
+    assert set(report["graphs"]) == {"encoder", "features", "processing", "decoder"}
+    assert all(set(g["max_abs_diff"]) == {"1", "3", "8"} for g in report["graphs"].values())
+    assert report["rotation"]["max_abs_diff"] < 1e-4 and report["combine"]["max_abs_diff"] < 1e-4
+    assert report["weights_sha256"] == hashlib.sha256((out / "model.pt").read_bytes()).hexdigest()
+    assert _snapshot(out) == before  # validate writes nothing
+    res = CliRunner().invoke(app, ["validate", str(out)])
+    assert res.exit_code == 0 and "4 graphs valid" in res.stderr and "combine_np" in res.stderr
+
+
+def test_validate_fails_on_a_tampered_graph(lenet_export, tmp_path):
+    out = _copy_export(lenet_export[0], tmp_path / "lenet")
+    _scale_largest_weight(out / "onnx" / "processing.onnx")
+    # export.json records each graph's sha256: the change is caught there first ...
+    res = CliRunner().invoke(app, ["validate", str(out)])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: ") and "processing.onnx was modified after export" in lines[0]
+    # ... and without the report, by comparing the graph with PyTorch
+    (out / "onnx" / "export.json").unlink()
+    res = CliRunner().invoke(app, ["validate", str(out)])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: processing.onnx at batch 1: ONNX Runtime differs from PyTorch")
+
+
+def test_validate_tampered_features_and_missing_graphs(lenet_export, tmp_path):
+    out = _copy_export(lenet_export[0], tmp_path / "lenet")
+    (out / "onnx" / "export.json").unlink()
+    _scale_largest_weight(out / "onnx" / "features.onnx")
+    res = CliRunner().invoke(app, ["validate", str(out)])
+    assert res.exit_code == 2 and res.stderr.strip().startswith("error: features.onnx at batch 1: ONNX Runtime differs")
+    # an export made before features.onnx existed: skipped and said so; a missing chain graph fails
+    (out / "onnx" / "features.onnx").unlink()
+    res = CliRunner().invoke(app, ["validate", str(out), "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["skipped"] == ["features.onnx"] and "combine" not in json.loads(res.stdout)
+    (out / "onnx" / "decoder.onnx").unlink()
+    res = CliRunner().invoke(app, ["validate", str(out)])
+    assert res.exit_code == 2 and "decoder.onnx is missing" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = CliRunner().invoke(app, ["validate", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "does not exist" in res.stderr
