@@ -159,7 +159,7 @@ class SplitModel(nn.Module):
 
     @property
     def parts(self) -> int:
-        return self.spec.parts
+        return self.spec.parts if self.is_complex else 2
 
     def features(self, image):
         """The real feature a (before rotation) of each image."""
@@ -200,8 +200,8 @@ def build_model(spec: ModelSpec, real: nn.Module | None = None) -> SplitModel:
     if spec.fool_sign not in FOOL_SIGNS:
         raise CvError(f"unknown fool_sign {spec.fool_sign!r} (choose from {', '.join(FOOL_SIGNS)})")
     check_parts(spec.parts)
-    if spec.parts > 2 and (spec.variant != "complex" or spec.fool_sign != "none"):
-        raise CvError("--parts above 2 needs the complex variant without a fool sign (the key mixes every row)")
+    if spec.parts > 2 and spec.variant == "complex" and spec.fool_sign != "none":  # baselines ignore parts
+        raise CvError("--parts above 2 takes no fool sign (the key mixes every row)")
     if real is None:
         real = zoo.create_model(spec.arch, spec.num_classes, spec.input_shape)
     parts = splitlib.split_model(real, spec.encoder_end, spec.decoder_start, LEAF_MODULES)
