@@ -320,7 +320,8 @@ class Pipeline:
             images = np.repeat(images, self.parts - 1, 0)
         if self.pool is None:
             if self.fool_sign == "quadrant" or self.parts > 2:
-                raise CvError("this model hides the image among its fools, which needs a device-private fool pool (a noise "
+                what = "the exchange defense" if self.parts == 2 else f"{self.parts} parts"
+                raise CvError(f"this model uses {what}, which needs a device-private fool pool (a noise "
                               "fool would show which reading is the image): create one with `cvconvert fools create "
                               "POOL --model-dir DIR IMAGES...` and pass --fool-dir POOL")
             self.last["fools"] = "noise"
