@@ -29,7 +29,7 @@ def _load(paths: list[Path], manifest: dict, resize: bool):
     from .infer import collect_images, load_image
 
     files = collect_images(paths)
-    return np.stack([load_image(f, tuple(manifest["input_shape"]), resize) for f in files]), files
+    return np.stack([load_image(f, manifest, resize) for f in files]), files
 
 
 def _public_overlap(images, manifest: dict, check: bool) -> int | None:

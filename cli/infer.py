@@ -35,42 +35,32 @@ def collect_images(paths: list[Path]) -> list[Path]:
     return out
 
 
-def load_image(path: Path, shape: tuple, resize: bool):
-    """PNG/JPEG -> float32 [C, H, W] in [0, 1] for a model taking `shape` = (C, H, W).
+def load_image(path: Path, manifest, resize: bool):
+    """PNG/JPEG -> float32 [C, H, W] in [0, 1] for the model of `manifest` (the manifest dict; a bare
+    input shape (C, H, W) also works, without the data set's own preprocessing).
 
-    Channels are converted (grey <-> RGB, alpha dropped) with a warning when the colour count differs;
-    a wrong size is refused unless `resize` (then resized, with a warning), so nothing is silently
-    rescaled into a distribution the model never saw.
+    cvconvert.preprocess.to_model_input does the rest: channels are converted (grey <-> RGB, alpha
+    dropped) with a warning when the colour count differs; an image of the data set's native size gets
+    the preprocessing recorded at training time (Fashion-MNIST 28x28: zero-padded to 32x32); any other
+    size is refused unless `resize` (then resized, with a warning), so nothing is silently rescaled into
+    a distribution the model never saw.
     """
-    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     from cvconvert.errors import CvError
+    from cvconvert.preprocess import to_model_input
 
-    c, h, w = shape
-    if c not in (1, 3):
-        raise CvError(f"the model takes {c}-channel images; infer reads grey (1) or RGB (3) images only")
+    if not isinstance(manifest, dict):
+        manifest = {"input_shape": list(manifest), "data": {"preprocess": None}}
     try:
         with Image.open(path) as im:
             if im.format not in ("PNG", "JPEG"):
                 raise CvError(f"{path} is a {im.format} image; infer reads PNG or JPEG")
             im.load()
-            src_channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-            target = "L" if c == 1 else "RGB"
-            if src_channels != c:
-                info(f"warning: {path.name} has {src_channels} channel(s), the model takes {c}: converted to {target}")
-            if im.mode != target:
-                im = im.convert(target)
-            if im.size != (w, h):
-                if not resize:
-                    raise CvError(f"{path} is {im.size[0]}x{im.size[1]}, the model takes {w}x{h} "
-                                  "(pass --resize to resize it)")
-                info(f"warning: {path.name} resized from {im.size[0]}x{im.size[1]} to {w}x{h}")
-                im = im.resize((w, h), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+            return to_model_input(im, manifest, resize=resize, name=str(path),
+                                  warn=lambda msg: info(f"warning: {msg}"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise CvError(f"{path} is not a readable PNG/JPEG image ({type(exc).__name__})") from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 def _find_manifest(encoder: Path) -> Path:
@@ -162,7 +152,7 @@ def infer(
         pipe.on_warning = lambda msg: info(f"warning: {msg}")
 
     files = collect_images(images)
-    x = np.stack([load_image(f, tuple(man["input_shape"]), resize) for f in files])
+    x = np.stack([load_image(f, man, resize) for f in files])
     logits, sent, how = [], [], None
     for i in range(0, len(x), batch_size):
         logits.append(pipe.predict(x[i:i + batch_size]))

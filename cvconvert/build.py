@@ -13,6 +13,7 @@ from .model import VARIANTS, ModelSpec, build_model
 from .parts import check_parts
 from .modeldir import (MANIFEST, WEIGHTS, check_output_dir, load_into, load_state_dict, new_manifest,
                        write_model_dir)
+from .preprocess import spec_for
 
 # Where each real-model key sits inside a SplitModel state_dict (original/noisy/additional/complex).
 _PART_PREFIXES = ("encoder.features.body.", "encoder.body.", "processing.", "decoder.decoder.body.", "decoder.body.")
@@ -88,7 +89,7 @@ def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", da
         feature_shape=list(model.feature_shape), activation={"mode": mode, "c": float(cval)}, k=k,
         gamma=float(gamma), class_names=info.class_names if classes == info.num_classes else
         [str(i) for i in range(classes)],
-        data={"name": data, "task": info.task, "multilabel": info.multilabel},
+        data={"name": data, "task": info.task, "multilabel": info.multilabel, "preprocess": spec_for(data, shape)},
         source_weights=str(weights) if weights else None, history={},
         **({"init_seed": seed} if seed is not None else {}),
         **({"fool_sign": fool_sign} if fool_sign != "none" else {}),

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from .datasets import CELEBA_PROPERTY_ATTRS, CELEBA_TASK_ATTRS, FASHION_COARSE, dataset_info, get_entry
 from .errors import CvError, one_line
+from .preprocess import apply_steps, spec_for
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -156,7 +157,8 @@ def load_fashion_mnist(train: bool, data_dir, info):
             ds = FashionMNIST(str(root), train=train, download=True)
         except Exception:
             raise _missing("fashion-mnist", where + [root]) from None
-    images = torch.nn.functional.pad(ds.data.unsqueeze(1), (2, 2, 2, 2))  # 28x28 -> 32x32, zero border
+    # 28x28 -> 32x32 (zero border) by the steps the manifest records and infer applies
+    images = torch.from_numpy(apply_steps(ds.data.unsqueeze(1).numpy(), spec_for("fashion-mnist", info.input_shape)))
     fine = ds.targets.long()
     if info.task == "coarse":
         table = torch.tensor([FASHION_COARSE[i] for i in range(10)])

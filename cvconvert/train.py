@@ -41,6 +41,7 @@ from .fools import check_rule, match_law
 from .parts import fool_indices
 from .modeldir import (MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_write, load_into, load_model,
                        read_manifest, torch_load)
+from .preprocess import spec_for
 
 # negatives and _gradient_penalty live in defense.py; experiments/ still imports them from here.
 CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -553,6 +554,8 @@ def _save(run: _Run, epoch: int, improved: bool) -> None:
         "data": {"name": run.name, "task": run.task}, "epochs": epoch, "steps": trainer.step, "best": run.best,
         "last": records[-1], "optimizer": {"name": "adam", "lr": cfg.lr, "batch_size": cfg.batch_size},
         "gan": trainer.defense.history() if trainer.defense is not None else None, "seed": cfg.seed}
+    # what infer applies to images of the data set's own size: the steps this training used
+    current.setdefault("data", {})["preprocess"] = spec_for(run.name, current["input_shape"])
     if cfg.k is not None:
         current["k"] = cfg.k
     if trainer.defense is not None:  # e.g. fool_sign: quadrant, so load_model rebuilds the same encoder

@@ -239,10 +239,10 @@ def test_explicit_graph_paths_find_the_manifest(exported):
 
 def test_image_size_and_channels(exported, tmp_path):
     model_dir, _ = exported
-    small = _png(tmp_path / "small.png", size=(28, 28))
-    _one_line_error(_invoke("infer", "--model-dir", model_dir, small), "28x28", "--resize")
+    small = _png(tmp_path / "small.png", size=(30, 30))  # 28x28 is Fashion-MNIST's own size: padded (test_preprocess)
+    _one_line_error(_invoke("infer", "--model-dir", model_dir, small), "30x30", "--resize")
     res = _invoke("infer", "--model-dir", model_dir, small, "--resize")
-    assert res.exit_code == 0 and "resized from 28x28 to 32x32" in res.stderr
+    assert res.exit_code == 0 and "resized from 30x30 to 32x32" in res.stderr
     rgb = _png(tmp_path / "rgb.png", mode="RGB")
     res = _invoke("infer", "--model-dir", model_dir, rgb)
     assert res.exit_code == 0 and "has 3 channel(s), the model takes 1: converted to L" in res.stderr
