@@ -20,15 +20,18 @@ def angles(n):
     return torch.rand(n) * 2 * math.pi
 
 
-def assert_equivariant(layer, x, train=False, atol=1e-5):
+def assert_equivariant(layer, x, train=False, atol=1e-5, act=None):
+    """layer(act(x)) == act(layer(x)); act: a random per-sample rotation unless given."""
     layer.train(train)
-    t = angles(x.shape[0])
+    if act is None:
+        t = angles(x.shape[0])
+        act = lambda v: rotate(v, t)  # noqa: E731
     torch.manual_seed(123)
     y = layer(x)
     torch.manual_seed(123)  # dropout: the same draw for both calls
-    y_rot = layer(rotate(x, t))
+    y_act = layer(act(x))
     scale = y.abs().max().clamp_min(1.0)
-    assert (y_rot - rotate(y, t)).abs().max() / scale < atol
+    assert (y_act - act(y)).abs().max() / scale < atol
     return y
 
 
@@ -143,13 +146,7 @@ def keys(n, p, det):
 
 
 def assert_key_equivariant(layer, x, key, train=False, atol=1e-5):
-    layer.train(train)
-    torch.manual_seed(123)
-    y = layer(x)
-    torch.manual_seed(123)  # dropout: the same draw for both calls
-    y_key = layer(transform(x, key))
-    scale = y.abs().max().clamp_min(1.0)
-    assert (y_key - transform(y, key)).abs().max() / scale < atol
+    assert_equivariant(layer, x, train, atol, act=lambda v: transform(v, key))
 
 
 @pytest.mark.parametrize("det", [1, -1], ids=["rotation", "reflection"])
