@@ -31,6 +31,8 @@ def convert(
     c: Optional[float] = typer.Option(None, help="The constant c for --activation fixed."),
     seed: Optional[int] = typer.Option(None, help="Seed of the random initialisation (same seed: the variants "
                                                   "start from the same real weights)."),
+    parts: int = typer.Option(2, "--parts", "-P", help="P in 2..4: hide each image's feature among P-1 fools with "
+                                                     "a secret orthogonal key (2: the complex network)."),
     force: bool = typer.Option(False, help="Replace a non-empty output directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
 ):
@@ -39,10 +41,11 @@ def convert(
 
     manifest = convert_to_dir(arch, output, split=split, variant=variant, data=data, task=task,
                               input_shape=parse_shape(input_shape), num_classes=num_classes, weights=weights,
-                              gamma=gamma, k=k, activation=activation, c=c, force=force, seed=seed)
+                              gamma=gamma, k=k, activation=activation, c=c, force=force, seed=seed, parts=parts)
     if as_json:
         emit_json(manifest)
     else:
         info(f"wrote {output} ({manifest['variant']} {arch}, split {manifest['split']}: "
              f"encoder -> {manifest['encoder_end']}, decoder from {manifest['decoder_start'] or '(unrotate only)'}, "
-             f"feature {manifest['feature_shape']})")
+             f"feature {manifest['feature_shape']}"
+             + (f", {manifest['parts']} parts" if manifest.get("parts", 2) > 2 else "") + ")")

@@ -41,9 +41,9 @@ def baseline_stage(stage: str) -> str:
 # ----------------------------------------------------------------------------- ONNX graphs
 
 def _graphs_needed(model) -> list[str]:
-    from .contracts import SIGNATURES
+    from .contracts import model_signatures
 
-    return [p for p in SIGNATURES[model.is_complex] if p != "original"]  # original.onnx: not timed
+    return [p for p in model_signatures(model) if p != "original"]  # original.onnx: not timed
 
 
 def prepare_graphs(model_dir, model, manifest: dict, work_dir: Path, log=None) -> tuple[dict[str, Path], str]:
@@ -73,19 +73,23 @@ def stage_feeds(model, n: int) -> dict[str, dict[str, np.ndarray]]:
     and b, the fool's feature as a fool pool stores it (computed once, outside the timed call)."""
     import torch
 
-    from .contracts import SIGNATURES, example_inputs, sources
+    from .contracts import example_inputs, model_signatures, sources
     from .export import reference, torch_parts
 
-    sigs = {p: s for p, s in SIGNATURES[model.is_complex].items() if p != "original"}
+    sigs = {p: s for p, s in model_signatures(model).items() if p != "original"}
     mods = torch_parts(model.eval())  # eval: b as a pool stores it, not through training-mode batch-norm
-    src = example_inputs(sources(sigs, list(sigs)), model.spec.input_shape, n, np.random.default_rng(n))
+    parts = getattr(model, "parts", 2)
+    src = example_inputs(sources(sigs, list(sigs)), model.spec.input_shape, n, np.random.default_rng(n), parts)
     device = next(model.parameters()).device  # the eager runner may have moved the model to the GPU
     feeds = {part: feeds for part, (feeds, _) in reference(mods, sigs, src, device).items()}
     feeds["end_to_end"] = {k: src[k] for k in sources(sigs)}
     if "features" in mods:
         with torch.inference_mode():
-            b = mods["features"](torch.from_numpy(src["fool"]).to(device)).cpu().numpy()
-        feeds["online"] = {"image": src["image"], "b": b, "theta": src["theta"]}
+            fool = torch.from_numpy(src["fool"]).to(device)
+            b = mods["features"](fool.flatten(0, 1) if parts > 2 else fool)
+            b = (b.unflatten(0, (n, parts - 1)) if parts > 2 else b).cpu().numpy()  # P parts: [n, P-1, ...]
+        key = "key" if parts > 2 else "theta"
+        feeds["online"] = {"image": src["image"], "b": b, key: src[key]}
     return feeds
 
 
@@ -97,12 +101,12 @@ class OrtPipeline:
     numpy from a precomputed fool feature (`contracts.combine_np`), processing, decoder."""
 
     def __init__(self, paths: dict[str, Path], provider: str, threads: int | None, is_complex: bool,
-                 fool_sign: str = "none"):
-        from .contracts import SIGNATURES
+                 fool_sign: str = "none", parts: int = 2):
+        from .contracts import SIGNATURES, kind
         from .runtime import make_session
 
-        self.provider, self.fool_sign = provider, fool_sign
-        self.sigs = {p: s for p, s in SIGNATURES[is_complex].items() if p in paths}
+        self.provider, self.fool_sign, self.parts = provider, fool_sign, parts
+        self.sigs = {p: s for p, s in SIGNATURES[kind(is_complex, parts)].items() if p in paths}
         self.sessions = {p: make_session(paths[p], provider, threads) for p in self.sigs}  # the runtime's options
         self.stages = tuple(self.sessions) + ("end_to_end",) + (("online",) if "features" in self.sessions else ())
 
@@ -116,7 +120,8 @@ class OrtPipeline:
         out = {stage: {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in f.items()}
                for stage, f in feeds.items()}
         if "online" in feeds:
-            out["online"].update(b=feeds["online"]["b"], theta_host=feeds["online"]["theta"])
+            key = "key" if self.parts > 2 else "theta"
+            out["online"].update(b=feeds["online"]["b"], theta_host=feeds["online"][key])
         return out
 
     def _run_part(self, part, feeds):
@@ -134,12 +139,16 @@ class OrtPipeline:
         import onnxruntime as ort
 
         from .contracts import combine_np
+        from .keys import combine_parts_np
 
         a = self._run_part("features", {"image": feeds["image"]})
         cuda = self.provider == "cuda"
-        x = combine_np(a.numpy() if cuda else a, feeds["b"], feeds.get("theta_host", feeds["theta"]), self.fool_sign)
+        name = "key" if self.parts > 2 else "theta"
+        key = feeds.get("theta_host", feeds[name])
+        a = a.numpy() if cuda else a
+        x = combine_parts_np(a, feeds["b"], key) if self.parts > 2 else combine_np(a, feeds["b"], key, self.fool_sign)
         h = self._run_part("processing", {"x": ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0) if cuda else x})
-        return self._run_part("decoder", {"h": h, "theta": feeds["theta"]})
+        return self._run_part("decoder", {"h": h, name: feeds[name]})
 
     def run(self, stage: str, feeds: dict):
         from .contracts import CHAIN, run_chain
@@ -161,12 +170,12 @@ class EagerPipeline:
     def __init__(self, model, device: str):
         import torch
 
-        from .contracts import SIGNATURES
+        from .contracts import model_signatures
         from .export import torch_parts
 
         self.model, self.device, self.torch = model.eval().to(device), device, torch
         self.mods = torch_parts(self.model)
-        self.sigs = SIGNATURES[model.is_complex]
+        self.sigs = model_signatures(model)
         self.stages = tuple(self.mods) + ("end_to_end",) + (("online",) if "features" in self.mods else ())
 
     def prepare(self, feeds):
@@ -180,8 +189,9 @@ class EagerPipeline:
         if stage == "end_to_end":
             return run_chain(lambda p, f: m[p](*f.values()), self.sigs, CHAIN, feeds)[self.sigs[CHAIN[-1]].outputs[0]]
         if stage == "online":
-            x = self.model.encoder.combine(m["features"](feeds["image"]), feeds["b"], feeds["theta"])
-            return m["decoder"](m["processing"](x), feeds["theta"])
+            key = feeds["key" if "key" in feeds else "theta"]
+            x = self.model.encoder.combine(m["features"](feeds["image"]), feeds["b"], key)
+            return m["decoder"](m["processing"](x), key)
         return m[stage](*feeds.values())
 
     def run(self, stage: str, feeds: dict):
@@ -244,7 +254,7 @@ def run_bench(models: dict, graphs: dict, cfg: BenchConfig, log=None) -> dict:
     for name, model in models.items():
         if "ort" in cfg.engines:
             runners[(name, "ort")] = OrtPipeline(graphs[name], device, cfg.threads, model.is_complex,
-                                                 model.spec.fool_sign)
+                                                 model.spec.fool_sign, getattr(model, "parts", 2))
         if "eager" in cfg.engines:
             runners[(name, "eager")] = EagerPipeline(model, device)
     import torch

@@ -9,6 +9,12 @@ Graphs of a complex model (float32, batch axis symbolic "N", opset >= 17):
     processing  x                                            ->  h [N,2,...]      runs in the cloud
     decoder     h, theta [N]                                 ->  logits [N,K]
 
+P-part models (manifest "parts" P > 2) take an orthogonal key in place of theta:
+
+    encoder     image [N,C,H,W], fool [N,P-1,C,H,W], key [N,P,P]  ->  x [N,P,C',H',W']   x = key @ [a; b_1; ...]
+    processing  x -> h [N,P,...]                                       unchanged: h(Q x) = Q h(x)
+    decoder     h, key [N,P,P]                                     ->  logits              d((key^T h)[0])
+
 The baselines (variants original, noisy, additional) have encoder ``image -> x [N,C',H',W']``,
 processing ``x -> h``, decoder ``h -> logits`` (the same names, so one server and one pipeline take
 every variant) and original ``image -> logits`` (the whole model, for benchmarks).
@@ -24,7 +30,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .errors import CvError
-from .keys import secure_angles
+from .keys import haar_orthogonal, secure_angles
 
 
 class Signature(NamedTuple):
@@ -39,6 +45,8 @@ SIGNATURES: dict[bool, dict[str, Signature]] = {
            "processing": Signature(("x",), ("h",)), "decoder": Signature(("h", "theta"), ("logits",))},
     False: {"encoder": Signature(("image",), ("x",)), "processing": Signature(("x",), ("h",)),
             "decoder": Signature(("h",), ("logits",)), "original": Signature(("image",), ("logits",))},
+    "parts": {"encoder": Signature(("image", "fool", "key"), ("x",)), "features": Signature(("image",), ("a",)),
+              "processing": Signature(("x",), ("h",)), "decoder": Signature(("h", "key"), ("logits",))},
 }
 CHAIN = ("encoder", "processing", "decoder")  # the split network, device -> cloud -> device
 OPTIONAL = frozenset({"features"})  # graphs that exports made before they existed lack
@@ -48,9 +56,24 @@ def is_complex(manifest: dict) -> bool:
     return manifest.get("variant", "complex") == "complex"
 
 
+def parts_of(manifest: dict) -> int:
+    """P: the number of parts of x (2 for complex models without the key, and for the baselines)."""
+    return int(manifest.get("parts", 2)) if is_complex(manifest) else 2
+
+
+def kind(complex_: bool, parts: int = 2):
+    """The SIGNATURES key of a model: True (complex, two parts), False (a baseline) or "parts" (P > 2)."""
+    return "parts" if complex_ and parts > 2 else bool(complex_)
+
+
+def model_signatures(model) -> dict[str, Signature]:
+    """The graphs of a SplitModel (anything with ``is_complex`` and ``parts``), by name."""
+    return SIGNATURES[kind(model.is_complex, getattr(model, "parts", 2))]
+
+
 def signatures(manifest: dict) -> dict[str, Signature]:
     """The graphs a model dir's onnx/ folder holds, by name (encoder, processing, ...)."""
-    return SIGNATURES[is_complex(manifest)]
+    return SIGNATURES[kind(is_complex(manifest), parts_of(manifest))]
 
 
 def sources(sigs: dict[str, Signature], parts=CHAIN) -> tuple[str, ...]:
@@ -64,9 +87,9 @@ def sources(sigs: dict[str, Signature], parts=CHAIN) -> tuple[str, ...]:
 
 def expected_shapes(manifest: dict, h_shape=None) -> dict[str, tuple | None]:
     """Per tensor name, its shape without the batch axis (None where the manifest does not say)."""
-    feat = tuple(manifest["feature_shape"])
-    return {"image": tuple(manifest["input_shape"]), "fool": tuple(manifest["input_shape"]), "theta": (),
-            "x": ((2,) if is_complex(manifest) else ()) + feat, "a": feat,
+    feat, p, image = tuple(manifest["feature_shape"]), parts_of(manifest), tuple(manifest["input_shape"])
+    return {"image": image, "fool": ((p - 1,) if p > 2 else ()) + image, "theta": (), "key": (p, p),
+            "x": ((p,) if is_complex(manifest) else ()) + feat, "a": feat,
             "h": tuple(h_shape) if h_shape is not None else None, "logits": (int(manifest["num_classes"]),)}
 
 
@@ -94,13 +117,18 @@ def check_signature(label: str, inputs, outputs, names: tuple, shapes: dict) -> 
                               f"expected [N, {', '.join(map(str, exp))}]")
 
 
-def example_inputs(names, input_shape, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random source tensors at batch n: pixels in [0, 1) for image/fool, theta from the OS's CSPRNG
-    (even for tests and timing, so no code path ever draws an angle from a seeded generator)."""
+def example_inputs(names, input_shape, n: int, rng: np.random.Generator, parts: int = 2) -> dict[str, np.ndarray]:
+    """Random source tensors at batch n: pixels in [0, 1) for image/fool (P-1 fools per image for P > 2),
+    theta or the key from the OS's CSPRNG (even for tests and timing, so no code path ever draws a key
+    from a seeded generator)."""
     out = {}
     for name in names:
         if name == "theta":
             out[name] = secure_angles(n)
+        elif name == "key":
+            out[name] = haar_orthogonal(n, parts)
+        elif name == "fool" and parts > 2:
+            out[name] = rng.random((n, parts - 1) + tuple(input_shape), dtype=np.float32)
         elif name in ("image", "fool"):
             out[name] = rng.random((n,) + tuple(input_shape), dtype=np.float32)
         else:

@@ -39,11 +39,11 @@ from torch import nn
 
 from . import __version__
 from .complex.layers import CBatchNorm, CConv2d, CLinear
-from .contracts import (CHAIN, OPTIONAL, SIGNATURES, check_signature, combine_np, example_inputs,
-                        expected_shapes, rotate_np, run_chain, signatures, sources)
+from .contracts import (CHAIN, OPTIONAL, check_signature, combine_np, example_inputs, expected_shapes,
+                        model_signatures, parts_of, rotate_np, run_chain, signatures, sources)
 from .errors import CvError, one_line
 from .graphopt import custom_translations as graph_translations
-from .keys import secure_angles
+from .keys import combine_parts_np, haar_orthogonal, secure_angles, transform_np
 from .modeldir import WEIGHTS, atomic_json, atomic_write, load_model, read_manifest, swap_dir
 from .ortsession import add_session_config
 from .runtime import ONNX_DIR, REPORT, make_session, session_signature, sha256
@@ -150,7 +150,7 @@ def torch_parts(model, processing: nn.Module | None = None) -> dict[str, nn.Modu
     make = {"encoder": lambda: model.encoder, "features": lambda: model.encoder.features,
             "processing": lambda: proc, "decoder": lambda: model.decoder,
             "original": lambda: _Original(model.encoder, proc, model.decoder)}
-    return {part: make[part]() for part in SIGNATURES[model.is_complex]}
+    return {part: make[part]() for part in model_signatures(model)}
 
 
 def reference(mods: dict, sigs: dict, src: dict[str, np.ndarray], device=None) -> dict[str, tuple[dict, np.ndarray]]:
@@ -169,7 +169,7 @@ def reference(mods: dict, sigs: dict, src: dict[str, np.ndarray], device=None) -
 
 
 def _sources(manifest: dict, sigs: dict, n: int, rng) -> dict[str, np.ndarray]:
-    return example_inputs(sources(sigs, list(sigs)), manifest["input_shape"], n, rng)
+    return example_inputs(sources(sigs, list(sigs)), manifest["input_shape"], n, rng, parts_of(manifest))
 
 
 # ---------------------------------------------------------------- step 1: export
@@ -181,7 +181,7 @@ def export_parts(model, manifest: dict, opset: int = 18, step=None) -> tuple[dic
     fold = fold_complex_batchnorm if model.is_complex else fold_real_batchnorm
     processing, folded = fold(model.processing)
     mods = torch_parts(model, processing)
-    sigs = SIGNATURES[model.is_complex]
+    sigs = model_signatures(model)
     examples = reference(mods, sigs, _sources(manifest, sigs, EXAMPLE_BATCH, np.random.default_rng(0)))
     protos = {}
     for part, mod in mods.items():
@@ -304,7 +304,7 @@ def _check_parts(model, manifest, mods, sigs, sessions, n: int, tol: tuple, rng)
 def _check_chain(manifest, mods, sigs, sessions, tol: tuple) -> tuple[dict, dict]:
     """The whole ORT chain vs the PyTorch model for fresh random keys; (report entry, the ORT values)."""
     n = CHAIN_BATCH
-    src = example_inputs(sources(sigs), manifest["input_shape"], n, np.random.default_rng(n))
+    src = example_inputs(sources(sigs), manifest["input_shape"], n, np.random.default_rng(n), parts_of(manifest))
     got = run_chain(lambda p, f: _ort(sessions[p], f, f"{p}.onnx in the chain"), sigs, CHAIN, src)
     # A graph that draws fresh noise hands PyTorch its own output, so both sides see the same noise.
     noisy = {p for p, how in COMPARISON.get(manifest["variant"], {}).items() if how != "exact"}
@@ -331,6 +331,37 @@ def _check_rotation(sessions, values: dict, tol: tuple) -> dict:
     return {"batch": len(x), "max_abs_diff": diff}
 
 
+def signed_keys(n: int, parts: int) -> np.ndarray:
+    """n Haar keys, alternately rotations (det +1) and reflections (det -1)."""
+    q = haar_orthogonal(n, parts)
+    flip = np.sign(np.linalg.det(q)) != np.where(np.arange(n) % 2 == 0, 1, -1)
+    q[flip, :, 0] *= -1  # negating a column flips the determinant and keeps Q orthogonal
+    return q
+
+
+def _check_key_equivariance(sessions, values: dict, tol: tuple) -> dict:
+    """processing(Q x) == Q processing(x) for random orthogonal Q, rotations and reflections alike."""
+    x, h = values["x"], values["h"]
+    q = signed_keys(len(x), x.shape[1])
+    key_then = _ort(sessions["processing"], {"x": transform_np(x, q)}, "processing.onnx on transformed x")
+    diff = _compare("processing.onnx equivariance (orthogonal keys)", key_then, transform_np(h, q), *tol)
+    return {"batch": len(x), "parts": int(x.shape[1]), "reflections": int((np.linalg.det(q) < 0).sum()),
+            "max_abs_diff": diff}
+
+
+def _check_combine_parts(sessions, values: dict, tol: tuple) -> dict:
+    """x from features.onnx's a and each fool's b with `combine_parts_np` == encoder.onnx's x."""
+    image, fool = values["image"], values["fool"]
+    n, k = fool.shape[:2]
+    key = signed_keys(n, k + 1)
+    want = _ort(sessions["encoder"], {"image": image, "fool": fool, "key": key}, "encoder.onnx")
+    a = _ort(sessions["features"], {"image": image}, "features.onnx")
+    b = _ort(sessions["features"], {"image": fool.reshape((n * k,) + fool.shape[2:])}, "features.onnx on the fools")
+    got = combine_parts_np(a, b.reshape((n, k) + b.shape[1:]), key)
+    diff = _compare("features.onnx + combine_parts_np vs encoder.onnx", got, want, *tol)
+    return {"batch": n, "fool_sign": "none", "max_abs_diff": diff}
+
+
 def _check_combine(sessions, values: dict, fool_sign: str, tol: tuple) -> dict:
     """x from features.onnx's a and b with `combine_np` == encoder.onnx's x. The angles cover each
     quarter-circle twice (CSPRNG within each), so both signs of the quadrant rule are checked."""
@@ -355,7 +386,7 @@ def validate_graphs(model, manifest: dict, blobs: dict[str, bytes], *, opset: in
     """
     step = step or (lambda msg: None)
     model.eval()
-    sigs = {p: s for p, s in SIGNATURES[model.is_complex].items() if p in blobs}
+    sigs = {p: s for p, s in model_signatures(model).items() if p in blobs}
     mods, tol, rng = torch_parts(model), (atol, rtol), np.random.default_rng(1)
     h = reference(mods, sigs, _sources(manifest, sigs, 1, rng))["processing"][1]
     shapes = expected_shapes(manifest, tuple(h.shape[1:]))
@@ -370,12 +401,15 @@ def validate_graphs(model, manifest: dict, blobs: dict[str, bytes], *, opset: in
     step("validating the chain")
     chain, values = _check_chain(manifest, mods, sigs, sessions, tol)
     out = {"graphs": graphs, "chain": chain}
+    parts = parts_of(manifest)
     if model.is_complex:
-        step("checking the rotation property")
-        out["rotation"] = _check_rotation(sessions, values, tol)
+        step("checking the rotation property" if parts == 2 else "checking equivariance under orthogonal keys")
+        out["rotation"] = _check_rotation(sessions, values, tol) if parts == 2 else \
+            _check_key_equivariance(sessions, values, tol)
     if "features" in sessions:
         step("checking features.onnx + combine_np against encoder.onnx")
-        out["combine"] = _check_combine(sessions, values, manifest.get("fool_sign", "none"), tol)
+        out["combine"] = _check_combine(sessions, values, manifest.get("fool_sign", "none"), tol) if parts == 2 \
+            else _check_combine_parts(sessions, values, tol)
     return out
 
 
@@ -587,7 +621,10 @@ def summary_lines(report: dict) -> list[str]:
     lines.append(f"chain vs PyTorch (batch {c['batch']}): max abs diff {c['max_abs_diff']:.2e}, "
                  f"argmax agree {c['argmax_agree']:.0%}")
     if "rotation" in report:
-        lines.append(f"rotation property of processing.onnx: max abs diff {report['rotation']['max_abs_diff']:.2e}")
+        r = report["rotation"]
+        what = f"equivariance under {r['parts']}x{r['parts']} orthogonal keys ({r['reflections']} reflections)" \
+            if "parts" in r else "rotation property"
+        lines.append(f"{what} of processing.onnx: max abs diff {r['max_abs_diff']:.2e}")
     if "combine" in report:
         c = report["combine"]
         lines.append(f"features.onnx + combine_np (fool sign {c['fool_sign']}) vs encoder.onnx: "

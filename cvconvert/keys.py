@@ -1,4 +1,8 @@
-"""Secret angles for the device side. Torch-free: the ONNX Runtime inference path imports it too."""
+"""Secret keys for the device side: angles (two parts) and orthogonal matrices (P parts).
+
+Torch-free: the ONNX Runtime inference path imports it too. Every draw comes from the OS's CSPRNG
+(os.urandom), never from a seeded generator.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,58 @@ import os
 
 import numpy as np
 
+from .errors import CvError
+
+
+def _bits53(n: int) -> np.ndarray:
+    """n integers uniform in [0, 2^53) (float64's mantissa) from os.urandom."""
+    return np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+
 
 def secure_angles(n: int) -> np.ndarray:
     """n angles uniform in [0, 2 pi) from the OS's CSPRNG (os.urandom), never a seeded generator."""
-    raw = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)  # 53 random bits each
-    return (raw.astype(np.float64) * (2 * math.pi / 2.0 ** 53)).astype(np.float32)
+    return (_bits53(n).astype(np.float64) * (2 * math.pi / 2.0 ** 53)).astype(np.float32)
+
+
+def secure_normal(n: int) -> np.ndarray:
+    """n standard normal float64 values from os.urandom (Box-Muller on 53-bit uniforms)."""
+    m = (n + 1) // 2
+    u = _bits53(2 * m).astype(np.float64) / 2.0 ** 53
+    r = np.sqrt(-2.0 * np.log1p(-u[:m]))  # 1 - u lies in (0, 1]: the log is finite
+    t = 2 * math.pi * u[m:]
+    return np.concatenate((r * np.cos(t), r * np.sin(t)))[:n]
+
+
+def haar_orthogonal(n: int, p: int) -> np.ndarray:
+    """n orthogonal p x p matrices [n, p, p] (float32), uniform (Haar) on O(p): reflections included.
+
+    QR of a Gaussian matrix, then each column of Q times the sign of R's diagonal entry: without that
+    fix the law depends on the QR routine's sign convention (LAPACK makes Q[0, 0] <= 0 always) and is
+    not Haar (Mezzadri 2007, "How to generate random matrices from the classical compact groups").
+    """
+    if p < 2:
+        raise ValueError("an orthogonal key needs at least 2 parts")
+    g = secure_normal(n * p * p).reshape(n, p, p)
+    q, r = np.linalg.qr(g)
+    d = np.diagonal(r, axis1=1, axis2=2)
+    q = q * np.where(d < 0, -1.0, 1.0)[:, None, :]
+    return q.astype(np.float32)
+
+
+def transform_np(x: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Q x on the part axis in numpy: x [N, P, ...], key [N, P, P] -> [N, P, ...] float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.matmul(np.asarray(key, dtype=np.float32), x.reshape(x.shape[:2] + (-1,))).reshape(x.shape)
+
+
+def combine_parts_np(a: np.ndarray, b: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """x = Q [a; b_1; ...; b_{P-1}] as [N, P, ...] float32: what a P-part encoder.onnx computes after g.
+
+    a [N, ...]: the image's features, b [N, P-1, ...]: its fools' features, key [N, P, P] orthogonal.
+    """
+    a, b, key = (np.asarray(v, dtype=np.float32) for v in (a, b, key))
+    n, p = a.shape[0], key.shape[-1] if key.ndim == 3 else 0
+    if b.shape != (n, p - 1) + a.shape[1:] or key.shape != (n, p, p):
+        raise CvError(f"features a {list(a.shape)}, fools b {list(b.shape)} and key {list(key.shape)} do not "
+                         "match: b must be [N, P-1, ...] with a's [N, ...] and the key [N, P, P]")
+    return transform_np(np.concatenate((a[:, None], b), axis=1), key)

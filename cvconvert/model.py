@@ -29,6 +29,7 @@ from .complex.functional import encode, unrotate_real
 from .convert import LEAF_MODULES, to_complex
 from .errors import CvError
 from .keys import secure_angles
+from .parts import PartsDecoder, PartsEncoder, check_parts, random_key
 from .gan import Discriminator, Generator, NoiseInjection
 
 VARIANTS = ("complex", "original", "noisy", "additional")
@@ -141,6 +142,7 @@ class ModelSpec:
     activation_c: float = 1.0
     gamma: float = 0.0
     fool_sign: str = "none"  # "quadrant": the fool's sign follows theta's quarter (see ComplexEncoder)
+    parts: int = 2  # P > 2: x = Q [a; b_1; ...; b_{P-1}] with an orthogonal key Q (cvconvert/parts.py)
 
 
 class SplitModel(nn.Module):
@@ -155,17 +157,29 @@ class SplitModel(nn.Module):
     def is_complex(self) -> bool:
         return self.spec.variant == "complex"
 
+    @property
+    def parts(self) -> int:
+        return self.spec.parts if self.is_complex else 2
+
     def features(self, image):
         """The real feature a (before rotation) of each image."""
         return (self.encoder.features if self.is_complex else self.encoder)(image)
 
+    def random_key(self, n: int, device=None) -> torch.Tensor:
+        """n secret keys: angles [n] for two parts, Haar orthogonal matrices [n, P, P] for P > 2."""
+        return random_theta(n, device) if self.parts == 2 else random_key(n, self.parts, device)
+
     def forward(self, image, fool=None, theta=None):
+        """theta: the key (angles [N], or [N, P, P] for P > 2); fool: [N, C, H, W], or [N, P-1, C, H, W]."""
         if not self.is_complex:
             return self.decoder(self.processing(self.encoder(image)))
         if fool is None:
             fool = image.roll(1, 0) if image.shape[0] > 1 else image.flip(-1)
+            if self.parts > 2:
+                fool = torch.stack([image.roll(i, 0) if image.shape[0] > i else image.flip(-1)
+                                    for i in range(1, self.parts)], 1)
         if theta is None:
-            theta = random_theta(image.shape[0], image.device)
+            theta = self.random_key(image.shape[0], image.device)
         return self.decoder(self.processing(self.encoder(image, fool, theta)), theta)
 
 
@@ -185,6 +199,9 @@ def build_model(spec: ModelSpec, real: nn.Module | None = None) -> SplitModel:
         raise CvError(f"unknown variant {spec.variant!r} (choose from {', '.join(VARIANTS)})")
     if spec.fool_sign not in FOOL_SIGNS:
         raise CvError(f"unknown fool_sign {spec.fool_sign!r} (choose from {', '.join(FOOL_SIGNS)})")
+    check_parts(spec.parts)
+    if spec.parts > 2 and spec.variant == "complex" and spec.fool_sign != "none":  # baselines ignore parts
+        raise CvError("--parts above 2 takes no fool sign (the key mixes every row)")
     if real is None:
         real = zoo.create_model(spec.arch, spec.num_classes, spec.input_shape)
     parts = splitlib.split_model(real, spec.encoder_end, spec.decoder_start, LEAF_MODULES)
@@ -205,7 +222,10 @@ def build_model(spec: ModelSpec, real: nn.Module | None = None) -> SplitModel:
         names = {n.name: q for n, q in parts.qualnames.items()}
         act = {"mode": spec.activation_mode, "c": spec.activation_c}
         processing = to_complex(processing, names, **act)
-        encoder, decoder = ComplexEncoder(features, spec.fool_sign), ComplexDecoder(Decoder(parts.decoder, bias))
+        if spec.parts > 2:
+            encoder, decoder = PartsEncoder(features, spec.parts), PartsDecoder(Decoder(parts.decoder, bias))
+        else:
+            encoder, decoder = ComplexEncoder(features, spec.fool_sign), ComplexDecoder(Decoder(parts.decoder, bias))
     else:
         encoder, decoder = features, Decoder(parts.decoder)
     disc = Discriminator(feat[0]) if gan_shaped else None

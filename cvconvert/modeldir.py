@@ -141,7 +141,8 @@ def spec_from_manifest(m: dict):
                      variant=m["variant"], num_classes=m["num_classes"], input_shape=tuple(m["input_shape"]),
                      mean=m["normalization"]["mean"], std=m["normalization"]["std"],
                      activation_mode=m["activation"]["mode"], activation_c=m["activation"]["c"],
-                     gamma=m.get("gamma", 0.0), fool_sign=m.get("fool_sign", "none"))
+                     gamma=m.get("gamma", 0.0), fool_sign=m.get("fool_sign", "none"),
+                     parts=int(m.get("parts", 2)))
 
 
 def torch_load(file: Path | str, failure: str):

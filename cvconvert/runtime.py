@@ -21,11 +21,12 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from .contracts import SIGNATURES, check_signature, combine_np, expected_shapes  # noqa: F401 (re-exported)
+from .contracts import (SIGNATURES, check_signature, combine_np, expected_shapes, parts_of,  # noqa: F401
+                        signatures)  # (re-exported)
 from .errors import CvError, one_line
 from .fools import FoolPool, choose_fools, fallback_fool, low_water  # noqa: F401 (choose_fools: simulation API)
 from .guard import NoGuard, SentGuard
-from .keys import secure_angles
+from .keys import combine_parts_np, haar_orthogonal, secure_angles
 from .modeldir import WEIGHTS, read_manifest
 from .ortsession import create_session
 
@@ -111,6 +112,8 @@ class Pipeline:
         self.multilabel = bool((manifest.get("data") or {}).get("multilabel"))
         self.fool_sign = manifest.get("fool_sign", "none")
         self.fool_rule = manifest.get("fool_rule", "random")
+        self.parts = parts_of(manifest)  # P > 2: P-1 fools per image and an orthogonal key in place of theta
+        self.key_name = "key" if self.parts > 2 else "theta"
         paths = {"encoder": Path(encoder), "decoder": Path(decoder)}
         if not callable(processing):
             paths["processing"] = Path(processing)
@@ -132,7 +135,7 @@ class Pipeline:
         self.guard = self._make_guard(guard)
 
     def _check_signatures(self, paths: dict, manifest: dict) -> None:
-        names, shapes = SIGNATURES[self.complex], expected_shapes(manifest)
+        names, shapes = signatures(manifest), expected_shapes(manifest)
         if "processing" in self.sessions:
             h_shape = self.sessions["processing"].get_outputs()[0].shape[1:]
             shapes["h"] = tuple(h_shape) if all(isinstance(d, int) for d in h_shape) else None
@@ -207,23 +210,46 @@ class Pipeline:
         images = self._check_images(images)
         if "features" in self.sessions:
             return self._run("features", {"image": images})
+        if self.parts > 2:  # the identity key leaves a in the first part
+            fools = np.repeat(images[:, None], self.parts - 1, 1)
+            eye = np.broadcast_to(np.eye(self.parts, dtype=np.float32), (len(images), self.parts, self.parts))
+            return self._run("encoder", {"image": images, "fool": fools, "key": np.ascontiguousarray(eye)})[:, 0]
         zero = np.zeros(len(images), np.float32)
         return self._run("encoder", {"image": images, "fool": images, "theta": zero})[:, 0]
 
     def combine(self, a: np.ndarray, b: np.ndarray, theta: np.ndarray) -> np.ndarray:
-        """x from the features a (images) and b (fools), exactly as encoder.onnx forms it."""
+        """x from the features a (images) and b (fools; [N, P-1, ...] for P parts), exactly as encoder.onnx
+        forms it; theta: the angles, or the keys [N, P, P]."""
+        if self.parts > 2:
+            return combine_parts_np(a, b, theta)
         return combine_np(a, b, theta, self.fool_sign)
+
+    def new_keys(self, n: int) -> np.ndarray:
+        """n fresh secret keys from os.urandom: angles, or Haar orthogonal [n, P, P] for P parts."""
+        return secure_angles(n) if self.parts == 2 else haar_orthogonal(n, self.parts)
+
+    def _key(self, theta, n: int) -> np.ndarray:
+        shape = (-1,) if self.parts == 2 else (-1, self.parts, self.parts)
+        key = np.ascontiguousarray(theta, dtype=np.float32).reshape(shape)
+        if len(key) != n:
+            raise CvError(f"{n} inputs but {len(key)} {self.key_name} value(s): one per sample")
+        return key
 
     def encode(self, images: np.ndarray, fools: np.ndarray | None = None, theta: np.ndarray | None = None):
         """The encoder graph as exported (low level: no fool rules; `predict` applies them)."""
         images = self._check_images(images)
         if not self.complex:
             return self._run("encoder", {"image": images})
-        fools = self._check_images(fools, "fools")
-        theta = np.ascontiguousarray(theta, dtype=np.float32).reshape(-1)
-        if not (len(fools) == len(theta) == len(images)):
-            raise CvError("images, fools and theta must have the same batch size")
-        return self._run("encoder", {"image": images, "fool": fools, "theta": theta})
+        if self.parts > 2:  # fools [N, P-1, C, H, W]: checked as P-1 images each
+            f = np.asarray(fools, dtype=np.float32)
+            if f.ndim != 5 or f.shape[:2] != (len(images), self.parts - 1):
+                raise CvError(f"fools have shape {list(f.shape)}, the model takes [N, {self.parts - 1}, C, H, W]")
+            fools = self._check_images(f.reshape((-1,) + f.shape[2:]), "fools").reshape(f.shape)
+        else:
+            fools = self._check_images(fools, "fools")
+        if len(fools) != len(images):
+            raise CvError("images and fools must have the same batch size")
+        return self._run("encoder", {"image": images, "fool": fools, self.key_name: self._key(theta, len(images))})
 
     def process(self, x: np.ndarray) -> np.ndarray:
         h = np.asarray(self._processing(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float32)
@@ -234,8 +260,8 @@ class Pipeline:
     def decode(self, h: np.ndarray, theta: np.ndarray | None = None) -> np.ndarray:
         if not self.complex:
             return self._run("decoder", {"h": np.ascontiguousarray(h, dtype=np.float32)})
-        theta = np.ascontiguousarray(theta, dtype=np.float32).reshape(-1)
-        return self._run("decoder", {"h": np.ascontiguousarray(h, dtype=np.float32), "theta": theta})
+        return self._run("decoder", {"h": np.ascontiguousarray(h, dtype=np.float32),
+                                     self.key_name: self._key(theta, len(h))})
 
     # -- the device's rules ----------------------------------------------------------------------------
     def predict(self, images: np.ndarray, fools: np.ndarray | None = None, theta: np.ndarray | None = None) -> np.ndarray:
@@ -262,8 +288,9 @@ class Pipeline:
         send = np.array([act == "send" for act in verdict.action])
         out = np.zeros((len(images), len(self.class_names)), np.float32)
         if send.any():
-            theta = secure_angles(int(send.sum()))  # one secret angle per image; stays in this process
-            sent = self.decode(self.process(self.combine(a[send], fools_b, theta)), theta)
+            theta = self.new_keys(int(send.sum()))  # one secret key per image; stays in this process
+            b = fools_b if self.parts == 2 else fools_b.reshape((-1, self.parts - 1) + fools_b.shape[1:])
+            sent = self.decode(self.process(self.combine(a[send], b, theta)), theta)
             self.guard.store_logits(keys, sent)
             out[send] = sent
         for i, (act, ref, cached) in enumerate(zip(verdict.action, verdict.ref, verdict.logits)):
@@ -277,10 +304,14 @@ class Pipeline:
 
     def _fool_features(self, images: np.ndarray, request_a: np.ndarray) -> np.ndarray:
         """b for each image to send: a never-used pool fool (burning any that lies within the guard's
-        threshold of something sent or of this request's images), else fresh noise where allowed."""
+        threshold of something sent or of this request's images), else fresh noise where allowed.
+        P parts: P-1 fools per image, [N * (P-1), ...] in image order (the guard records each one)."""
+        if self.parts > 2:
+            images = np.repeat(images, self.parts - 1, 0)
         if self.pool is None:
-            if self.fool_sign == "quadrant":
-                raise CvError("this model uses the exchange defense, which needs a device-private fool pool (a noise "
+            if self.fool_sign == "quadrant" or self.parts > 2:
+                what = "the exchange defense" if self.parts == 2 else f"{self.parts} parts"
+                raise CvError(f"this model uses {what}, which needs a device-private fool pool (a noise "
                               "fool would show which reading is the image): create one with `cvconvert fools create "
                               "POOL --model-dir DIR IMAGES...` and pass --fool-dir POOL")
             self.last["fools"] = "noise"

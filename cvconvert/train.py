@@ -38,7 +38,7 @@ from .defense import gradient_penalty as _gradient_penalty, make_defense, negati
 from .dist import Dist, device_kind, pick_device
 from .errors import CvError
 from .fools import check_rule, match_law
-from .model import random_theta
+from .parts import fool_indices
 from .modeldir import (MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_write, load_into, load_model,
                        read_manifest, torch_load)
 from .preprocess import spec_for
@@ -112,6 +112,10 @@ def choose_defense(cfg: TrainConfig, manifest: dict) -> str | None:
     if manifest["variant"] != "complex":
         if cfg.defense not in (None, "paper"):  # "paper" on a real variant: task loss only, as always
             raise CvError(f"--defense {cfg.defense} needs a complex model (this one is {manifest['variant']!r})")
+        return None
+    if int(manifest.get("parts", 2)) > 2:  # a Haar key already makes every row equally likely to be the image
+        if cfg.defense is not None:
+            raise CvError(f"--defense {cfg.defense} is for two parts; a {manifest['parts']}-part model's key is its defense")
         return None
     return cfg.defense or (manifest.get("defense") or {}).get("name") or DEFAULT_DEFENSE
 
@@ -189,18 +193,23 @@ class SplitTrainer:
         if not m.is_complex:
             return m(image), None, None, None
         a = m.encoder.features(image)
-        b = a[self._fool_index(image)]
-        theta = random_theta(a.shape[0], a.device)  # training angles need no secrecy, but cost nothing
+        b = a[self._fool_index(image)]  # [N, ...], or [N, P-1, ...]: P-1 distinct fools per image
+        theta = m.random_key(a.shape[0], a.device)  # training keys need no secrecy, but cost nothing
         x = m.encoder.combine(a, b, theta)  # the encoder's own mixing (a defense may change it)
         return m.decoder(m.processing(x), theta), a, b, x
 
     def _fool_index(self, image) -> torch.Tensor:
-        """Which sample of the batch is each sample's fool: a derangement, or drawn by the match law."""
-        n = image.shape[0]
-        if self.fool_rule == "random" or n < 2:
+        """Which sample of the batch is each sample's fool: a derangement, or drawn by the match law.
+        P parts: [N, P-1] distinct fools per sample, never the sample itself."""
+        n, parts = image.shape[0], self.model.parts
+        law = None
+        if self.fool_rule != "random" and n >= 2:
+            law = torch.from_numpy(match_law(image.detach().flatten(1).cpu().numpy())).float()
+        if parts > 2:
+            return fool_indices(n, parts - 1, law, image.device)
+        if law is None:
             return _derangement(n, image.device)
-        law = match_law(image.detach().flatten(1).cpu().numpy())
-        return torch.multinomial(torch.from_numpy(law).float(), 1).squeeze(1).to(image.device)
+        return torch.multinomial(law, 1).squeeze(1).to(image.device)
 
     def train_step(self, image, y) -> dict:
         logits, a, b, x = self._task(image)

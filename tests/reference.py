@@ -4,10 +4,10 @@ import torch
 
 
 def brute_maxmod(x, k, s, p):
-    """Loop reference: in each window the element of largest |f|^2, the first one (row-major) on ties."""
-    n, _, c, h, w = x.shape
+    """Loop reference on [N, P, C, H, W]: in each window the element of largest |f|^2 (summed over parts), the first one (row-major) on ties."""
+    n, parts, c, h, w = x.shape
     ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-    out = torch.zeros(n, 2, c, ho, wo)
+    out = torch.zeros(n, parts, c, ho, wo)
     for i in range(n):
         for ch in range(c):
             for oy in range(ho):
@@ -17,7 +17,7 @@ def brute_maxmod(x, k, s, p):
                         for dx in range(k):
                             y, xx = oy * s - p + dy, ox * s - p + dx
                             if 0 <= y < h and 0 <= xx < w:
-                                m = float(x[i, 0, ch, y, xx] ** 2 + x[i, 1, ch, y, xx] ** 2)
+                                m = float(sum(x[i, q, ch, y, xx] ** 2 for q in range(parts)))
                                 if m > best:  # strict: the first maximum wins ties
                                     best, arg = m, (y, xx)
                     out[i, :, ch, oy, ox] = x[i, :, ch, arg[0], arg[1]]

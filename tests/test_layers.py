@@ -20,15 +20,18 @@ def angles(n):
     return torch.rand(n) * 2 * math.pi
 
 
-def assert_equivariant(layer, x, train=False, atol=1e-5):
+def assert_equivariant(layer, x, train=False, atol=1e-5, act=None):
+    """layer(act(x)) == act(layer(x)); act: a random per-sample rotation unless given."""
     layer.train(train)
-    t = angles(x.shape[0])
+    if act is None:
+        t = angles(x.shape[0])
+        act = lambda v: rotate(v, t)  # noqa: E731
     torch.manual_seed(123)
     y = layer(x)
     torch.manual_seed(123)  # dropout: the same draw for both calls
-    y_rot = layer(rotate(x, t))
+    y_act = layer(act(x))
     scale = y.abs().max().clamp_min(1.0)
-    assert (y_rot - rotate(y, t)).abs().max() / scale < atol
+    assert (y_act - act(y)).abs().max() / scale < atol
     return y
 
 
@@ -124,3 +127,86 @@ def test_dropout_one_mask_for_both_parts():
     kept = ~zero_re
     torch.testing.assert_close(y[:, 0][kept], (x[:, 0] * 2)[kept])
     assert torch.equal(CDropout(0.5).eval()(x), x)
+
+
+# --- P parts: equivariance under orthogonal keys Q [N, P, P] (rotations and reflections) -------------
+
+from cvconvert.complex.functional import (encode_parts, rotation_key, transform,  # noqa: E402
+                                          untransform_first)
+from cvconvert.keys import haar_orthogonal  # noqa: E402
+
+
+def keys(n, p, det):
+    """n Haar orthogonal keys with the given determinant (+1 rotations, -1 reflections)."""
+    q = torch.from_numpy(haar_orthogonal(n, p))
+    flip = torch.linalg.det(q).sign() != det
+    q[flip, :, 0] *= -1  # negating a column flips the determinant and keeps Q orthogonal
+    assert (torch.linalg.det(q).sign() == det).all()
+    return q
+
+
+def assert_key_equivariant(layer, x, key, train=False, atol=1e-5):
+    assert_equivariant(layer, x, train, atol, act=lambda v: transform(v, key))
+
+
+@pytest.mark.parametrize("det", [1, -1], ids=["rotation", "reflection"])
+@pytest.mark.parametrize("parts", [3, 4])
+@pytest.mark.parametrize("name,make,shape,modes", LAYERS, ids=[entry[0] for entry in LAYERS])
+def test_layer_is_equivariant_for_p_parts(name, make, shape, modes, parts, det):
+    layer = make()
+    for train in modes:
+        x = torch.randn(shape[0], parts, *shape[1:])
+        y = layer.train(train)(x)
+        assert y.shape[:2] == (shape[0], parts)
+        assert_key_equivariant(layer, x, keys(shape[0], parts, det), train=train)
+
+
+def test_skip_connection_is_equivariant_for_p_parts():
+    # A residual block: delta(bn(conv(x)) + shortcut(x)); the sum of equivariant maps is equivariant.
+    conv, bn, delta, short = CConv2d(4, 8, 3, stride=2, padding=1), CBatchNorm(8), CDelta(), CShortcutA(2)
+    x = torch.randn(3, 4, 4, 8, 8)
+    q = keys(3, 4, -1)
+    for train in (True, False):
+        block = lambda v: delta(bn.train(train)(conv(v)) + short(v))  # noqa: E731
+        torch.testing.assert_close(block(transform(x, q)), transform(block(x), q), atol=1e-5, rtol=1e-4)
+
+
+def test_equivariance_check_catches_a_per_part_nonlinearity():
+    # A ReLU on each part alone is not equivariant: the same check must fail on it.
+    with pytest.raises(AssertionError):
+        assert_key_equivariant(nn.ReLU(), torch.randn(3, 3, 4, 5, 5), keys(3, 3, 1))
+
+
+def test_rotation_key_is_the_p2_rotation():
+    x, t = rand_x(4, 3, 5, 5), angles(4)
+    q = rotation_key(t)
+    torch.testing.assert_close(transform(x, q), rotate(x, t))
+    torch.testing.assert_close(untransform_first(x, q), unrotate_real(x, t))
+    torch.testing.assert_close(q @ q.transpose(1, 2), torch.eye(2).expand(4, 2, 2), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("parts", [3, 4])
+def test_encode_decode_roundtrip_p_parts(parts):
+    a, b = torch.randn(4, 3, 5, 5), torch.randn(4, parts - 1, 3, 5, 5)
+    q = keys(4, parts, -1)
+    x = encode_parts(a, b, q)
+    assert x.shape == (4, parts, 3, 5, 5)
+    torch.testing.assert_close(untransform_first(x, q), a, atol=1e-5, rtol=1e-5)
+    # The transmitted parts are orthogonal mixtures: the Gram matrix over parts is Q's-invariant.
+    g = torch.einsum("npm,nqm->npq", x.flatten(2), x.flatten(2))
+    f = torch.cat((a.unsqueeze(1), b), 1).flatten(2)
+    torch.testing.assert_close(g, q @ torch.einsum("npm,nqm->npq", f, f) @ q.transpose(1, 2), atol=1e-3, rtol=1e-4)
+    # Another key reads a mixture of the fools, not the image.
+    assert (untransform_first(x, keys(4, parts, 1)) - a).abs().max() > 0.1
+
+
+def test_maxmod_pool_matches_brute_force_p_parts():
+    x = torch.randn(2, 3, 2, 7, 6)
+    torch.testing.assert_close(CMaxModPool2d(3, 2, 1)(x), brute_maxmod(x, 3, 2, 1))
+
+
+def test_dropout_one_mask_for_all_parts():
+    x = torch.rand(4, 4, 3, 8, 8) + 0.1
+    zero = CDropout(0.5).train()(x) == 0
+    assert zero.any() and (~zero).any()
+    assert (zero == zero[:, :1]).all()

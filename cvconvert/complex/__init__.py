@@ -1,11 +1,13 @@
-"""Rotation-equivariant layers and helpers on the [N, 2, ...] real-pair layout."""
+"""Equivariant layers and helpers on the [N, P, ...] part layout (P = 2: the complex real-pair layout)."""
 
-from .functional import complex_pair, encode, modulus, modulus_sq, rotate, unrotate_real
+from .functional import (complex_pair, encode, encode_parts, modulus, modulus_sq, rotate, rotation_key, transform,
+                         unrotate_real, untransform_first)
 from .layers import (CAdaptiveAvgPool2d, CAvgPool2d, CBatchNorm, CConv2d, CDelta, CDropout, CFlatten,
                      CLinear, CMaxModPool2d, CShortcutA)
 
 __all__ = [
-    "complex_pair", "encode", "modulus", "modulus_sq", "rotate", "unrotate_real",
+    "complex_pair", "encode", "encode_parts", "modulus", "modulus_sq", "rotate", "rotation_key", "transform",
+    "unrotate_real", "untransform_first",
     "CAdaptiveAvgPool2d", "CAvgPool2d", "CBatchNorm", "CConv2d", "CDelta", "CDropout", "CFlatten",
     "CLinear", "CMaxModPool2d", "CShortcutA",
 ]

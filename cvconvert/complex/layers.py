@@ -1,6 +1,9 @@
-"""Rotation-equivariant layers on the real-pair layout [N, 2, C, ...].
+"""Equivariant layers on the part layout [N, P, C, ...] (P = 2: the complex real-pair layout).
 
-Every layer L satisfies L(rotate(x, t)) == rotate(L(x), t) for per-sample angles t (paper Eq. 5).
+Every layer L satisfies L(Q x) == Q L(x) for any per-sample orthogonal Q [N, P, P] acting on the part
+axis; for P = 2 this is L(rotate(x, t)) == rotate(L(x), t) for per-sample angles t (paper Eq. 5).
+They achieve it by applying real weights to each part alike and by depending on the parts otherwise
+only through their norm |f| = sqrt(sum_p f_p^2) (the modulus for P = 2).
 Each class with a real counterpart builds itself with ``from_real(module, **options)``, the way
 torch.ao.quantization modules build themselves with ``from_float``.
 """
@@ -11,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import EPS, batch_as_pairs, exporting, modulus, modulus_l2, modulus_sq, pairs_as_batch
+from .functional import EPS, batch_as_parts, exporting, modulus, modulus_l2, modulus_sq, parts_as_batch
 
 
 class CConv2d(nn.Module):
-    """Bias-free conv with real weights shared by both parts: one conv over the [2N, C, H, W] view."""
+    """Bias-free conv with real weights shared by all P parts: one conv over the [P*N, C, H, W] view."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1):
         super().__init__()
@@ -35,12 +38,12 @@ class CConv2d(nn.Module):
         return new
 
     def forward(self, x):
-        y = F.conv2d(pairs_as_batch(x), self.weight, None, self.stride, self.padding, self.dilation, self.groups)
-        return batch_as_pairs(y)
+        y = F.conv2d(parts_as_batch(x), self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return batch_as_parts(y, x.shape[1])
 
 
 class CLinear(nn.Module):
-    """Bias-free linear map on [N, 2, F]: the real weight acts on the last axis of both parts."""
+    """Bias-free linear map on [N, P, F]: the real weight acts on the last axis of every part."""
 
     def __init__(self, in_features, out_features):
         super().__init__()
@@ -60,6 +63,8 @@ class CLinear(nn.Module):
 class CDelta(nn.Module):
     """delta(f) = |f| / max(|f|, c) * f (paper Eq. 6): keeps the phase, squashes small moduli.
 
+    |f| is the norm over the part axis, so the factor is invariant under any orthogonal key.
+
     mode="fixed": one constant c (the paper's ResNets use c = 1).
     mode="channel": c_k = E_ij |f_ijk| per sample and channel (the paper's LeNet/VGG/AlexNet); for
     features without spatial axes the mean runs over the feature axis instead.
@@ -78,7 +83,7 @@ class CDelta(nn.Module):
         return cls(c=c, mode=mode)
 
     def forward(self, x):
-        # keepdim: the factor broadcasts over the pair axis without an Unsqueeze in the exported graph.
+        # keepdim: the factor broadcasts over the part axis without an Unsqueeze in the exported graph.
         export = exporting()
         if self.mode == "fixed":
             if export:  # ReduceL2 -> Mul -> Clip -> Mul: the fewest passes over the tensor in ONNX Runtime
@@ -101,7 +106,7 @@ class CBatchNorm(nn.Module):
 
     No mean is subtracted and no bias added, so the phase is untouched. The running E|f|^2 serves
     eval mode; in eval the layer is a positive-or-real per-channel scale and folds into a conv.
-    Works for [N, 2, C] and [N, 2, C, H, W] (channel axis 2).
+    Works for [N, P, C] and [N, P, C, H, W] (channel axis 2); E|f|^2 sums the squares over the P parts.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
@@ -147,7 +152,7 @@ class CBatchNorm(nn.Module):
 
 
 class CMaxModPool2d(nn.Module):
-    """Max-modulus pooling: in each window pick the element of largest |f| (both parts).
+    """Max-modulus pooling: in each window pick the element of largest |f| (all P parts of it).
 
     Ties go to the first element in row-major window order, as PyTorch's max_pool2d does.
     """
@@ -167,7 +172,7 @@ class CMaxModPool2d(nn.Module):
                               self.ceil_mode, return_indices=True)
         # idx counts within each (N, C) plane, so gathering on the flattened H*W axis is exact.
         flat = x.flatten(3)
-        g = torch.gather(flat, 3, idx.flatten(2).unsqueeze(1).expand(-1, 2, -1, -1))
+        g = torch.gather(flat, 3, idx.flatten(2).unsqueeze(1).expand(-1, x.shape[1], -1, -1))
         return g.reshape(x.shape[:3] + idx.shape[2:])
 
 
@@ -184,7 +189,7 @@ class CAvgPool2d(nn.Module):
         return cls(pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, pool.count_include_pad)
 
     def forward(self, x):
-        return batch_as_pairs(F.avg_pool2d(pairs_as_batch(x), *self.args))
+        return batch_as_parts(F.avg_pool2d(parts_as_batch(x), *self.args), x.shape[1])
 
 
 class CAdaptiveAvgPool2d(nn.Module):
@@ -197,11 +202,12 @@ class CAdaptiveAvgPool2d(nn.Module):
         return cls(pool.output_size)
 
     def forward(self, x):
-        return batch_as_pairs(F.adaptive_avg_pool2d(pairs_as_batch(x), self.output_size))
+        return batch_as_parts(F.adaptive_avg_pool2d(parts_as_batch(x), self.output_size), x.shape[1])
 
 
 class CDropout(nn.Module):
-    """Dropout with ONE mask for both parts, so a dropped element is dropped as a complex number."""
+    """Dropout with ONE mask for all parts, so a dropped element is dropped whole (as a complex number
+    for P = 2): the mask is invariant under any orthogonal key."""
 
     def __init__(self, p=0.5):
         super().__init__()
@@ -220,7 +226,7 @@ class CDropout(nn.Module):
 
 
 class CFlatten(nn.Module):
-    """Flatten that skips the pair axis: real start_dim d becomes d + 1."""
+    """Flatten that skips the part axis: real start_dim d becomes d + 1."""
 
     def __init__(self, start_dim=1, end_dim=-1):
         super().__init__()
