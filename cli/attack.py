@@ -46,8 +46,10 @@ def attack(
         emit_json(R)
     else:
         info(f"wrote {output}/report.md, report.json and {len(R['figures'])} figures")
-        for row in R["tables"]["angle"]:
+        for row in R["tables"].get("angle", []):
             info(f"  angle  {row['attack']:<45} {row['mean_abs_error_rad']:.3f} rad  {row['verdict']}")
+        for row in R["tables"].get("which_row", []):
+            info(f"  row    {row['attack'][:45]:<45} {row['accuracy']:.3f}      {row['verdict']}")
         for row in R["tables"]["reconstruction"]:
             if row["model"] == "complex" and row.get("verdict") != "reference":
                 info(f"  recon  {row['attack'][:45]:<45} {row['mae']:.4f}      {row['verdict']}")

@@ -5,11 +5,16 @@ module, and add one entry to the list of its stage here. Entries are factories `
 ``run`` gives what was found by the earlier stages (``run.angle``: the fitted angle attacks by id,
 ``run.inverter``: the U-Net from a to the image, ``run.monitor``: the victim's x and theta, only for
 per-epoch logs).
+
+P-part models (P > 2) have no angle: their audit (attacks/parts_stages.py) runs the best rotation search
+and the which-row classifiers first (kept in ``run.shared`` as "search" and "which"), then the lists
+PARTS_* below.
 """
 
 from __future__ import annotations
 
-from . import angle, inference, inversion, invariant, phase_support, regressor, whitebox
+from . import angle, gram, inference, inversion, invariant, phase_support, regressor, rowsearch, whitebox, \
+    whitebox_parts, whichrow
 
 
 def _phase_support_reading(run):
@@ -59,4 +64,24 @@ ADAPTIVE_PROPERTY_ATTACKS = (
      lambda run, m: inference.Classifier(run.public, "property_invariant_probe", "adaptive invariant probe (complex)")),
     ("regressor_probe", "adaptive: classifier on a* from the learned regressor", "regressor a*",
      lambda run, m: inference.Classifier(run.public, "property_regressor_astar")),
+)
+
+# --- P-part models (P > 2) ---------------------------------------------------------------------------------
+
+PARTS_SEARCH = lambda run: rowsearch.RowSearch(run.parts)  # noqa: E731  (the best rotation search)
+PARTS_WHICH_ROW = lambda run: whichrow.WhichRow(run.parts)  # noqa: E731  (which candidate is the image)
+
+PARTS_RECONSTRUCTION_ATTACKS = (
+    lambda run: whichrow.FromPicked(run.shared["search"], run.shared["which"], run.inverter),
+    lambda run: whichrow.BestOfRows(run.shared["search"], run.shared["which"], run.inverter),
+    lambda run: gram.GramInverter(run.parts),
+    lambda run: whitebox_parts.WhiteBoxPicked(run.shared.setdefault("whitebox", whitebox_parts.WhiteBoxParts()),
+                                              run.shared["which"]),
+    lambda run: run.shared.setdefault("whitebox", whitebox_parts.WhiteBoxParts()),
+)
+
+# Class / attribute probes on P-part transmissions: (id, label, view); views are made in parts_stages.
+PARTS_PROPERTY_ATTACKS = (
+    ("gram_probe", "key-free: classifier on |x_j|, sum_p x_pj x_pk", "gram"),
+    ("picked_probe", "classifier on the picked candidate", "picked"),
 )

@@ -74,6 +74,9 @@ def add_verdicts(R: dict) -> None:
 def write_report(R: dict, out: Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if (R["meta"].get("parts") or 2) > 2:
+        from .report_parts import write_parts_report
+        return write_parts_report(R, out)
     pics = R.pop("_pictures")
     add_verdicts(R)
     R["figures"] = {k: v for k, v in FIGURES.items()}
@@ -231,10 +234,9 @@ def _show(ax, img):
     ax.set_yticks([])
 
 
-def _figures(R: dict, pics: dict, out: Path) -> None:
+def grid_figure(rows: list, path: Path) -> None:
+    """Rows of (label, images): the input and each attack's reconstructions."""
     plt = pyplot()
-
-    rows = pics["grid"]
     cols = max(len(r[1]) for r in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.1 * cols + 2.6, 1.1 * len(rows)), squeeze=False)
     for i, (label, imgs) in enumerate(rows):
@@ -245,7 +247,12 @@ def _figures(R: dict, pics: dict, out: Path) -> None:
             else:
                 ax.axis("off")
         axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    save_png(fig, out / FIGURES["reconstructions"])
+    save_png(fig, path)
+
+
+def _figures(R: dict, pics: dict, out: Path) -> None:
+    plt = pyplot()
+    grid_figure(pics["grid"], out / FIGURES["reconstructions"])
 
     inputs, sweep, ts = pics["sweep"]
     fig, axes = plt.subplots(len(inputs), len(ts) + 1, figsize=(1.1 * (len(ts) + 1), 1.2 * len(inputs)), squeeze=False)

@@ -24,6 +24,7 @@ from ..datasets import dataset_info
 from ..errors import CvError
 from ..modeldir import load_model
 from ..model import random_theta
+from ..parts import random_key
 from ..dist import pick_device
 from ..runtime import choose_fools
 from . import stages
@@ -104,7 +105,7 @@ def run_audit(model_dir, data: str, out, data_dir=None, task: str | None = None,
         _audit(pub, model, base, tr, ev, with_prop, R, victim, model_dir, multi_query)
     R["meta"] = {"model_dir": str(model_dir), "arch": model.spec.arch, "variant": model.spec.variant,
                  "exported_graphs": provenance["weights_vs_graphs"], "victim_encoder": provenance,
-                 "fool_rule": pub.fool_rule,
+                 "fool_rule": pub.fool_rule, "parts": model.parts,
                  "split": manifest.get("split"), "feature_shape": list(model.feature_shape),
                  "baselines": {name: str(p) for (name, _, _), p in zip(base, baselines)},
                  "data": data, "task": task, "n_attacker_train": len(tr["images"]), "n_eval": len(ev["images"]),
@@ -136,25 +137,40 @@ def _fingerprint(path) -> str:
     return f"{p.resolve()}:{st}"
 
 
-def _victim_fools(images: torch.Tensor, rule: str) -> torch.Tensor:
+def _victim_fools(images: torch.Tensor, rule: str, count: int = 1) -> torch.Tensor:
     """The fooling image of each victim image: another victim image, as in the paper, chosen by the model's
-    fool rule exactly as the device's simulation rule chooses it (CSPRNG)."""
+    fool rule exactly as the device's simulation rule chooses it (CSPRNG). count > 1 (P parts): [N, count,
+    ...], the image's fools all distinct and never the image itself."""
     n = len(images)
-    if rule == "match":
+    if rule == "match" and count == 1:
         return torch.from_numpy(choose_fools(images.numpy(), None, "match")[0])
-    shift = 1 + int.from_bytes(os.urandom(4), "little") % (n - 1)
-    perm = torch.from_numpy(np.random.default_rng(int.from_bytes(os.urandom(8), "little")).permutation(n))
-    fool_idx = torch.empty_like(perm)
-    fool_idx[perm] = perm.roll(-shift)  # a random derangement: every image gets another image as its fool
-    return images[fool_idx]
+    if rule == "match":  # P parts: one match draw per fool (a rare repeat is possible, as on the device's batch path)
+        return torch.stack([_victim_fools(images, rule) for _ in range(count)], 1)
+    if n <= count:
+        raise CvError(f"the audit needs more than {count} victim images for {count} distinct fools each")
+    rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
+    shifts = 1 + rng.choice(n - 1, size=count, replace=False)  # distinct shifts: distinct fools
+    perm = torch.from_numpy(rng.permutation(n))
+    out = []
+    for shift in shifts:
+        fool_idx = torch.empty_like(perm)
+        fool_idx[perm] = perm.roll(-int(shift))  # a random derangement: every image gets another image
+        out.append(images[fool_idx])
+    return out[0] if count == 1 else torch.stack(out, 1)
+
+
+def _victim_inputs(model_parts: int, images: torch.Tensor, rule: str):
+    """(fools, secret keys) for the victims: one fool and an angle, or P-1 fools and a Haar key."""
+    if model_parts == 2:
+        return _victim_fools(images, rule), random_theta(len(images))
+    return _victim_fools(images, rule, model_parts - 1), random_key(len(images), model_parts)
 
 
 @torch.no_grad()
 def _victim(model, images: torch.Tensor, dev, rule: str = "random") -> tuple:
-    """The victim's transmitted x (secret theta and fooling images from the CSPRNG) and its utility error
+    """The victim's transmitted x (secret key and fooling images from the CSPRNG) and its utility error
     input (logits with the right key), with the torch model (when no graphs are exported)."""
-    fool = _victim_fools(images, rule)
-    theta = random_theta(len(images))
+    fool, theta = _victim_inputs(model.parts, images, rule)
     enc = lambda i, f, t: model.encoder(i, f, t)  # noqa: E731
     x = batched(enc, images, fool, theta, batch_size=256, device=dev)
     logits = batched(lambda xb, t: model.decoder(model.processing(xb), t), x, theta, batch_size=256, device=dev)
@@ -173,8 +189,7 @@ def deployed_victim(model_dir):
     pipe = Pipeline.from_model_dir(model_dir, guard=None)  # refuses graphs modified after export
 
     def victim(model, images: torch.Tensor, dev, rule: str = "random") -> tuple:
-        fool = _victim_fools(images, rule)
-        theta = random_theta(len(images))
+        fool, theta = _victim_inputs(model.parts, images, rule)
         x = np.concatenate([pipe.encode(images[i:i + 256].numpy(), fool[i:i + 256].numpy(), theta[i:i + 256].numpy())
                             for i in range(0, len(images), 256)])
         logits = np.concatenate([pipe.decode(pipe.process(x[i:i + 256]), theta[i:i + 256].numpy())
@@ -189,6 +204,9 @@ def _audit(pub: Public, model, base, tr, ev, with_prop: bool, R: dict, victim=No
     pub.combine, pub.encoder = combiner(model), model.encoder
     R["timings"] = {}
     run = stages.Run(pub, model, base, tr, ev, R, victim or _victim, stages.Clock(R["timings"]))
+    if model.parts > 2:
+        from . import parts_stages
+        return parts_stages.audit(run, with_prop)
     stages.utility(run)
     stages.angles(run)
     stages.reconstructions(run)

@@ -56,6 +56,11 @@ class Run:
     a_ev: torch.Tensor = None       # their true features: a reference only
     reference: torch.Tensor = None  # dec(a) with the true key
     angle_errors: dict = None       # angle attack label -> per-victim error
+    shared: dict = field(default_factory=dict)    # P parts: fitted attacks that later ones build on, by name
+
+    @property
+    def parts(self) -> int:
+        return self.model.parts
 
     @property
     def monitor(self):
@@ -100,11 +105,11 @@ def angles(run: Run) -> None:
                                           if hasattr(a, "calibration_error")}
 
 
-def reconstructions(run: Run) -> None:
+def reconstructions(run: Run, attacks=RECONSTRUCTION_ATTACKS) -> None:
     """Every reconstruction attack on the complex model's x, then the inverter of each baseline on its a."""
     pub, I_tr, I_ev = run.public, run.tr["images"], run.ev["images"]
     run.inverter = FeatureInverter()
-    plan = [("complex", entry(run), run.x_ev) for entry in RECONSTRUCTION_ATTACKS]
+    plan = [("complex", entry(run), run.x_ev) for entry in attacks]
     for name, _, _ in run.base:
         b_tr, b_ev = run.bfeat[name]
         plan.append((name, FeatureInverter(f"{name}_inversion_from_a", f"{name}: U-Net L1 (train)", b_tr,
