@@ -27,6 +27,9 @@ def attack(
     resume: bool = typer.Option(False, help="Resume from the attacker checkpoints in the report directory."),
     multi_query: bool = typer.Option(True, help="Also run the multi-query audit (span intersection over all the "
                                                 "transmissions of each usage mode; needs `cvconvert export` first)."),
+    rows: bool = typer.Option(False, "--rows", help="Run the row audit (best rotation search, which row is the "
+                                                   "image, Gram and Procrustes white-box attacks) on a two-part "
+                                                   "model; always used for --parts above 2."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout."),
 ):
     """Audit MODEL_DIR's privacy: angle estimation, inversion and property inference, against the baselines."""
@@ -37,7 +40,8 @@ def attack(
     b = make_budget(budget, train_size, eval_size, epochs)
     try:
         R = run_audit(model_dir, data, output, data_dir=data_dir, task=task, baselines=list(baseline), budget=b,
-                      device=device, seed=seed, resume=resume, log=info, multi_query=multi_query)
+                      device=device, seed=seed, resume=resume, log=info, multi_query=multi_query,
+                      rows=rows)
     except KeyboardInterrupt:
         info(f"interrupted: the attackers' finished epochs are in {output}/checkpoints; rerun with --resume")
         raise

@@ -26,7 +26,7 @@ RESULTS = ROOT / "experiments" / "results" / "parts"
 PARTS = (2, 3, 4)
 # Training and audit settings per architecture: ResNet-20 gets a short schedule (2 shared CPU cores).
 SETUP = {
-    "lenet": {"split": "paper", "train": ["--train-limit", "12000", "--epochs", "2", "--batch-size", "128"],
+    "lenet": {"split": "paper", "train": ["--epochs", "3", "--batch-size", "128"],
               "attack": ["--train-size", "2000", "--eval-size", "500"]},
     "resnet20": {"split": "alpha", "train": ["--train-limit", "2000", "--epochs", "1", "--batch-size", "64"],
                  "attack": ["--train-size", "600", "--eval-size", "200", "--epochs", "2"]},
@@ -81,10 +81,11 @@ def bench_one(work: Path, arch: str, parts: int) -> dict:
 
 
 def attack_one(work: Path, arch: str, parts: int) -> dict:
+    """The row audit (the same attacks at every P, two parts included) against the trained original."""
     d = model_dir(work, arch, f"p{parts}")
     rep = d / "audit" / "report.json"
     if not rep.is_file():
-        cli("attack", d, "--data", "fashion-mnist", "-o", d / "audit", "--device", "cpu", "--no-multi-query",
+        cli("attack", d, "--rows", "--data", "fashion-mnist", "-o", d / "audit", "--device", "cpu", "--no-multi-query",
             "--baseline", model_dir(work, arch, "original"), *SETUP[arch]["attack"])
     return json.loads(rep.read_text())
 

@@ -74,7 +74,7 @@ def add_verdicts(R: dict) -> None:
 def write_report(R: dict, out: Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if (R["meta"].get("parts") or 2) > 2:
+    if R["meta"].get("audit") == "rows":
         from .report_parts import write_parts_report
         return write_parts_report(R, out)
     pics = R.pop("_pictures")

@@ -46,8 +46,8 @@ def markdown(R: dict) -> str:
     m, t = R["meta"], R["tables"]
     p = m["parts"]
     L = [f"# Privacy audit: {m['arch']} ({p} parts, split {m['split']}) on {m['data']} (task {m['task']})", "",
-         f"Model dir `{m['model_dir']}`; feature a: {m['feature_shape']}. The device sends x = Q [a; b_1; ...; "
-         f"b_{p - 1}] with a secret Haar orthogonal {p}x{p} key Q. Attacker: the public weights, "
+         f"Model dir `{m['model_dir']}`; feature a: {m['feature_shape']}. The device sends x = Q "
+         f"[{'; '.join(['a'] + [f'b_{i}' for i in range(1, p)])}] with a secret orthogonal {p}x{p} key Q " + ("(Haar). " if p > 2 else "(the complex encoder's angle, read as a matrix). ") + f"Attacker: the public weights, "
          f"{m['n_attacker_train']} public training images (its own simulated transmissions with its own keys and "
          f"fools), and the victims' x for {m['n_eval']} test images. Budget `{m['budget']['name']}`, device "
          f"{m['device']}, seed {m['seed']}, {m['elapsed_s']} s. Fool rule `{m.get('fool_rule', 'random')}`.", ""]
@@ -79,5 +79,6 @@ def markdown(R: dict) -> str:
           "- The which-row classifier is trained on the attacker's own transmissions de-rotated perfectly (it "
           "knows its own keys), then applied to the search's candidates and to the victims' true rows.",
           f"- White-box: mean relative residual {R.get('whitebox_residual', float('nan')):.4f}.",
-          "- The multi-query (span intersection) audit is for two-part models and is skipped here.", ""]
+          "- The multi-query (span intersection) audit is not part of the row audit: the default audit of a "
+          "two-part model runs it.", ""]
     return "\n".join(L)

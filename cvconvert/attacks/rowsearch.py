@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from ..gan import Discriminator
 from .base import Memo, _FitsOnPublic
-from .common import Standardize
+from ..complex.functional import encode
+from .common import Standardize, uniform_angles
 
 STARTS = 3        # random starts of the search per transmission
 STEPS = 40        # gradient steps per start
@@ -43,10 +44,19 @@ def fool_rows(public, idx: torch.Tensor, count: int, gen: torch.Generator, bank=
     return torch.stack([a[p] for p in picks], 1)
 
 
+def key_matrix(combine, theta: torch.Tensor) -> torch.Tensor:
+    """The [N, 2, 2] orthogonal K with combine(a, b, theta) = K [a; b] for a two-part encoder (combine is
+    linear in a and b: its columns are the images of [1; 0] and [0; 1]), e.g. a rotation, or with the
+    exchange defense a rotation times diag(1, +-1)."""
+    one, zero = torch.ones(len(theta), 1), torch.zeros(len(theta), 1)
+    return torch.stack((combine(one, zero, theta), combine(zero, one, theta)), 2).squeeze(-1)
+
+
 def simulate(public, idx: torch.Tensor, parts: int, gen: torch.Generator, bank=None):
-    """(x, F, Q) for the attacker's images idx: F = [a; b_1; ...] [n, P, ...], Q Haar, x = Q F."""
+    """(x, F, Q) for the attacker's images idx: F = [a; b_1; ...] [n, P, ...], x = Q F with Q drawn by the
+    deployment's law (Haar for P > 2; for two parts, the public encoder's key at uniform angles)."""
     f = torch.cat((public.tr["a"][idx].unsqueeze(1), fool_rows(public, idx, parts - 1, gen, bank)), 1)
-    q = haar(len(idx), parts, gen)
+    q = haar(len(idx), parts, gen) if parts > 2 else key_matrix(public.combine or encode, uniform_angles(len(idx), gen))
     return torch.matmul(q, f.flatten(2)).reshape(f.shape), f, q
 
 

@@ -68,7 +68,7 @@ def _progress():
 
 def run_audit(model_dir, data: str, out, data_dir=None, task: str | None = None, baselines=(),
               budget: Budget | None = None, device: str = "auto", seed: int = 0, resume: bool = False,
-              log=lambda msg: None, multi_query: bool = True) -> dict:
+              log=lambda msg: None, multi_query: bool = True, rows: bool = False) -> dict:
     t0 = time.time()
     budget = budget or BUDGETS["quick"]
     out = Path(out)
@@ -102,10 +102,11 @@ def run_audit(model_dir, data: str, out, data_dir=None, task: str | None = None,
     victim, provenance = deployed_victim(model_dir)
     R: dict = {"tables": {}, "history": {}, "figures": {}}
     with progress:
-        _audit(pub, model, base, tr, ev, with_prop, R, victim, model_dir, multi_query)
+        _audit(pub, model, base, tr, ev, with_prop, R, victim, model_dir, multi_query, rows or model.parts > 2)
     R["meta"] = {"model_dir": str(model_dir), "arch": model.spec.arch, "variant": model.spec.variant,
                  "exported_graphs": provenance["weights_vs_graphs"], "victim_encoder": provenance,
                  "fool_rule": pub.fool_rule, "parts": model.parts,
+                 "audit": "rows" if rows or model.parts > 2 else "angle",
                  "split": manifest.get("split"), "feature_shape": list(model.feature_shape),
                  "baselines": {name: str(p) for (name, _, _), p in zip(base, baselines)},
                  "data": data, "task": task, "n_attacker_train": len(tr["images"]), "n_eval": len(ev["images"]),
@@ -199,12 +200,13 @@ def deployed_victim(model_dir):
 
 
 def _audit(pub: Public, model, base, tr, ev, with_prop: bool, R: dict, victim=None, model_dir=None,
-           multi_query: bool = True):
-    """Every stage in turn; each is one loop over its list of attacks (attacks/registry.py)."""
+           multi_query: bool = True, rows: bool = False):
+    """Every stage in turn; each is one loop over its list of attacks (attacks/registry.py). ``rows``: the
+    row audit (attacks/parts_stages.py), the only one for P > 2 parts."""
     pub.combine, pub.encoder = combiner(model), model.encoder
     R["timings"] = {}
     run = stages.Run(pub, model, base, tr, ev, R, victim or _victim, stages.Clock(R["timings"]))
-    if model.parts > 2:
+    if rows:
         from . import parts_stages
         return parts_stages.audit(run, with_prop)
     stages.utility(run)
