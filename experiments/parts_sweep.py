@@ -27,9 +27,9 @@ PARTS = (2, 3, 4)
 # Training and audit settings per architecture: ResNet-20 gets a short schedule (2 shared CPU cores).
 SETUP = {
     "lenet": {"split": "paper", "train": ["--epochs", "3", "--batch-size", "128"],
-              "attack": ["--train-size", "2000", "--eval-size", "500"]},
-    "resnet20": {"split": "alpha", "train": ["--train-limit", "2000", "--epochs", "1", "--batch-size", "64"],
-                 "attack": ["--train-size", "600", "--eval-size", "200", "--epochs", "2"]},
+              "attack": ["--train-size", "2000", "--eval-size", "500"], "eval": []},
+    "resnet20": {"split": "alpha", "train": ["--train-limit", "4000", "--epochs", "1", "--batch-size", "64"],
+                 "attack": ["--train-size", "600", "--eval-size", "200", "--epochs", "2"], "eval": ["--limit", "2000"]},
 }
 COMMON_TRAIN = ["--data", "fashion-mnist", "--lr", "1e-3", "--seed", "0", "--device", "cpu", "--fool-rule", "random"]
 
@@ -62,7 +62,7 @@ def train_one(work: Path, arch: str, name: str, parts: int | None) -> dict:
     t0 = time.time()
     cli("train", d, *COMMON_TRAIN, *s["train"])
     train_s = time.time() - t0
-    ev = cli("eval", d, "--data", "fashion-mnist", "--device", "cpu", "--json", json_out=True)
+    ev = cli("eval", d, "--data", "fashion-mnist", "--device", "cpu", "--json", *s["eval"], json_out=True)
     if parts is not None:
         cli("export", d)
     rec = {"arch": arch, "name": name, "parts": parts, "train_s": round(train_s, 1), "eval": ev}
@@ -101,6 +101,7 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if a.stage == "report":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from parts_report import write  # noqa: E402  (next to this script)
         write(RESULTS)
         return

@@ -97,7 +97,7 @@ def tiny3(monkeypatch, tmp_path):
 def test_attack_runs_the_row_audit_on_a_three_part_model(tiny3):
     out = tiny3 / "report"
     res = run("attack", tiny3 / "p3", "--data", "fashion-mnist", "-o", out, "--baseline", tiny3 / "original",
-              "--epochs", "1", "--no-multi-query")
+              "--epochs", "1", "--train-size", "64", "--eval-size", "24", "--no-multi-query")
     assert res.exit_code == 0, res.output
     R = json.loads((out / "report.json").read_text())
     assert R["meta"]["parts"] == 3 and R["meta"]["audit"] == "rows"

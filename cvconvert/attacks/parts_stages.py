@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from . import stages
-from .data import has_property
 from .inference import Classifier, n_outputs
 from .metrics import chance_error, error_rate
 from .registry import PARTS_PROPERTY_ATTACKS, PARTS_RECONSTRUCTION_ATTACKS, PARTS_SEARCH, PARTS_WHICH_ROW
