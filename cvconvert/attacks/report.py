@@ -56,6 +56,12 @@ def add_verdicts(R: dict) -> None:
     t = R["tables"]
     for row in t["angle"]:
         row["verdict"] = angle_verdict(row["mean_abs_error_rad"])
+    recon_and_property_verdicts(t)
+
+
+def recon_and_property_verdicts(t: dict) -> None:
+    """Verdicts of the reconstruction rows (against chance and the original's inversion) and of the
+    property rows (against chance and the raw-image classifier)."""
     rec = t["reconstruction"]
     chance = next(r["mae"] for r in rec if r["id"] == "chance")
     orig = next((r["mae"] for r in rec if r["model"] == "original"), None)

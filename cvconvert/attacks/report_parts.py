@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..modeldir import atomic_json, atomic_write
-from .report import _provenance, _table, grid_figure, property_verdict, recon_verdict
+from .report import _provenance, _table, grid_figure, recon_and_property_verdicts
 
 
 def which_verdict(acc: float, parts: int) -> str:
@@ -18,17 +18,7 @@ def add_verdicts(R: dict) -> None:
     t, parts = R["tables"], R["meta"]["parts"]
     for row in t["which_row"]:
         row["verdict"] = which_verdict(row["accuracy"], parts)
-    rec = t["reconstruction"]
-    chance = next(r["mae"] for r in rec if r["id"] == "chance")
-    orig = next((r["mae"] for r in rec if r["model"] == "original"), None)
-    for row in rec:
-        if row["id"] != "chance":
-            row["verdict"] = ("reference" if row["id"] == "reference"
-                              else recon_verdict(row["mae"], chance, None if row["model"] == "original" else orig))
-    best = next((r["error"] for r in t["property"] if r["id"] == "reference"), None)
-    for row in t["property"]:
-        row["verdict"] = ("reference" if row["id"] == "reference"
-                          else property_verdict(row["error"], row["chance"], best))
+    recon_and_property_verdicts(t)
 
 
 def write_parts_report(R: dict, out: Path) -> dict:
