@@ -80,13 +80,14 @@ def bench_one(work: Path, arch: str, parts: int) -> dict:
     return json.loads(out.read_text())
 
 
-def attack_one(work: Path, arch: str, parts: int) -> dict:
-    """The row audit (the same attacks at every P, two parts included) against the trained original."""
+def attack_one(work: Path, arch: str, parts: int, redo: bool = False) -> dict:
+    """The row audit (the same attacks at every P, two parts included) against the trained original;
+    ``redo``: run it again on the attackers' checkpoints (--resume: trained networks are kept)."""
     d = model_dir(work, arch, f"p{parts}")
     rep = d / "audit" / "report.json"
-    if not rep.is_file():
+    if redo or not rep.is_file():
         cli("attack", d, "--rows", "--data", "fashion-mnist", "-o", d / "audit", "--device", "cpu", "--no-multi-query",
-            "--baseline", model_dir(work, arch, "original"), *SETUP[arch]["attack"])
+            "--baseline", model_dir(work, arch, "original"), *SETUP[arch]["attack"], *(["--resume"] if redo else []))
     return json.loads(rep.read_text())
 
 
@@ -96,6 +97,7 @@ def main() -> None:
     p.add_argument("--stage", choices=("train", "bench", "attack", "report"), required=True)
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "parts", help="model dirs (not committed)")
     p.add_argument("--parts", default="2,3,4", help="comma-separated P values")
+    p.add_argument("--redo", action="store_true", help="attack stage: rerun on the attackers' checkpoints")
     a = p.parse_args()
     parts = [int(v) for v in a.parts.split(",")]
     a.work.mkdir(parents=True, exist_ok=True)
@@ -113,7 +115,7 @@ def main() -> None:
         elif a.stage == "bench":
             rec = bench_one(a.work, a.arch, pp)
         else:
-            rec = attack_one(a.work, a.arch, pp)
+            rec = attack_one(a.work, a.arch, pp, a.redo)
         (RESULTS / f"{a.arch}-{name}-{a.stage}.json").write_text(json.dumps(rec, indent=1, default=str))
     log("done")
 

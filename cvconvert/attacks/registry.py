@@ -71,13 +71,17 @@ ADAPTIVE_PROPERTY_ATTACKS = (
 PARTS_SEARCH = lambda run: rowsearch.RowSearch(run.parts)  # noqa: E731  (the best rotation search)
 PARTS_WHICH_ROW = lambda run: whichrow.WhichRow(run.parts)  # noqa: E731  (which candidate is the image)
 
+def _parts_whitebox(run):
+    """One white-box image search, shared by its two rows."""
+    return run.shared.setdefault("whitebox", whitebox_parts.WhiteBoxParts(run.shared["search"]))
+
+
 PARTS_RECONSTRUCTION_ATTACKS = (
     lambda run: whichrow.FromPicked(run.shared["search"], run.shared["which"], run.inverter),
     lambda run: whichrow.BestOfRows(run.shared["search"], run.shared["which"], run.inverter),
     lambda run: gram.GramInverter(run.parts),
-    lambda run: whitebox_parts.WhiteBoxPicked(run.shared.setdefault("whitebox", whitebox_parts.WhiteBoxParts()),
-                                              run.shared["which"]),
-    lambda run: run.shared.setdefault("whitebox", whitebox_parts.WhiteBoxParts()),
+    lambda run: whitebox_parts.WhiteBoxPicked(_parts_whitebox(run), run.shared["which"]),
+    _parts_whitebox,
 )
 
 # Class / attribute probes on P-part transmissions: (id, label, view); views are made in parts_stages.
