@@ -45,7 +45,9 @@ def convert(
     if as_json:
         emit_json(manifest)
     else:
-        info(f"wrote {output} ({manifest['variant']} {arch}, split {manifest['split']}: "
+        data = (manifest.get("data") or {}).get("name") or "no data set"
+        info(f"wrote {output} ({manifest['variant']} {arch} for {data}, input {manifest['input_shape']}, "
+             f"{manifest['num_classes']} classes; split {manifest['split']}: "
              f"encoder -> {manifest['encoder_end']}, decoder from {manifest['decoder_start'] or '(unrotate only)'}, "
              f"feature {manifest['feature_shape']}"
              + (f", {manifest['parts']} parts" if manifest.get("parts", 2) > 2 else "") + ")")

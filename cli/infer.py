@@ -168,9 +168,11 @@ def _print(files, probs, pipe, man, server, how, sent, top_k, as_json) -> None:
     k = min(top_k, probs.shape[1])
     where = f"remote {server}" if server else pipe.providers["processing"]
     cached = sum(not s for s in sent)
+    sent_any = pipe.complex and cached < len(sent)
     info(f"ran on {pipe.providers['encoder']} (device side), processing on {where}"
-         + (f"; fooling inputs from {how or 'nowhere (nothing sent)'}" if pipe.complex else "")
-         + (f"; {cached} near-duplicate image(s) answered from this device's cache, not sent again" if cached else ""))
+         + (f"; fooling inputs from {how}" if sent_any else "")
+         + (f"; {cached} image(s) sent before (or a near-duplicate of one) answered from this device's cache, "
+            "not sent again" if cached else ""))
     if how == "noise":
         info("warning: no --fool-dir: each fooling input is smooth random noise, which hides less than a real image "
              "would (see README); create a fool pool with `cvconvert fools create`")

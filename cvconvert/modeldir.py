@@ -1,4 +1,4 @@
-"""The model directory every command reads and writes (DESIGN.md):
+"""The model directory every command reads and writes (README, "The model directory"):
 
     DIR/cvconvert.json   manifest (format version, arch, split, shapes, normalisation, variant, ...)
     DIR/model.pt         state_dict, plain tensors (torch.load(weights_only=True))

@@ -145,9 +145,20 @@ def assert_4xx(status, body, *words):
     assert all(w in error for w in words), error
 
 
+def _complete(got: bytes) -> bool:
+    """Whether the headers and as much of the body as their Content-Length says have arrived (the body
+    may come in a later packet than the headers)."""
+    head, _, body = got.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip())
+    return True
+
+
 def answer_within(sock: socket.socket, seconds: float) -> bytes:
-    """The server's first response (status line, headers and what came with them), or b'CLOSED' if it
-    closes the connection first, or b'HANG' if `seconds` pass first."""
+    """The server's first response (status line, headers and the body their Content-Length announces),
+    or b'CLOSED' if it closes the connection first, or b'HANG' if `seconds` pass first."""
     sock.settimeout(seconds)
     got = b""
     try:
@@ -156,7 +167,7 @@ def answer_within(sock: socket.socket, seconds: float) -> bytes:
             if not part:
                 return got or b"CLOSED"
             got += part
-            if b"\r\n\r\n" in got:
+            if b"\r\n\r\n" in got and _complete(got):
                 return got
     except (ConnectionResetError, BrokenPipeError):
         return got or b"CLOSED"

@@ -1,0 +1,98 @@
+"""An independent check of the device's rule (no feature vector in two transmissions), end to end.
+
+The device is used exactly as the README says: `cvconvert infer` with a fool pool (a batch of images in
+one call, then the same image again), and `Pipeline.predict` from the library. The processing part is
+wrapped by a recorder that keeps every x the cloud receives; the span-intersection attack
+(cvconvert/attacks/span.py) then compares all of them. The control sends the same images the old way
+(the other images of the batch as fools) and must be exposed, so the check can fail.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.infer import load_image
+from cli.main import app
+from cvconvert.attacks import span
+from cvconvert.build import convert_to_dir
+from cvconvert.export import export_model_dir
+from cvconvert.fools import FoolPool
+from cvconvert.runtime import Pipeline
+from test_infer import _png
+
+N_IMAGES, N_FOOLS = 8, 16
+
+
+def _invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory):
+    """An exported LeNet (Fashion-MNIST shape), 8 images to classify and a pool of 16 private fools."""
+    root = tmp_path_factory.mktemp("e2e-privacy")
+    model = root / "lenet"
+    convert_to_dir("lenet", model, data="fashion-mnist")
+    export_model_dir(model)
+    images, fools = root / "images", root / "fools-src"
+    images.mkdir(), fools.mkdir()
+    for i in range(N_IMAGES):
+        _png(images / f"img{i}.png", seed=100 + i)
+    for i in range(N_FOOLS):
+        _png(fools / f"f{i}.png", seed=200 + i)
+    return model, images, fools, root
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """Every x that reaches the processing part (what an honest-but-curious cloud keeps)."""
+    seen = []
+    real = Pipeline.process
+
+    def recording(self, x):
+        seen.append(np.array(x, copy=True))
+        return real(self, x)
+
+    monkeypatch.setattr(Pipeline, "process", recording)
+    return seen
+
+
+def _exposed(sent: list[np.ndarray], truth: np.ndarray) -> np.ndarray:
+    """|cos| of each true feature with the best vector the span attack recovers from all transmissions."""
+    x = torch.from_numpy(np.concatenate(sent))
+    best, _ = span.best_match(span.intersect(x), torch.from_numpy(truth))
+    return best.numpy()
+
+
+def test_infer_and_predict_expose_nothing_across_queries(device, recorder, tmp_path):
+    model, images, fools_src, _ = device
+    pool = tmp_path / "pool"
+    made = _invoke("fools", "create", pool, fools_src, "--model-dir", model, "--no-check-public")
+    assert made.exit_code == 0, made.stderr
+    # 1. one `cvconvert infer` call with a batch of 8 images
+    batch = _invoke("infer", images, "--model-dir", model, "--fool-dir", pool, "--json")
+    assert batch.exit_code == 0, batch.stderr
+    # 2. the same image again, twice: answered on the device, never re-sent
+    for _ in range(2):
+        again = _invoke("infer", images / "img0.png", "--model-dir", model, "--fool-dir", pool, "--json")
+        assert again.exit_code == 0, again.stderr
+        assert [p["sent"] for p in json.loads(again.stdout)["predictions"]] == [False]
+    # 3. the library: Pipeline.predict on two of the images once more
+    pipe = Pipeline.from_model_dir(model, pool=FoolPool.open(pool))
+    pixels = np.stack([load_image(images / f"img{i}.png", pipe.manifest, False) for i in range(N_IMAGES)])
+    pipe.predict(pixels[1:3])
+    assert pipe.last["sent"] == 0  # already sent by step 1: the guard answers from its cache
+    sent = recorder[:]
+    assert sum(len(x) for x in sent) == N_IMAGES  # each image crossed the network exactly once
+    a = pipe.features(pixels)
+    b = np.load(pool / "features.npy")
+    assert _exposed(sent, a).max() < span.EXACT
+    assert _exposed(sent, b).max() < span.EXACT  # nor any fool (which would tell the image apart)
+    # control: the same 8 images sent the old way, each fooled by the next image of its batch, are all exposed
+    recorder.clear()
+    theta = np.random.default_rng(0).uniform(0, 2 * np.pi, N_IMAGES).astype(np.float32)
+    pipe.predict(pixels, np.roll(pixels, 1, axis=0), theta)
+    assert (_exposed(recorder[:], a) >= span.EXACT).all()
