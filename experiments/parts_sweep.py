@@ -70,11 +70,11 @@ def train_one(work: Path, arch: str, name: str, parts: int | None) -> dict:
     return rec
 
 
-def bench_one(work: Path, arch: str, parts: int) -> dict:
+def bench_one(work: Path, arch: str, parts: int, repeats: int = 10, redo: bool = False) -> dict:
     d = model_dir(work, arch, f"p{parts}")
     out = d / "bench.json"
-    if not out.is_file():
-        res = cli("bench", d, "-b", "128", "--engines", "ort", "--repeats", "10", "--threads", "1",
+    if redo or not out.is_file():
+        res = cli("bench", d, "-b", "128", "--engines", "ort", "--repeats", repeats, "--threads", "1",
                   "--baseline", model_dir(work, arch, "original"), "--json", json_out=True)
         out.write_text(json.dumps(res, indent=1))
     return json.loads(out.read_text())
@@ -97,7 +97,8 @@ def main() -> None:
     p.add_argument("--stage", choices=("train", "bench", "attack", "report"), required=True)
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "parts", help="model dirs (not committed)")
     p.add_argument("--parts", default="2,3,4", help="comma-separated P values")
-    p.add_argument("--redo", action="store_true", help="attack stage: rerun on the attackers' checkpoints")
+    p.add_argument("--redo", action="store_true", help="bench: time again; attack: rerun on the attackers' checkpoints")
+    p.add_argument("--repeats", type=int, default=10, help="bench: timed calls per configuration")
     a = p.parse_args()
     parts = [int(v) for v in a.parts.split(",")]
     a.work.mkdir(parents=True, exist_ok=True)
@@ -113,7 +114,7 @@ def main() -> None:
         elif pp is None:
             continue
         elif a.stage == "bench":
-            rec = bench_one(a.work, a.arch, pp)
+            rec = bench_one(a.work, a.arch, pp, a.repeats, a.redo)
         else:
             rec = attack_one(a.work, a.arch, pp, a.redo)
         (RESULTS / f"{a.arch}-{name}-{a.stage}.json").write_text(json.dumps(rec, indent=1, default=str))
