@@ -8,6 +8,10 @@
 features of its own images, and ``combine``, the encoder's way of forming x), its own images, and the
 deployment's fool rule. It never holds the victim's theta, image or fool.
 
+P-part models (the row audit, attacks/parts_stages.py) add two fitted-on-public kinds: the best rotation
+search (``estimate(x)`` -> R_hat [N, P, P], rowsearch.py) and the which-row classifier (``pick(rows)`` ->
+index [N], whichrow.py); their reconstruction and property attacks use the interfaces below.
+
 Each attack has a stable ``id`` (the key of its report row, which code looks rows up by) and a
 ``label`` (the row's text, free to change). ``history`` maps a label to the per-epoch numbers its
 training logged; the audit copies it into report.json. ``limit`` (when set) is how many victims an
