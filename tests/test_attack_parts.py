@@ -16,6 +16,7 @@ from cvconvert.attacks.invariant import channel_pairs
 from cvconvert.attacks.rowsearch import key_matrix, rows, simulate
 from cvconvert.attacks.whichrow import WhichRow, shuffled
 from cvconvert.complex.functional import encode
+from cvconvert.errors import CvError
 from cvconvert.parts import random_key
 from test_attack import N_EVAL, N_TRAIN, one_thread, run, synthetic  # noqa: F401  (one_thread: autouse fixture)
 
@@ -115,3 +116,14 @@ def test_attack_runs_the_row_audit_on_a_three_part_model(tiny3):
     md = (out / "report.md").read_text()
     assert "## Which row is the image" in md and "## Best rotation search" in md
     assert (out / "reconstructions.png").stat().st_size > 0
+
+
+def test_victims_get_distinct_fools_never_themselves():
+    images = torch.arange(7.0).reshape(7, 1, 1, 1).expand(7, 1, 2, 2).contiguous()
+    fools = audit._victim_fools(images, "random", 3)
+    assert fools.shape == (7, 3, 1, 2, 2)
+    ids = fools[:, :, 0, 0, 0].long()
+    for i in range(7):
+        assert i not in ids[i].tolist() and len(set(ids[i].tolist())) == 3
+    with pytest.raises(CvError, match="more than 3 victim images"):
+        audit._victim_fools(images[:3], "random", 3)
