@@ -80,18 +80,18 @@ def plot(rows: list, path: Path) -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(1, 4, figsize=(16, 3.6))
-    for arch in sorted({r["arch"] for r in rows}):
-        rs = [r for r in rows if r["arch"] == arch]
+    for n, arch in enumerate(sorted({r["arch"] for r in rows})):
+        rs, color = [r for r in rows if r["arch"] == arch], f"C{n}"  # its reference lines in its colour
         ps = [r["P"] for r in rs]
-        ax[0].plot(ps, [100 * r["error"] for r in rs], "o-", label=f"{arch}")
-        ax[0].plot(ps, [100 * r["original_error"] for r in rs], "k:", label=f"{arch} original")
+        ax[0].plot(ps, [100 * r["error"] for r in rs], "o-", color=color, label=f"{arch}")
+        ax[0].plot(ps, [100 * r["original_error"] for r in rs], ":", color=color, label=f"{arch} original")
         for i, (key, scale) in enumerate((("which_row", 1), ("best_recon", 1), ("processing_ratio", 1)), 1):
             got = [(r["P"], r[key] * scale) for r in rs if key in r]
             if got:
-                ax[i].plot(*zip(*got), "o-", label=arch)
+                ax[i].plot(*zip(*got), "o-", color=color, label=arch)
         got = [(r["P"], 3 * r["original_recon"]) for r in rs if "original_recon" in r]
         if got:
-            ax[2].plot(*zip(*got), "k:", label=f"{arch}: 3x original's")
+            ax[2].plot(*zip(*got), ":", color=color, label=f"{arch}: 3x original's")
     ps = sorted({r["P"] for r in rows})
     ax[1].plot(ps, [1 / p for p in ps], "k--", label="chance 1/P")
     ax[1].plot(ps, [1 / p + 0.05 for p in ps], "r:", label="target 1/P + 0.05")
