@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -116,7 +117,23 @@ def small(monkeypatch):
                                                   "repeat_images": 3, "repeat_calls": 3, "near_images": 3})
 
 
-def test_multi_query_audit_end_to_end(exported, small, tmp_path):
+@pytest.fixture
+def batch_cycle(monkeypatch):
+    """The old device drew each image's fool at random among the others of its batch. Two images that
+    draw each other send the same span twice (a two-candidate tie, not an exact exposure), so the share
+    exposed depends on the draw; here the batch draw is a cycle (no mutual pairs), where every image of
+    the batch must be exposed. Pool draws keep the audit's own rule."""
+    real = queries.choose_fools
+
+    def cycle(images, pool=None, rule="random"):
+        if pool is None and len(images) > 2:
+            return np.roll(images, 1, axis=0), "batch"
+        return real(images, pool, rule)
+
+    monkeypatch.setattr(queries, "choose_fools", cycle)
+
+
+def test_multi_query_audit_end_to_end(exported, small, batch_cycle, tmp_path):
     out = tmp_path / "r"
     res = cli.invoke(app, ["attack", str(exported), "--data", "fashion-mnist", "-o", str(out), "--train-size", "64",
                            "--eval-size", "60", "--epochs", "1", "--device", "cpu"])
