@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .datasets import dataset_info
-from .defense import gradient_penalty as _gradient_penalty, make_defense, negatives  # noqa: F401
+from .defense import make_defense
 from .dist import Dist, device_kind, pick_device
 from .errors import CvError
 from .fools import check_rule, match_law
@@ -43,7 +43,6 @@ from .modeldir import (MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic
                        read_manifest, torch_load)
 from .preprocess import spec_for
 
-# negatives and _gradient_penalty live in defense.py; experiments/ still imports them from here.
 CHECKPOINT = Path("checkpoints") / "last.pt"
 METRICS = "metrics.jsonl"
 DEFAULT_DEFENSE = "exchange"  # measured in docs/results.md: the angle stays at the pi/4 floor

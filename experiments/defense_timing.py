@@ -26,7 +26,7 @@ from cvconvert.build import convert_to_dir  # noqa: E402
 from cvconvert.defense import make_defense  # noqa: E402
 from cvconvert.model import random_theta  # noqa: E402
 from cvconvert.modeldir import load_model  # noqa: E402
-from cvconvert.train import _gradient_penalty, negatives  # noqa: E402
+from cvconvert.defense import gradient_penalty as _gradient_penalty, negatives  # noqa: E402
 
 
 def stepper(kind: str, tmp: Path):
