@@ -96,3 +96,45 @@ def test_infer_and_predict_expose_nothing_across_queries(device, recorder, tmp_p
     theta = np.random.default_rng(0).uniform(0, 2 * np.pi, N_IMAGES).astype(np.float32)
     pipe.predict(pixels, np.roll(pixels, 1, axis=0), theta)
     assert (_exposed(recorder[:], a) >= span.EXACT).all()
+
+
+def _appearances(sent: list[np.ndarray], vectors: np.ndarray, exact: float = span.EXACT) -> np.ndarray:
+    """For each vector [M, ...]: in how many transmissions x [P, ...] it lies (|cos| with its projection
+    onto span of the P parts >= exact). The device's rule: at most one."""
+    x = torch.from_numpy(np.concatenate(sent)).to(torch.float64)
+    q, _ = torch.linalg.qr(x.reshape(len(x), x.shape[1], -1).transpose(1, 2))      # [T, D, P]
+    v = torch.from_numpy(vectors).reshape(len(vectors), -1).to(torch.float64)
+    v = v / v.norm(dim=1, keepdim=True)
+    inside = torch.einsum("tdp,md->mtp", q, v).norm(dim=2)                          # [M, T]
+    return (inside >= exact).sum(1).numpy()
+
+
+def test_p3_device_sends_each_feature_once(device, recorder, tmp_path):
+    """P = 3: each image travels with P-1 = 2 pool fools; no image or fool feature lies in two
+    transmissions, repeats stay on the device; the control (one fool given to two images) is seen."""
+    _, images, fools_src, root = device
+    model = root / "lenet3"
+    convert_to_dir("lenet", model, data="fashion-mnist", parts=3)
+    export_model_dir(model)
+    pool = tmp_path / "pool3"
+    made = _invoke("fools", "create", pool, fools_src, "--model-dir", model, "--no-check-public")
+    assert made.exit_code == 0, made.stderr
+    pipe = Pipeline.from_model_dir(model, pool=FoolPool.open(pool))
+    pixels = np.stack([load_image(images / f"img{i}.png", pipe.manifest, False) for i in range(6)])
+    pipe.predict(pixels[:4])
+    pipe.predict(pixels[4:6])
+    pipe.predict(pixels[:2])
+    assert pipe.last["sent"] == 0  # repeats: answered from the cache
+    sent = recorder[:]
+    assert [x.shape[1] for x in sent] == [3, 3] and sum(len(x) for x in sent) == 6
+    images_seen = _appearances(sent, pipe.features(pixels))
+    fools_seen = _appearances(sent, np.load(pool / "features.npy"))
+    assert (images_seen == 1).all(), images_seen          # each image sent exactly once
+    assert fools_seen.max() == 1 and fools_seen.sum() == 6 * 2, fools_seen  # 12 fools, each once
+    # control: the same fool for two images puts one feature into two transmissions, and the check sees it
+    recorder.clear()
+    rng = np.random.default_rng(1)
+    shared = rng.random((1, 1, 32, 32), dtype=np.float32)
+    fools = np.stack([np.concatenate([shared, rng.random((1, 1, 32, 32), dtype=np.float32)]) for _ in range(2)])
+    pipe.predict(pixels[:2], fools, pipe.new_keys(2))
+    assert _appearances(recorder[:], pipe.features(shared)).tolist() == [2]
