@@ -138,15 +138,14 @@ class OrtPipeline:
     def _online(self, feeds):
         import onnxruntime as ort
 
-        from .contracts import combine_np
-        from .keys import combine_parts_np
+        from .contracts import combine_key_np
 
         a = self._run_part("features", {"image": feeds["image"]})
         cuda = self.provider == "cuda"
         name = "key" if self.parts > 2 else "theta"
         key = feeds.get("theta_host", feeds[name])
         a = a.numpy() if cuda else a
-        x = combine_parts_np(a, feeds["b"], key) if self.parts > 2 else combine_np(a, feeds["b"], key, self.fool_sign)
+        x = combine_key_np(a, feeds["b"], key, self.parts, self.fool_sign)
         h = self._run_part("processing", {"x": ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0) if cuda else x})
         return self._run_part("decoder", {"h": h, name: feeds[name]})
 

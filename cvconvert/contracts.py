@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .errors import CvError
-from .keys import haar_orthogonal, secure_angles
+from .keys import combine_parts_np, haar_orthogonal, secure_angles
 
 
 class Signature(NamedTuple):
@@ -193,3 +193,10 @@ def combine_np(a: np.ndarray, b: np.ndarray, theta: np.ndarray, fool_sign: str =
     np.multiply(b, s * c, out=tmp)
     np.add(np.multiply(a, sn, out=x[:, 1]), tmp, out=x[:, 1])
     return x
+
+
+def combine_key_np(a: np.ndarray, b: np.ndarray, key: np.ndarray, parts: int = 2,
+                   fool_sign: str = "none") -> np.ndarray:
+    """x as encoder.onnx forms it after g, for any number of parts: `combine_np` with the angles theta
+    [N] for two parts, else Q [a; b_1; ...] with b [N, P-1, ...] and the orthogonal keys [N, P, P]."""
+    return combine_np(a, b, key, fool_sign) if parts == 2 else combine_parts_np(a, b, key)

@@ -21,12 +21,11 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from .contracts import (SIGNATURES, check_signature, combine_np, expected_shapes, parts_of,  # noqa: F401
-                        signatures)  # (re-exported)
+from .contracts import check_signature, combine_key_np, expected_shapes, parts_of, signatures
 from .errors import CvError, one_line
 from .fools import FoolPool, choose_fools, fallback_fool, low_water  # noqa: F401 (choose_fools: simulation API)
 from .guard import NoGuard, SentGuard
-from .keys import combine_parts_np, haar_orthogonal, secure_angles
+from .keys import haar_orthogonal, secure_angles
 from .modeldir import WEIGHTS, read_manifest
 from .ortsession import create_session
 
@@ -220,9 +219,7 @@ class Pipeline:
     def combine(self, a: np.ndarray, b: np.ndarray, theta: np.ndarray) -> np.ndarray:
         """x from the features a (images) and b (fools; [N, P-1, ...] for P parts), exactly as encoder.onnx
         forms it; theta: the angles, or the keys [N, P, P]."""
-        if self.parts > 2:
-            return combine_parts_np(a, b, theta)
-        return combine_np(a, b, theta, self.fool_sign)
+        return combine_key_np(a, b, theta, self.parts, self.fool_sign)
 
     def new_keys(self, n: int) -> np.ndarray:
         """n fresh secret keys from os.urandom: angles, or Haar orthogonal [n, P, P] for P parts."""
