@@ -29,3 +29,27 @@ def tied(n, c, h, w):
     with random phases: every window is a tie that only the first-in-window rule decides."""
     pairs = torch.tensor([[0.6, 0.8], [0.8, 0.6], [-0.6, 0.8], [0.8, -0.6], [-0.8, -0.6], [0.6, -0.8]])
     return pairs[torch.randint(len(pairs), (n, c, h, w))].permute(0, 4, 1, 2, 3).contiguous()
+
+
+def brute_top_gap(x, k, s, p, d=1, ceil_mode=False):
+    """Loop reference of CMaxModPool2d.top_gap on [N, P, C, H, W]: per sample, the smallest gap between a
+    window's largest and second-largest |f|^2 (windows with one valid element skipped), over the peak."""
+    n, parts, c, h, w = x.shape
+    m = (x ** 2).sum(1)
+
+    def size(length):
+        span = length + 2 * p - d * (k - 1) - 1
+        out = -(-span // s) + 1 if ceil_mode else span // s + 1
+        return out - 1 if ceil_mode and (out - 1) * s >= length + p else out  # a window must start inside
+
+    out = torch.full((n,), float("inf"))
+    for i in range(n):
+        for ch in range(c):
+            for oy in range(size(h)):
+                for ox in range(size(w)):
+                    vals = sorted((float(m[i, ch, oy * s - p + a * d, ox * s - p + b * d])
+                                   for a in range(k) for b in range(k)
+                                   if 0 <= oy * s - p + a * d < h and 0 <= ox * s - p + b * d < w), reverse=True)
+                    if len(vals) > 1:
+                        out[i] = min(out[i], vals[0] - vals[1])
+    return out / m.flatten(1).amax(1)

@@ -9,7 +9,8 @@ from torch import nn
 from cvconvert.complex import (CAdaptiveAvgPool2d, CAvgPool2d, CBatchNorm, CConv2d, CDelta, CDropout, CFlatten,
                                CLinear, CMaxModPool2d, CShortcutA, rotate, unrotate_real)
 from cvconvert.complex.functional import encode, modulus
-from reference import brute_maxmod, tied
+from cvconvert.complex.layers import max_pool_gaps
+from reference import brute_maxmod, brute_top_gap, tied
 
 
 def rand_x(*shape):
@@ -115,6 +116,28 @@ def test_maxmod_pool_ties_pick_first_in_window():
     x = tied(2, 3, 4, 4)
     torch.testing.assert_close(CMaxModPool2d(2)(x), brute_maxmod(x, 2, 2, 0))
     torch.testing.assert_close(CMaxModPool2d(2)(x), x[..., ::2, ::2])
+
+
+@pytest.mark.parametrize("k,s,p,d,ceil", [(2, 2, 0, 1, False), (3, 2, 1, 1, False), (3, 2, 1, 1, True),
+                                          (2, 2, 0, 2, False), (3, 1, 0, 1, False)])
+def test_maxmod_pool_top_gap_matches_brute_force(k, s, p, d, ceil):
+    x = rand_x(3, 4, 9, 11)
+    pool = CMaxModPool2d(k, s, p, d, ceil)
+    torch.testing.assert_close(pool.top_gap(x), brute_top_gap(x, k, s, p, d, ceil))
+
+
+def test_max_pool_gaps_records_the_smallest_over_pools_and_then_unhooks():
+    net = nn.Sequential(CMaxModPool2d(2), CMaxModPool2d(2))
+    x = rand_x(4, 3, 8, 8)
+    x[1, :, :, :2, :2] = tied(1, 1, 2, 2)[0, :, :, :2, :2]  # sample 1: an exact tie in its first pool
+    with max_pool_gaps(net) as pools:
+        net(x)
+    want = torch.minimum(net[0].top_gap(x), net[1].top_gap(net[0](x)))
+    torch.testing.assert_close(torch.from_numpy(pools.gaps), want)
+    assert pools.gaps[1] == 0 and (pools.gaps[[0, 2, 3]] > 0).all()
+    with max_pool_gaps(net) as again:
+        pass
+    assert again.gaps is None and not net[0]._forward_hooks  # nothing ran, and the hooks are gone
 
 
 def test_dropout_one_mask_for_both_parts():

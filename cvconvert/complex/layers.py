@@ -10,9 +10,14 @@ torch.ao.quantization modules build themselves with ``from_float``.
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from .functional import EPS, batch_as_parts, exporting, modulus, modulus_l2, modulus_sq, parts_as_batch
 
@@ -174,6 +179,46 @@ class CMaxModPool2d(nn.Module):
         flat = x.flatten(3)
         g = torch.gather(flat, 3, idx.flatten(2).unsqueeze(1).expand(-1, x.shape[1], -1, -1))
         return g.reshape(x.shape[:3] + idx.shape[2:])
+
+    def top_gap(self, x) -> torch.Tensor:
+        """Per sample [N]: the smallest gap, over all windows, between the largest and second-largest |f|^2,
+        in units of the sample's largest |f|^2. The pooling is discontinuous where this is 0: a window
+        whose top two are that close can pick either under float rounding (two runtimes may differ)."""
+        m = modulus_sq(x)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (self.kernel_size, self.stride,
+                                                                        self.padding, self.dilation))
+        ho, wo = F.max_pool2d(m, (kh, kw), (sh, sw), (ph, pw), (dh, dw), self.ceil_mode).shape[2:]
+        # pad like max_pool2d (-inf, never picked), with ceil_mode's extra right/bottom rows, then window
+        extra_h = max(0, (ho - 1) * sh + dh * (kh - 1) + 1 - (m.shape[2] + 2 * ph))
+        extra_w = max(0, (wo - 1) * sw + dw * (kw - 1) + 1 - (m.shape[3] + 2 * pw))
+        padded = F.pad(m, (pw, pw + extra_w, ph, ph + extra_h), value=float("-inf"))
+        win = F.unfold(padded, (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # [N, C*kh*kw, L]
+        top2 = win.view(m.shape[0], m.shape[1], kh * kw, -1).topk(min(2, kh * kw), dim=2).values
+        gap = (top2[:, :, 0] - top2[:, :, -1]) if kh * kw > 1 else torch.full_like(top2[:, :, 0], float("inf"))
+        gap = torch.where(torch.isnan(gap), torch.full_like(gap, float("inf")), gap)  # -inf - -inf
+        peak = m.flatten(1).amax(1).clamp_min(torch.finfo(m.dtype).tiny)
+        return gap.flatten(1).amin(1) / peak
+
+
+@contextlib.contextmanager
+def max_pool_gaps(module: nn.Module | None):
+    """Within the block, each forward through one of module's max-modulus pools records its `top_gap`;
+    the yielded object's .gaps is the per-sample minimum over all of them (numpy [N]; None when nothing
+    ran through such a pool)."""
+    rec = SimpleNamespace(gaps=None)
+
+    def hook(pool, args, _out):
+        with torch.no_grad():
+            g = pool.top_gap(args[0]).cpu().numpy()
+        rec.gaps = g if rec.gaps is None else np.minimum(rec.gaps, g)
+
+    pools = [m for m in module.modules() if isinstance(m, CMaxModPool2d)] if module is not None else []
+    handles = [p.register_forward_hook(hook) for p in pools]
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class CAvgPool2d(nn.Module):
