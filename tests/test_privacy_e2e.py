@@ -101,8 +101,7 @@ def test_infer_and_predict_expose_nothing_across_queries(device, recorder, tmp_p
 def _appearances(sent: list[np.ndarray], vectors: np.ndarray, exact: float = span.EXACT) -> np.ndarray:
     """For each vector [M, ...]: in how many transmissions x [P, ...] it lies (|cos| with its projection
     onto span of the P parts >= exact). The device's rule: at most one."""
-    x = torch.from_numpy(np.concatenate(sent)).to(torch.float64)
-    q, _ = torch.linalg.qr(x.reshape(len(x), x.shape[1], -1).transpose(1, 2))      # [T, D, P]
+    q = span.bases(torch.from_numpy(np.concatenate(sent)))                           # [T, D, P]
     v = torch.from_numpy(vectors).reshape(len(vectors), -1).to(torch.float64)
     v = v / v.norm(dim=1, keepdim=True)
     inside = torch.einsum("tdp,md->mtp", q, v).norm(dim=2)                          # [M, T]

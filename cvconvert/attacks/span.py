@@ -34,8 +34,9 @@ CHUNK = 4096     # pairs (or public features) per batched step: bounds memory fo
 
 
 def bases(x: torch.Tensor) -> torch.Tensor:
-    """x [T, 2, ...] -> orthonormal bases [T, D, 2] of span{Re(x), Im(x)} (float64)."""
-    flat = x.reshape(len(x), 2, -1).to(torch.float64).transpose(1, 2)       # [T, D, 2]
+    """x [T, P, ...] -> orthonormal bases [T, D, P] of the span of its P parts (span{Re(x), Im(x)} for
+    P = 2; float64)."""
+    flat = x.reshape(len(x), x.shape[1], -1).to(torch.float64).transpose(1, 2)  # [T, D, P]
     q, _ = torch.linalg.qr(flat)
     return q
 
