@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cvconvert.keys import secure_angles  # noqa: E402
-from cvconvert.runtime import Pipeline  # noqa: E402
+from cvconvert.device.keys import secure_angles  # noqa: E402
+from cvconvert.device.pipeline import Pipeline  # noqa: E402
 
 
 def rel_diff(got: np.ndarray, want: np.ndarray) -> float:

@@ -29,8 +29,8 @@ def main():
     import onnxruntime as ort
 
     from cvconvert.bench import prepare_graphs
-    from cvconvert.contracts import expected_shapes
-    from cvconvert.ortsession import session_options
+    from cvconvert.device.contracts import expected_shapes
+    from cvconvert.device.sessions import session_options
     from cvconvert.modeldir import load_model
 
     if len(args.dirs) % 2:

@@ -5,7 +5,7 @@ every answer checked against local ONNX Runtime; prints requests/s and p50/p99 l
     .venv/bin/python benchmarks/load_test.py out/lenet --clients 8 --requests 50 --batch 4   # a model dir
     .venv/bin/python benchmarks/load_test.py --url http://HOST:8000 --name NAME MODEL.onnx   # any v2 server
 
-The server runs as a separate process (`python -m cli serve`), as in production, so the clients' Python
+The server runs as a separate process (`python -m cvconvert.cli serve`), as in production, so the clients' Python
 threads do not share its GIL. Exit status 1 on any error, wrong answer or time-limit overrun.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cvconvert.remote import RemoteProcessing  # noqa: E402
+from cvconvert.device.remote import RemoteProcessing  # noqa: E402
 from cvconvert.serve.model import resolve_model_path  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def lenet_processing(folder: Path) -> Path:
 def start_server(model: Path, name: str, threads: int | None, extra: list[str], root: Path = ROOT
                  ) -> tuple[subprocess.Popen, str]:
     """`cvconvert serve` (from the checkout `root`) as its own process; (the process, its URL)."""
-    cmd = [sys.executable, "-m", "cli", "serve", str(model), "--name", name, "--port", "0", "--no-access-log"]
+    cmd = [sys.executable, "-m", "cvconvert.cli", "serve", str(model), "--name", name, "--port", "0", "--no-access-log"]
     if threads:
         cmd += ["--threads", str(threads)]
     env = {**os.environ, "PYTHONPATH": str(root)}

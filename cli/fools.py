@@ -18,7 +18,7 @@ app.add_typer(fools_app, name="fools")
 
 
 def _pipeline(model_dir: Path):
-    from cvconvert.runtime import Pipeline
+    from cvconvert.device.pipeline import Pipeline
 
     return Pipeline.from_model_dir(model_dir, guard=None)
 
@@ -45,7 +45,7 @@ def _public_overlap(images, manifest: dict, check: bool) -> int | None:
         from cvconvert.errors import CvError
     except ImportError:
         return None
-    from cvconvert.fools import image_digests
+    from cvconvert.device.fools import image_digests
 
     mine = set(image_digests(images))
     hits = 0
@@ -97,7 +97,7 @@ def create(
     as_json: bool = _JSON,
 ):
     """Create a fool pool from IMAGES for the model in --model-dir, with every fool's feature precomputed."""
-    from cvconvert.fools import FoolPool
+    from cvconvert.device.fools import FoolPool
 
     pipe = _pipeline(model_dir)
     if not pipe.complex:
@@ -121,7 +121,7 @@ def refill(
     as_json: bool = _JSON,
 ):
     """Add fools to POOL (pictures it already holds, or near-duplicates of them, are skipped)."""
-    from cvconvert.fools import FoolPool
+    from cvconvert.device.fools import FoolPool
 
     pipe = _pipeline(model_dir)
     target = FoolPool.open(pool, pipe.features_sha256)
@@ -133,6 +133,6 @@ def refill(
 @command("status", on=fools_app)
 def status(pool: Path = typer.Argument(..., help="A fool pool."), as_json: bool = _JSON):
     """How many fools POOL holds, how many are used, and when it will warn."""
-    from cvconvert.fools import FoolPool
+    from cvconvert.device.fools import FoolPool
 
     _report(FoolPool.open(pool), None, None, as_json)

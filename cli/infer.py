@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from cvconvert.guard import DEFAULT_CAPACITY, DEFAULT_THRESHOLD
+from cvconvert.device.guard import DEFAULT_CAPACITY, DEFAULT_THRESHOLD
 
 from ._app import command, emit_json, info
 
@@ -39,7 +39,7 @@ def load_image(path: Path, manifest, resize: bool):
     """PNG/JPEG -> float32 [C, H, W] in [0, 1] for the model of `manifest` (the manifest dict; a bare
     input shape (C, H, W) also works, without the data set's own preprocessing).
 
-    cvconvert.preprocess.to_model_input does the rest: channels are converted (grey <-> RGB, alpha
+    cvconvert.device.preprocess.to_model_input does the rest: channels are converted (grey <-> RGB, alpha
     dropped) with a warning when the colour count differs; an image of the data set's native size gets
     the preprocessing recorded at training time (Fashion-MNIST 28x28: zero-padded to 32x32); any other
     size is refused unless `resize` (then resized, with a warning), so nothing is silently rescaled into
@@ -48,7 +48,7 @@ def load_image(path: Path, manifest, resize: bool):
     from PIL import Image, UnidentifiedImageError
 
     from cvconvert.errors import CvError
-    from cvconvert.preprocess import to_model_input
+    from cvconvert.device.preprocess import to_model_input
 
     if not isinstance(manifest, dict):
         manifest = {"input_shape": list(manifest), "data": {"preprocess": None}}
@@ -77,7 +77,7 @@ def _graphs(model_dir, encoder, processing, decoder, manifest, server):
     """(encoder, processing, decoder, features-or-None, manifest dict) from --model-dir or the paths."""
     from cvconvert.errors import CvError
     from cvconvert.modeldir import read_manifest
-    from cvconvert.runtime import export_provenance
+    from cvconvert.device.artifacts import export_provenance
 
     if model_dir is not None:
         if any(g is not None for g in (encoder, processing, decoder)):
@@ -99,8 +99,8 @@ def _graphs(model_dir, encoder, processing, decoder, manifest, server):
 
 
 def _guard(pool, features_sha256: str, threshold: float, size: int):
-    from cvconvert.guard import SentGuard, default_guard_path
-    from cvconvert.runtime import GUARD_FILE
+    from cvconvert.device.guard import SentGuard, default_guard_path
+    from cvconvert.device.pipeline import GUARD_FILE
 
     path = pool / GUARD_FILE if pool is not None else default_guard_path(features_sha256)
     return SentGuard(path, threshold, size)
@@ -131,8 +131,8 @@ def infer(
     import numpy as np
 
     from cvconvert.errors import CvError
-    from cvconvert.fools import FoolPool
-    from cvconvert.runtime import Pipeline
+    from cvconvert.device.fools import FoolPool
+    from cvconvert.device.pipeline import Pipeline
 
     if top_k < 1 or batch_size < 1:
         raise CvError("--top-k and --batch-size must be at least 1")
@@ -140,9 +140,9 @@ def infer(
     proc = processing
     if server is not None:
         try:
-            from cvconvert.remote import RemoteProcessing
+            from cvconvert.device.remote import RemoteProcessing
         except ImportError:
-            raise CvError("--server needs cvconvert.remote, which this installation lacks") from None
+            raise CvError("--server needs cvconvert.device.remote, which this installation lacks") from None
         proc = RemoteProcessing(server, model_name or f"{man['arch']}_processing")
     pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, guard=None)
     pool = FoolPool.open(fool_dir, pipe.features_sha256) if fool_dir is not None and pipe.complex else None

@@ -17,7 +17,7 @@ def list_models(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """List convertible architectures and their split presets."""
-    import zoo
+    from cvconvert import zoo
     from cvconvert.convert import LEAF_MODULES
     from cvconvert.split import node_names
 

@@ -1,4 +1,4 @@
-"""Entry point of the `cvconvert` console script (and `python -m cli`, e.g. under torchrun)."""
+"""Entry point of the `cvconvert` console script (and `python -m cvconvert.cli`, e.g. under torchrun)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ._app import app
 COMMANDS = ["convert", "list_cmd", "info", "serve", "export", "validate", "infer", "fools", "train", "eval_cmd",
             "attack", "bench"]
 for _name in COMMANDS:
-    importlib.import_module(f"cli.{_name}")
+    importlib.import_module(f"cvconvert.cli.{_name}")
 
 
 def main() -> None:

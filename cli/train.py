@@ -1,6 +1,6 @@
 """`cvconvert train`: train a model directory in place (task loss; + a phase-hiding defense for the complex variant).
 
-Runs unchanged under torchrun: `torchrun --nproc-per-node 2 -m cli train DIR ...` (gloo on CPU, nccl on CUDA).
+Runs unchanged under torchrun: `torchrun --nproc-per-node 2 -m cvconvert.cli train DIR ...` (gloo on CPU, nccl on CUDA).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def baseline_stage(stage: str) -> str:
 # ----------------------------------------------------------------------------- ONNX graphs
 
 def _graphs_needed(model) -> list[str]:
-    from .contracts import model_signatures
+    from .device.contracts import model_signatures
 
     return [p for p in model_signatures(model) if p != "original"]  # original.onnx: not timed
 
@@ -73,7 +73,7 @@ def stage_feeds(model, n: int) -> dict[str, dict[str, np.ndarray]]:
     and b, the fool's feature as a fool pool stores it (computed once, outside the timed call)."""
     import torch
 
-    from .contracts import example_inputs, model_signatures, sources
+    from .device.contracts import example_inputs, model_signatures, sources
     from .export import reference, torch_parts
 
     sigs = {p: s for p, s in model_signatures(model).items() if p != "original"}
@@ -102,8 +102,8 @@ class OrtPipeline:
 
     def __init__(self, paths: dict[str, Path], provider: str, threads: int | None, is_complex: bool,
                  fool_sign: str = "none", parts: int = 2):
-        from .contracts import SIGNATURES, kind
-        from .runtime import make_session
+        from .device.contracts import SIGNATURES, kind
+        from .device.sessions import make_session
 
         self.provider, self.fool_sign, self.parts = provider, fool_sign, parts
         self.sigs = {p: s for p, s in SIGNATURES[kind(is_complex, parts)].items() if p in paths}
@@ -138,7 +138,7 @@ class OrtPipeline:
     def _online(self, feeds):
         import onnxruntime as ort
 
-        from .contracts import combine_key_np
+        from .device.contracts import combine_key_np
 
         a = self._run_part("features", {"image": feeds["image"]})
         cuda = self.provider == "cuda"
@@ -150,7 +150,7 @@ class OrtPipeline:
         return self._run_part("decoder", {"h": h, name: feeds[name]})
 
     def run(self, stage: str, feeds: dict):
-        from .contracts import CHAIN, run_chain
+        from .device.contracts import CHAIN, run_chain
 
         if stage == "end_to_end":
             out = run_chain(self._run_part, self.sigs, CHAIN, feeds)[self.sigs[CHAIN[-1]].outputs[0]]
@@ -169,7 +169,7 @@ class EagerPipeline:
     def __init__(self, model, device: str):
         import torch
 
-        from .contracts import model_signatures
+        from .device.contracts import model_signatures
         from .export import torch_parts
 
         self.model, self.device, self.torch = model.eval().to(device), device, torch
@@ -182,7 +182,7 @@ class EagerPipeline:
                 for stage, f in feeds.items()}
 
     def _run(self, stage: str, feeds: dict):
-        from .contracts import CHAIN, run_chain
+        from .device.contracts import CHAIN, run_chain
 
         m = self.mods
         if stage == "end_to_end":
@@ -260,7 +260,7 @@ def run_bench(models: dict, graphs: dict, cfg: BenchConfig, log=None) -> dict:
     saved_threads = torch.get_num_threads()
     try:
         if device == "cpu" and "eager" in cfg.engines:
-            from .ortsession import default_threads
+            from .device.sessions import default_threads
             torch.set_num_threads(cfg.threads or default_threads())  # same pool size as ORT: a fair comparison
         return _timed_rounds(models, runners, cfg, device)
     finally:
@@ -301,7 +301,7 @@ def _timed_rounds(models, runners, cfg: BenchConfig, device: str) -> dict:
 
 
 def _threads_used(device):
-    from .ortsession import default_threads
+    from .device.sessions import default_threads
     return default_threads() if device == "cpu" else None
 
 

@@ -13,7 +13,7 @@ from .model import VARIANTS, ModelSpec, build_model
 from .parts import check_parts
 from .modeldir import (MANIFEST, WEIGHTS, check_output_dir, load_into, load_state_dict, new_manifest,
                        write_model_dir)
-from .preprocess import spec_for
+from .device.preprocess import spec_for
 
 # Where each real-model key sits inside a SplitModel state_dict (original/noisy/additional/complex).
 _PART_PREFIXES = ("encoder.features.body.", "encoder.body.", "processing.", "decoder.decoder.body.", "decoder.body.")
@@ -46,7 +46,7 @@ def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", da
     """seed: initialise every random weight from it (variants converted with the same seed start from
     the same real weights); None draws them from torch's global generator as before.
     parts: P in 2..4; P > 2 hides the image's feature among P-1 fools with an orthogonal key."""
-    import zoo
+    from cvconvert import zoo
 
     if variant not in VARIANTS:
         raise CvError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")

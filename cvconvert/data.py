@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from .datasets import CELEBA_PROPERTY_ATTRS, CELEBA_TASK_ATTRS, FASHION_COARSE, dataset_info, get_entry
 from .errors import CvError, one_line
-from .preprocess import apply_steps, spec_for
+from .device.preprocess import apply_steps, spec_for
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",

@@ -39,14 +39,16 @@ from torch import nn
 
 from . import __version__
 from .complex.layers import CBatchNorm, CConv2d, CLinear, max_pool_gaps
-from .contracts import (CHAIN, OPTIONAL, check_signature, combine_np, example_inputs, expected_shapes,
+from .device.contracts import (CHAIN, OPTIONAL, check_signature, combine_np, example_inputs, expected_shapes,
                         model_signatures, parts_of, rotate_np, run_chain, signatures, sources)
 from .errors import CvError, one_line
 from .graphopt import custom_translations as graph_translations
-from .keys import combine_parts_np, haar_orthogonal, secure_angles, transform_np
+from .device.keys import combine_parts_np, haar_orthogonal, secure_angles, transform_np
 from .modeldir import WEIGHTS, atomic_json, atomic_write, load_model, read_manifest, swap_dir
-from .ortsession import add_session_config
-from .runtime import ONNX_DIR, REPORT, make_session, session_signature, sha256
+from .device.sessions import add_session_config
+from .device.artifacts import ONNX_DIR, REPORT, sha256
+from .device.sessions import make_session
+from .device.graphs import session_signature
 
 EXAMPLE_BATCH = 2  # >= 2 so no batch dim can be specialised to 1 (a batch-1 example freezes it)
 CHECK_BATCHES = (1, 3, 8)
@@ -518,7 +520,7 @@ def _check_options(opset: int, atol: float, rtol: float) -> None:
 
 def _header(model_dir: Path, manifest: dict, weights_sha: str | None) -> dict:
     return {"model_dir": str(model_dir), "arch": manifest["arch"], "variant": manifest["variant"],
-            "weights_sha256": weights_sha}  # which model.pt the graphs come from (runtime.export_provenance)
+            "weights_sha256": weights_sha}  # which model.pt the graphs come from (artifacts.export_provenance)
 
 
 def export_model_dir(model_dir, *, opset: int = 18, atol: float = 1e-4, rtol: float = 1e-3,

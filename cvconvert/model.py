@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-import zoo
+from cvconvert import zoo
 
 from . import split as splitlib
 from .complex.functional import encode, unrotate_real
 from .convert import LEAF_MODULES, to_complex
 from .errors import CvError
-from .keys import secure_angles
+from .device.keys import secure_angles
 from .parts import PartsDecoder, PartsEncoder, check_parts, random_key
 from .gan import Discriminator, Generator, NoiseInjection
 

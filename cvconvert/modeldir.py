@@ -10,68 +10,20 @@ command never leaves a half-written model behind.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from . import FORMAT_VERSION, __version__
+from .device.artifacts import (FORMAT, MANIFEST, WEIGHTS, atomic_json, atomic_write, locked,  # noqa: F401
+                               new_manifest, read_manifest)
+from .device.artifacts import _umask
 from .errors import CvError, one_line
-
-MANIFEST = "cvconvert.json"
-WEIGHTS = "model.pt"
-FORMAT = "cvconvert-model"
-
-
-def atomic_write(path: Path | str, write, mode: int | None = None) -> None:
-    """Call write(tmp_path) then rename tmp_path onto path (same folder, so the rename is atomic).
-    mode: the file's permission bits (default: 0o666 less the umask); 0o600 for device-private files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, (0o666 & ~_umask()) if mode is None else mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def locked(folder: Path, name: str = ".lock"):
-    """An exclusive lock on folder/name for the duration (held across processes; released on exit or crash)."""
-    fd = os.open(Path(folder) / name, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_torch_save(obj, path) -> None:
     import torch
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_json(obj, path) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    atomic_write(path, write)
 
 
 def check_output_dir(path: Path, force: bool) -> None:
@@ -110,29 +62,6 @@ def write_model_dir(path: Path | str, state_dict: dict, manifest: dict, force: b
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def new_manifest(**fields) -> dict:
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "cvconvert_version": __version__, **fields}
-
-
-def read_manifest(path: Path | str) -> dict:
-    path = Path(path)
-    file = path / MANIFEST if path.is_dir() or not path.suffix else path
-    if not path.exists():
-        raise CvError(f"model directory {path} does not exist")
-    if not file.is_file():
-        raise CvError(f"{path} is not a model directory (no {MANIFEST}; create one with `cvconvert convert`)")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CvError(f"{file} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CvError(f"{file} is not a cvconvert manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CvError(f"{file} has manifest format version {version!r}; this cvconvert reads version {FORMAT_VERSION}")
-    return manifest
 
 
 def spec_from_manifest(m: dict):

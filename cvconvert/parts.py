@@ -17,7 +17,7 @@ from torch import nn
 
 from .complex.functional import encode_parts, untransform_first
 from .errors import CvError
-from .keys import haar_orthogonal
+from .device.keys import haar_orthogonal
 
 MAX_PARTS = 4
 

@@ -37,11 +37,11 @@ from .datasets import dataset_info
 from .defense import make_defense
 from .dist import Dist, device_kind, pick_device
 from .errors import CvError
-from .fools import check_rule, match_law
+from .device.fools import check_rule, match_law
 from .parts import fool_indices
 from .modeldir import (MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_write, load_into, load_model,
                        read_manifest, torch_load)
-from .preprocess import spec_for
+from .device.preprocess import spec_for
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 METRICS = "metrics.jsonl"

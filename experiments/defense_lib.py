@@ -106,7 +106,7 @@ def match_weights(images: torch.Tensor, lam: float, iters: int = 100) -> torch.T
     doubly stochastic (Sinkhorn on exp(lam * D / mean D), zero diagonal). Drawing an image i of an iid set
     uniformly and its fool j ~ W[i] gives P(i, j) = W_ij / K = P(j, i): the pair (I, I') stays exchangeable
     (the exchange defense's argument holds) while larger lam favours far pairs."""
-    from cvconvert.fools import match_law  # the law cvconvert train/infer/attack use (--fool-rule match)
+    from cvconvert.device.fools import match_law  # the law cvconvert train/infer/attack use (--fool-rule match)
 
     return torch.from_numpy(match_law(images.flatten(-3).cpu().numpy(), lam, iters))
 

@@ -22,9 +22,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cvconvert.guard import DEFAULT_THRESHOLD, sketch  # noqa: E402
-from cvconvert.keys import secure_angles  # noqa: E402
-from cvconvert.runtime import Pipeline  # noqa: E402
+from cvconvert.device.guard import DEFAULT_THRESHOLD, sketch  # noqa: E402
+from cvconvert.device.keys import secure_angles  # noqa: E402
+from cvconvert.device.pipeline import Pipeline  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

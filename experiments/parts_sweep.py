@@ -39,8 +39,8 @@ def log(msg: str) -> None:
 
 
 def cli(*args, json_out: bool = False):
-    """Run `cvconvert ARGS` (python -m cli) from the repository root; parsed JSON stdout when asked."""
-    cmd = [sys.executable, "-m", "cli", *map(str, args)]
+    """Run `cvconvert ARGS` (python -m cvconvert.cli) from the repository root; parsed JSON stdout when asked."""
+    cmd = [sys.executable, "-m", "cvconvert.cli", *map(str, args)]
     log(" ".join(["cvconvert", *map(str, args)]))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout

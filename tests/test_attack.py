@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
-from cli.main import app
+from cvconvert.cli.main import app
 from cvconvert.attacks import runner as audit
 
 cli = CliRunner()

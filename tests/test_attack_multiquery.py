@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from cvconvert.cli.main import app
 from cvconvert.attacks import queries, span
 from cvconvert.attacks import runner as audit
 from cvconvert.build import convert_to_dir

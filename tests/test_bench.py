@@ -10,14 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from cvconvert.cli.main import app
 from cvconvert.complex import CDelta, CMaxModPool2d, rotate
 from reference import brute_maxmod, tied
 from cvconvert.graphopt import custom_translations
 from cvconvert.complex.layers import max_pool_gaps
 from cvconvert.errors import CvError
 from cvconvert.export import compare_outside_ties
-from cvconvert.ortsession import SESSION_CONFIG, SESSION_CONFIG_KEY, add_session_config, create_session, session_config, session_options
+from cvconvert.device.sessions import SESSION_CONFIG, SESSION_CONFIG_KEY, add_session_config, create_session, session_config, session_options
 
 runner = CliRunner()
 
@@ -100,7 +100,8 @@ def test_exported_fast_graph_passes_validation(tiny):
     assert {"ReduceL2", "Mod", "GatherElements"} <= ops  # delta's modulus; pooling's per-plane index
     assert "Split" not in ops and "Transpose" not in ops
     # Every graph carries the measured session options, and the runtime's sessions read them back.
-    from cvconvert.runtime import PARTS, make_session
+    from cvconvert.device.graphs import PARTS
+    from cvconvert.device.sessions import make_session
     for part in PARTS:
         sess = make_session(tiny[0] / "onnx" / f"{part}.onnx", "cpu")
         assert session_config(sess) == SESSION_CONFIG
@@ -165,7 +166,7 @@ def test_bench_table_and_bad_inputs(tiny, tmp_path):
 
 
 def _quarter_angles(n):
-    from cvconvert.keys import secure_angles
+    from cvconvert.device.keys import secure_angles
     return (secure_angles(n) / 4 + (np.arange(n) % 4) * (np.pi / 2)).astype(np.float32)
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import zoo
-from cli.main import app
+from cvconvert import zoo
+from cvconvert.cli.main import app
 from cvconvert.modeldir import load_model, read_manifest
 
 runner = CliRunner()

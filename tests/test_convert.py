@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-import zoo
+from cvconvert import zoo
 from cvconvert.complex import CConv2d, CDelta, rotate
 from cvconvert.convert import LEAF_MODULES
 from cvconvert.complex.layers import max_pool_gaps

@@ -18,17 +18,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import zoo
-from cli.main import app
+from cvconvert import zoo
+from cvconvert.cli.main import app
 from cvconvert.build import convert_to_dir
 from cvconvert.complex.layers import CBatchNorm, max_pool_gaps
 from cvconvert.errors import CvError
 from cvconvert import export as export_mod
 from cvconvert.export import (TIE_DRAWS, TIE_GAP, TieFlip, compare_outside_ties, export_model_dir,
                               fold_complex_batchnorm)
-from cvconvert.keys import secure_angles
+from cvconvert.device.keys import secure_angles
 from cvconvert.modeldir import load_model, read_manifest, write_model_dir
-from cvconvert.runtime import Pipeline
+from cvconvert.device.pipeline import Pipeline
 
 FAST = bool(os.environ.get("CVCONVERT_FAST_TESTS"))
 SHAPE = (3, 32, 32)
@@ -73,7 +73,7 @@ def _combine_matches_encoder(onnx_dir: Path, fool_sign: str, n: int = 8):
     """x formed in numpy from features.onnx's a and b equals encoder.onnx's x; with the other sign rule
     it does not (so the check can fail)."""
     import onnxruntime as ort
-    from cvconvert.contracts import combine_np
+    from cvconvert.device.contracts import combine_np
 
     shape = tuple(read_manifest(onnx_dir.parent)["input_shape"])
     sess = {p: ort.InferenceSession(str(onnx_dir / f"{p}.onnx"), providers=["CPUExecutionProvider"])
@@ -158,7 +158,7 @@ def test_features_graph_is_the_encoders_feature_part(lenet_export):
 @pytest.mark.parametrize("fool_sign", ["none", "quadrant"])
 def test_combine_np_is_the_encoders_combine(fool_sign):
     """The torch-free combine against ComplexEncoder.combine (PyTorch) for both sign rules."""
-    from cvconvert.contracts import combine_np
+    from cvconvert.device.contracts import combine_np
     from cvconvert.model import ModelSpec, build_model
 
     model = build_model(ModelSpec("lenet", "conv1", None, input_shape=SHAPE, fool_sign=fool_sign)).eval()
@@ -176,7 +176,7 @@ def test_combine_np_is_the_encoders_combine(fool_sign):
 def test_contracts_import_no_torch():
     import subprocess
     import sys
-    code = ("import sys, cvconvert.contracts; "
+    code = ("import sys, cvconvert.device.contracts; "
             "sys.exit([m for m in sys.modules if m == 'torch' or m.startswith('torch.')] != [])")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent.parent)

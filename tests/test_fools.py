@@ -7,14 +7,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from cvconvert.cli.main import app
 from cvconvert.attacks.common import make_partners
 from cvconvert.build import convert_to_dir
 from cvconvert.errors import CvError
 from cvconvert.export import export_model_dir
-from cvconvert.fools import check_rule, draw, l1_distances, pairing_law
+from cvconvert.device.fools import check_rule, draw, l1_distances, pairing_law
 from cvconvert.modeldir import read_manifest
-from cvconvert.runtime import choose_fools
+from cvconvert.device.fools import choose_fools
 from test_data import write_fashion
 
 runner = CliRunner()
@@ -141,7 +141,7 @@ def test_attack_victim_uses_the_rule(monkeypatch):
 # --- the fool pool and the one-transmission rule -----------------------------------------------------
 
 def _pool(tmp_path, n=20, seed=0, shape=(1, 8, 8), feat=(3, 4, 4), name="pool"):
-    from cvconvert.fools import FoolPool
+    from cvconvert.device.fools import FoolPool
 
     rng = np.random.default_rng(seed)
     imgs = rng.random((n, *shape), dtype=np.float32)
@@ -151,7 +151,7 @@ def _pool(tmp_path, n=20, seed=0, shape=(1, 8, 8), feat=(3, 4, 4), name="pool"):
 
 
 def test_pool_hands_out_each_fool_once_then_refuses(tmp_path):
-    from cvconvert.fools import FoolPool
+    from cvconvert.device.fools import FoolPool
 
     pool, imgs, feats = _pool(tmp_path)
     assert pool.status()["remaining"] == 20 and (tmp_path / "pool").stat().st_mode & 0o777 == 0o700
@@ -181,7 +181,7 @@ def test_pool_hands_out_each_fool_once_then_refuses(tmp_path):
 
 def test_pool_burns_fools_the_caller_rejects(tmp_path):
     pool, imgs, feats = _pool(tmp_path, n=10)
-    from cvconvert.guard import sketch
+    from cvconvert.device.guard import sketch
 
     banned = sketch(feats[:6])
     t = pool.take(4, reject=lambda sk: (sk @ banned.T).max(1) > 0.999)
@@ -191,7 +191,7 @@ def test_pool_burns_fools_the_caller_rejects(tmp_path):
 
 _DRAW = """
 import json, sys
-from cvconvert.fools import FoolPool
+from cvconvert.device.fools import FoolPool
 pool = FoolPool.open(sys.argv[1])
 got = []
 for _ in range(int(sys.argv[2])):
@@ -215,7 +215,7 @@ def test_two_processes_never_share_a_fool(tmp_path):
 
 
 def test_guard_answers_repeats_from_the_cache_and_refuses_a_fool_sent_back(tmp_path):
-    from cvconvert.guard import SentGuard
+    from cvconvert.device.guard import SentGuard
 
     rng = np.random.default_rng(3)
     a = rng.normal(size=(4, 3, 4, 4)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""`cvconvert infer` and cvconvert.runtime: ORT only, keys stay on the device, bad inputs fail in one line."""
+"""`cvconvert infer` and cvconvert.device: ORT only, keys stay on the device, bad inputs fail in one line."""
 
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import cvconvert.keys
-from cli.main import app
+import cvconvert.device.keys
+from cvconvert.cli.main import app
 from cvconvert.build import convert_to_dir
 from cvconvert.errors import CvError
 from cvconvert.export import export_model_dir
 from cvconvert.modeldir import load_model
-from cvconvert.runtime import Pipeline, choose_fools, fallback_fool
+from cvconvert.device.pipeline import Pipeline
+from cvconvert.device.fools import choose_fools, fallback_fool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,17 +53,17 @@ def exported(tmp_path_factory):
 
 @pytest.fixture
 def record_keys(monkeypatch):
-    """Every theta sampled (cvconvert.keys.secure_angles is what infer and the Pipeline call)."""
+    """Every theta sampled (cvconvert.device.keys.secure_angles is what infer and the Pipeline call)."""
     seen = []
-    real = cvconvert.keys.secure_angles
+    real = cvconvert.device.keys.secure_angles
 
     def recording(n):
         t = real(n)
         seen.append(t.copy())
         return t
 
-    monkeypatch.setattr(cvconvert.keys, "secure_angles", recording)
-    monkeypatch.setattr("cvconvert.runtime.secure_angles", recording)
+    monkeypatch.setattr(cvconvert.device.keys, "secure_angles", recording)
+    monkeypatch.setattr("cvconvert.device.pipeline.secure_angles", recording)
     return seen
 
 
@@ -152,13 +153,13 @@ def test_processing_receives_only_the_rotated_features(exported, record_keys, ca
     mirror = flipped + logits[0]
     np.testing.assert_allclose(mirror, np.broadcast_to(mirror[0], mirror.shape), rtol=1e-4, atol=1e-5)
     assert np.abs(flipped - logits[0]).max() > 1e-3
-    wrong = local.decode(h, cvconvert.keys.secure_angles(3))
+    wrong = local.decode(h, cvconvert.device.keys.secure_angles(3))
     assert np.abs(wrong - logits[0]).max() > 1e-3 * max(1.0, np.abs(logits[0]).max())
 
 
 def test_runtime_and_infer_import_no_torch(exported):
     model_dir, images = exported
-    code = ("import sys; from cli.main import app; "
+    code = ("import sys; from cvconvert.cli.main import app; "
             f"app(['infer', '--model-dir', {str(model_dir)!r}, {str(images)!r}], standalone_mode=False); "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
             "print('TORCH', bad[:3], file=sys.stderr); sys.exit(1 if bad else 0)")
@@ -273,7 +274,7 @@ def test_model_dir_without_onnx(tmp_path, exported):
 
 def test_stale_export_is_flagged(exported, tmp_path):
     """infer warns when model.pt changed after export (the graphs, not the new weights, would run)."""
-    from cvconvert.runtime import export_provenance
+    from cvconvert.device.artifacts import export_provenance
 
     d = _copy_onnx(exported[0], tmp_path / "copy", keep_report=True)
     assert export_provenance(d) == "current"
@@ -329,9 +330,9 @@ def test_frozen_batch_graph_is_refused(exported, tmp_path):
 
 def test_server_option_without_remote_module(exported, monkeypatch):
     model_dir, images = exported
-    monkeypatch.setitem(sys.modules, "cvconvert.remote", None)  # as if the module were absent
+    monkeypatch.setitem(sys.modules, "cvconvert.device.remote", None)  # as if the module were absent
     _one_line_error(_invoke("infer", "--model-dir", model_dir, images, "--server", "http://127.0.0.1:9"),
-                    "--server needs cvconvert.remote")
+                    "--server needs cvconvert.device.remote")
 
 
 def test_bad_provider_and_options(exported):

@@ -1,7 +1,7 @@
 """Interop with a server and a client nobody here wrote: KServe's Python SDK, the reference implementation of
 the Open Inference Protocol's REST side (a test dependency only; the runtime never imports it).
 
-- cvconvert's device side (`cvconvert infer --server`, cvconvert.remote.RemoteProcessing) against KServe's
+- cvconvert's device side (`cvconvert infer --server`, cvconvert.device.remote.RemoteProcessing) against KServe's
   ModelServer hosting processing.onnx through a few-line kserve.Model on ONNX Runtime;
 - KServe's InferenceRESTClient (protocol v2) against `cvconvert serve`;
 - both servers' answers to the same malformed requests: the table of the README's "Tested against".
@@ -28,9 +28,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
+from cvconvert.cli.main import app
 from cvconvert.errors import CvError
-from cvconvert.remote import RemoteProcessing
+from cvconvert.device.remote import RemoteProcessing
 
 _argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses the command line when imported: not pytest's options
 try:
@@ -180,7 +180,7 @@ def servers(model):
     script.write_text(KSERVE_SERVER)
     ks = Server([sys.executable, str(script), str(onnx), NAME, str(free_port())], model / "kserve.log")
     ks.url = f"http://127.0.0.1:{ks.proc.args[-1]}"
-    ours = Server([sys.executable, "-m", "cli", "serve", str(model / "lenet"), "--port", "0", "--threads", "1",
+    ours = Server([sys.executable, "-m", "cvconvert.cli", "serve", str(model / "lenet"), "--port", "0", "--threads", "1",
                    "--max-request-mb", str(MAX_MB), "--max-inflight-mb", str(MAX_MB), "--no-access-log"], model / "serve.log")
     try:
         deadline = time.monotonic() + 90
@@ -231,8 +231,8 @@ def test_remote_processing_against_kserve_model_server(servers, local):
 def test_infer_server_on_kserve_matches_local_infer(model, servers):
     """The Pipeline `infer` runs gives the same logits with processing on KServe as locally (same fools and
     keys); `cvconvert infer --server` runs end to end against it."""
-    from cli.infer import collect_images, load_image
-    from cvconvert.runtime import Pipeline
+    from cvconvert.cli.infer import collect_images, load_image
+    from cvconvert.device.pipeline import Pipeline
 
     kserve_url, _ = servers
     manifest = json.loads((model / "lenet" / "cvconvert.json").read_text())

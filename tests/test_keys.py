@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from cvconvert.keys import haar_orthogonal, secure_angles, secure_normal
+from cvconvert.device.keys import haar_orthogonal, secure_angles, secure_normal
 
 N = 4000
 LEVEL = 1e-4  # per KS comparison: loose, so a correct sampler fails about once in thousands of runs

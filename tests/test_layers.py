@@ -156,7 +156,7 @@ def test_dropout_one_mask_for_both_parts():
 
 from cvconvert.complex.functional import (encode_parts, rotation_key, transform,  # noqa: E402
                                           untransform_first)
-from cvconvert.keys import haar_orthogonal  # noqa: E402
+from cvconvert.device.keys import haar_orthogonal  # noqa: E402
 
 
 def keys(n, p, det):

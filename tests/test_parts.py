@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from cli.main import app  # noqa: E402
+from cvconvert.cli.main import app  # noqa: E402
 from cvconvert.complex.layers import max_pool_gaps  # noqa: E402
 from cvconvert.export import compare_outside_ties  # noqa: E402
 from cvconvert.modeldir import load_model  # noqa: E402
@@ -86,7 +86,7 @@ def served_p3(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", str(out), "--port", str(port), "--name", "proc"],
+    proc = subprocess.Popen([sys.executable, "-m", "cvconvert.cli", "serve", str(out), "--port", str(port), "--name", "proc"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -111,8 +111,8 @@ def test_p3_convert_train_export_serve_infer(served_p3):
     assert report["rotation"]["parts"] == 3 and report["rotation"]["reflections"] > 0  # validated at export
 
     # The low-level path through the server, with explicit fools and keys, equals the PyTorch model.
-    from cvconvert.remote import RemoteProcessing
-    from cvconvert.runtime import Pipeline
+    from cvconvert.device.remote import RemoteProcessing
+    from cvconvert.device.pipeline import Pipeline
 
     seen = []
     remote = RemoteProcessing(url, "proc")
@@ -156,7 +156,7 @@ def test_exported_processing_is_equivariant_under_orthogonal_keys(tmp_path, arch
 
     from cvconvert.build import convert_to_dir
     from cvconvert.export import export_parts, signed_keys
-    from cvconvert.keys import transform_np
+    from cvconvert.device.keys import transform_np
 
     convert_to_dir(arch, tmp_path / "m", split=split, data="fashion-mnist", parts=parts)
     model, manifest = load_model(tmp_path / "m")

@@ -1,4 +1,4 @@
-"""cvconvert.preprocess: a data set's native images reach the model the same way in training (cvconvert.data)
+"""cvconvert.device.preprocess: a data set's native images reach the model the same way in training (cvconvert.data)
 and on the device (`cvconvert infer`, the Pipeline), driven by the spec the manifest records."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
+from cvconvert.cli.main import app
 from cvconvert.build import convert_to_dir
 from cvconvert.data import _image_transform, get_dataset
 from cvconvert.datasets import CELEBA_ATTRS
 from cvconvert.errors import CvError
-from cvconvert.preprocess import apply_steps, recorded_spec, spec_for, to_model_input
+from cvconvert.device.preprocess import apply_steps, recorded_spec, spec_for, to_model_input
 
 FASHION_SPEC = {"native": [28, 28], "steps": [{"pad": [2, 2, 2, 2]}]}
 
@@ -209,8 +209,8 @@ def exported(tmp_path_factory):
 def test_infer_takes_a_28x28_fashion_png_like_its_padded_form(exported):
     """No options: infer reads the 28x28 PNG as its padded 32x32 form, so the two give the same logits for
     the same fool and key, and the device's near-duplicate guard sees one image twice."""
-    from cli.infer import load_image
-    from cvconvert.runtime import Pipeline
+    from cvconvert.cli.infer import load_image
+    from cvconvert.device.pipeline import Pipeline
 
     images = exported / "images"
     images.mkdir()

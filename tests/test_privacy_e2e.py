@@ -14,13 +14,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.infer import load_image
-from cli.main import app
+from cvconvert.cli.infer import load_image
+from cvconvert.cli.main import app
 from cvconvert.attacks import span
 from cvconvert.build import convert_to_dir
 from cvconvert.export import export_model_dir
-from cvconvert.fools import FoolPool
-from cvconvert.runtime import Pipeline
+from cvconvert.device.fools import FoolPool
+from cvconvert.device.pipeline import Pipeline
 from test_infer import _png
 
 N_IMAGES, N_FOOLS = 8, 16

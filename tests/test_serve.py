@@ -28,7 +28,7 @@ from cvconvert.serve.batching import rows_independent
 from cvconvert.serve.model import load_served_model
 from cvconvert.serve.protocol import HEADER_LENGTH
 from cvconvert.errors import CvError
-from cvconvert.remote import RemoteProcessing, build_request
+from cvconvert.device.remote import RemoteProcessing, build_request
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -416,7 +416,7 @@ def test_remote_processing_errors(live, local):
 
 def test_server_and_client_need_no_torch():
     code = ("import sys, cvconvert.serve.app, cvconvert.serve.run, cvconvert.serve.model, cvconvert.serve.batching,"
-            " cvconvert.remote, cli.serve, starlette, uvicorn, onnxruntime;"
+            " cvconvert.device.remote, cli.serve, starlette, uvicorn, onnxruntime;"
             "bad = [m for m in ('torch', 'torchvision', 'tritonclient') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
@@ -431,7 +431,7 @@ def test_cli_serve_model_dir_end_to_end(processing_onnx, local, tmp_path):
     folder = tmp_path / "repo" / "lenet_processing"
     (folder / "1").mkdir(parents=True)
     (folder / "1" / "model.onnx").write_bytes(processing_onnx.read_bytes())
-    cmd = [sys.executable, "-m", "cli", "serve", str(folder), "--port", "0", "--threads", "1"]
+    cmd = [sys.executable, "-m", "cvconvert.cli", "serve", str(folder), "--port", "0", "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     head = []
@@ -476,7 +476,7 @@ def test_cli_serve_model_dir_end_to_end(processing_onnx, local, tmp_path):
 def test_cli_serve_bad_arguments(args, words, processing_onnx, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cvconvert.cli.main import app
 
     txt = tmp_path / "model.txt"
     txt.write_text("x")
@@ -566,7 +566,7 @@ def triton_folder_server(exported):
 def _predictions(args):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cvconvert.cli.main import app
 
     result = CliRunner().invoke(app, ["infer", *args, "--json"])
     assert result.exit_code == 0, result.output
@@ -588,8 +588,8 @@ def test_cli_infer_server_end_to_end(exported, triton_folder_server):
 def test_pipeline_with_remote_processing_same_key_same_logits(exported, triton_folder_server):
     """Library level, one fixed key: the remote pipeline's logits equal the local one's, and the only
     thing that crossed the wire is x (header + x's bytes), never theta, images or fools."""
-    from cvconvert.keys import secure_angles
-    from cvconvert.runtime import Pipeline
+    from cvconvert.device.keys import secure_angles
+    from cvconvert.device.pipeline import Pipeline
 
     _Capture.seen, _Capture.upstream = [], (triton_folder_server.host, triton_folder_server.port)
     proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Capture)

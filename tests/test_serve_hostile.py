@@ -52,7 +52,7 @@ class Server:
 
     def __init__(self, model: Path, log: Path):
         self.log = log
-        cmd = [sys.executable, "-m", "cli", "serve", str(model), "--name", NAME, "--port", "0", "--threads", "2",
+        cmd = [sys.executable, "-m", "cvconvert.cli", "serve", str(model), "--name", NAME, "--port", "0", "--threads", "2",
                "--max-request-mb", str(MAX_MB), "--max-inflight", "4", "--max-inflight-mb", str(4 * MAX_MB),
                "--header-timeout", str(HEADER_S), "--body-timeout", str(BODY_S)]
         self.out = open(log, "wb")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from cvconvert.cli.main import app
 from cvconvert.build import convert_to_dir
 from cvconvert.modeldir import load_model
 from cvconvert.dist import Dist

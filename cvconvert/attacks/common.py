@@ -42,7 +42,7 @@ def make_partners(rule: str, images: torch.Tensor, gen: torch.Generator, per: in
     """The attacker's partners(idx, n, gen) for the deployment's fool rule (Kerckhoffs: it knows the rule,
     not the victim's pool). ``match``: for each of its own images, a set of itself and 63 others and ``per``
     partners drawn once from the set's pairing law (cvconvert/fools.py); calls pick one of them."""
-    from ..fools import MATCH_SET, check_rule, match_law
+    from ..device.fools import MATCH_SET, check_rule, match_law
 
     if check_rule(rule) == "random":
         return partners

@@ -37,7 +37,7 @@ def split_images(sizes: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def measure(model_dir, run, sizes: dict) -> tuple[list, dict]:
     """One row per mode: {"id", "mode", "before": {...}, "after": {...}} (see ``score``), and the setup.
     ``run``: the audit so far (its victims, its public images and features, its trained inverter)."""
-    from ..runtime import Pipeline
+    from ..device.pipeline import Pipeline
 
     pub = run.public
     local = Pipeline.from_model_dir(model_dir, guard=None)
@@ -62,7 +62,7 @@ def measure(model_dir, run, sizes: dict) -> tuple[list, dict]:
 
 
 def _guard_threshold() -> float:
-    from ..guard import DEFAULT_THRESHOLD
+    from ..device.guard import DEFAULT_THRESHOLD
     return DEFAULT_THRESHOLD
 
 

@@ -1,5 +1,5 @@
 """How victims use the device, for the multi-query audit: the usage modes, and the two devices that
-serve them, each through the product's ONNX runtime (``cvconvert.runtime.Pipeline``) with a recording
+serve them, each through the product's ONNX runtime (``cvconvert.device.pipeline.Pipeline``) with a recording
 ``processing`` callable that keeps every x the cloud receives.
 
 "before" is the old, unsafe device, simulated with the low-level ``Pipeline.encode``: fools are the other
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CvError
-from ..fools import FoolPool, choose_fools
-from ..keys import secure_angles
+from ..device.fools import FoolPool, choose_fools
+from ..device.keys import secure_angles
 
 # Sizes per audit budget: requests of single images, the batch, the two fool folders, the repeats and
 # the near-duplicates (images, each sent as itself and as its variant).
@@ -162,7 +162,7 @@ def run_before(pipe, mode: Mode, fools: dict, rule: str) -> Seen:
 def after_device(model_dir, pool_images: np.ndarray, workdir: Path, processing, probe):
     """The shipped device: a fresh device-private fool pool of `pool_images` in `workdir` (features by
     `probe`, a plain Pipeline of the same graphs), the guard on."""
-    from ..runtime import Pipeline
+    from ..device.pipeline import Pipeline
 
     feats = probe.features(pool_images)
     pool = FoolPool.create(workdir / "pool", pool_images, feats, features_sha256=probe.features_sha256,

@@ -26,7 +26,7 @@ from ..modeldir import load_model
 from ..model import random_theta
 from ..parts import random_key
 from ..dist import pick_device
-from ..runtime import choose_fools
+from ..device.fools import choose_fools
 from . import stages
 from .base import Public
 from .budget import BUDGETS, Budget, available_memory, estimate_memory
@@ -181,7 +181,8 @@ def _victim(model, images: torch.Tensor, dev, rule: str = "random") -> tuple:
 def deployed_victim(model_dir):
     """(victim function, provenance) that builds the victims' x with the exported encoder.onnx through the
     device runtime (what is deployed), or (None, provenance) when DIR/onnx/ does not exist."""
-    from ..runtime import ONNX_DIR, Pipeline, export_provenance, sha256
+    from ..device.artifacts import ONNX_DIR, export_provenance, sha256
+    from ..device.pipeline import Pipeline
 
     graph = Path(model_dir) / ONNX_DIR / "encoder.onnx"
     weights = export_provenance(model_dir)

@@ -9,7 +9,7 @@ Modules, from the wire inwards:
 - `connection`: uvicorn's h11 protocol with header and body deadlines; short paths in the access log;
 - `body`: request bodies under a size limit, a deadline and a byte budget shared by all requests;
 - `protocol`: the v2 wire format (JSON and binary tensors), shared with the device's client
-  (`cvconvert.remote`); numpy and the standard library only, like `jsontensor`, which reads JSON
+  (`cvconvert.device.remote`); numpy and the standard library only, like `jsontensor`, which reads JSON
   tensor data into arrays of the declared shape with bounded memory, and `errors` (RequestError);
 - `model`: the served ONNX graph (`load_served_model`) and its v2 metadata;
 - `batching`: optional dynamic batching of concurrent requests;

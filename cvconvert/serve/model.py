@@ -114,7 +114,7 @@ def load_served_model(path: Path | str, name: str | None = None, intra_op_thread
     """The graph at `path` (see resolve_model_path) in an ONNX Runtime session, named `name`.
 
     intra_op_threads: ONNX Runtime threads per run; 0 = the CPUs this process may use."""
-    from ..ortsession import create_session
+    from ..device.sessions import create_session
 
     onnx_path, model_name = resolve_model_path(path, name)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", model_name or ""):

@@ -6,7 +6,7 @@ A message (request or response) is a JSON header, optionally followed by raw ten
 little-endian, row-major. Without binary parts the whole body is JSON and tensors sit in `data`.
 
 Both sides use this module: the server parses requests and encodes responses, the device's client
-(`cvconvert.remote`) encodes requests with the same helpers. numpy and the standard library only.
+(`cvconvert.device.remote`) encodes requests with the same helpers. numpy and the standard library only.
 
 Error messages (RequestError) never quote tensor content: they name inputs, shapes and sizes.
 """

@@ -25,9 +25,9 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import CvError
+from ..errors import CvError
 
-log = logging.getLogger("cvconvert.preprocess")
+log = logging.getLogger("cvconvert.device.preprocess")
 STEP_NAMES = ("pad", "center_crop", "resize")
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
@@ -35,7 +35,7 @@ _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 def spec_for(name: str | None, input_shape) -> dict | None:
     """The preprocessing that training applies to data set `name` for a model taking `input_shape`
     [C, H, W]; None when training on `name` would not produce that shape (no steps are known)."""
-    from .datasets import DATASETS, dataset_info
+    from ..datasets import DATASETS, dataset_info
 
     c, h, w = (int(v) for v in input_shape)
     if not name:

@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .errors import CvError
+from ..errors import CvError
 from .keys import combine_parts_np, haar_orthogonal, secure_angles
 
 

@@ -17,8 +17,8 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from .errors import CvError
-from .serve.protocol import HEADER_LENGTH, NP_TO_V2, V2_TO_NP, le_bytes, pack
+from ..errors import CvError
+from ..serve.protocol import HEADER_LENGTH, NP_TO_V2, V2_TO_NP, le_bytes, pack
 
 _FLOATS = ("FP32", "FP16", "FP64")  # what a processing part takes and gives
 

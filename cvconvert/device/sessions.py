@@ -14,7 +14,7 @@ import os
 
 import onnxruntime as ort
 
-from .errors import CvError, one_line
+from ..errors import CvError, one_line
 
 SESSION_CONFIG_KEY = "cvconvert.ort_session"
 SESSION_CONFIG = {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL", "spin": False}
@@ -87,4 +87,23 @@ def create_session(what, providers: list[str], threads: int | None = None) -> or
     finally:
         if cuda:
             ort.set_default_logger_severity(2)  # onnxruntime's default (warning)
+    return sess
+
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def make_session(path, provider: str = "auto", threads: int | None = None) -> ort.InferenceSession:
+    """An InferenceSession on the chosen execution provider; CvError when it cannot load or run there."""
+    if provider not in ("auto", "cpu", "cuda"):
+        raise CvError(f"unknown provider {provider!r} (auto, cpu or cuda)")
+    avail = ort.get_available_providers()
+    want_cuda = provider == "cuda" or (provider == "auto" and PROVIDERS["cuda"] in avail)
+    if provider == "cuda" and PROVIDERS["cuda"] not in avail:
+        raise CvError(f"--provider cuda: this onnxruntime has no CUDA execution provider (has {', '.join(avail)})")
+    providers = [PROVIDERS["cuda"], PROVIDERS["cpu"]] if want_cuda else [PROVIDERS["cpu"]]
+    sess = create_session(path, providers, threads)
+    if provider == "cuda" and sess.get_providers()[0] != PROVIDERS["cuda"]:
+        raise CvError("--provider cuda: the CUDA execution provider failed to start (CUDA/cuDNN libraries "
+                      "missing?); use --provider auto or cpu")
     return sess

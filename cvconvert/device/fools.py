@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .guard import sketch
-from .modeldir import atomic_json, atomic_write, locked
+from .artifacts import atomic_json, atomic_write, locked
 
 FOOL_RULES = ("random", "match")
 MATCH_LAMBDA = 16.0  # measured value (experiments/results/farfool.md)
@@ -41,7 +41,7 @@ MATCH_SET = 64  # the image + 63 candidates
 
 
 def check_rule(rule: str) -> str:
-    from .errors import CvError
+    from ..errors import CvError
 
     if rule not in FOOL_RULES:
         raise CvError(f"unknown fool rule {rule!r} (choose from {', '.join(FOOL_RULES)})")
@@ -204,7 +204,7 @@ class FoolPool:
         import shutil
         import tempfile
 
-        from .errors import CvError
+        from ..errors import CvError
 
         path = Path(path)
         if (path / POOL_FILES["meta"]).exists():
@@ -236,7 +236,7 @@ class FoolPool:
     @classmethod
     def open(cls, path, features_sha256: str | None = None) -> "FoolPool":
         """The pool at `path`; CvError when it is not one, or when its features came from another graph."""
-        from .errors import CvError
+        from ..errors import CvError
 
         path = Path(path)
         meta_path = path / POOL_FILES["meta"]
@@ -344,7 +344,7 @@ class FoolPool:
 
     def _candidates(self, free: set, ledger, sketches, reject, i: int, n: int) -> list:
         """Up to MATCH_SET - 1 unused fools drawn with the CSPRNG; those `reject` refuses are burned."""
-        from .errors import CvError
+        from ..errors import CvError
 
         rand = secrets.SystemRandom()
         while True:

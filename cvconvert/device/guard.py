@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CvError
-from .modeldir import locked
+from ..errors import CvError
+from .artifacts import locked
 
 DEFAULT_THRESHOLD = 0.995  # measured: distinct Fashion-MNIST test images reach 0.993, near-duplicates 0.998+
 DEFAULT_CAPACITY = 10000
@@ -96,7 +96,7 @@ class SentGuard:
         if self.path is None:
             self._mem = state
             return
-        from .modeldir import atomic_write
+        from .artifacts import atomic_write
 
         def write(tmp):
             with open(tmp, "wb") as f:

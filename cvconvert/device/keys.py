@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from .errors import CvError
+from ..errors import CvError
 
 
 def _bits53(n: int) -> np.ndarray:
