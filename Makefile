@@ -24,6 +24,7 @@ data:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; fi
 
 test: install data
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # convert -> short train -> export (validated) -> a device-private fool pool -> infer on Fashion-MNIST test images.

@@ -105,22 +105,33 @@ def test_a_name_registered_twice_warns(monkeypatch):
 
 
 def _links(page: Path):
+    """(path, anchor) of every relative link; a bare #anchor is a link into PAGE itself."""
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # links inside code blocks are not links
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
-        if not re.match(r"[a-z]+:", target) and not target.startswith("#"):
-            yield target.split("#")[0]
+        if not re.match(r"[a-z]+:", target):
+            path, _, anchor = target.partition("#")
+            yield path or page.name, anchor
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation but - and _ dropped, spaces as -."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
 
 
 def test_every_relative_link_in_the_readme_and_docs_resolves():
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     checked, missing = 0, []
     for page in pages:
-        for target in _links(page):
+        for target, anchor in _links(page):
             path = (page.parent / target).resolve()
             rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
             checked += 1
-            if not path.exists() and rel not in PENDING_PAGES:
-                missing.append(f"{page.relative_to(ROOT)} -> {target}")
+            if not path.exists():
+                if rel not in PENDING_PAGES:
+                    missing.append(f"{page.relative_to(ROOT)} -> {target}")
+            elif anchor and anchor not in _anchors(path):
+                missing.append(f"{page.relative_to(ROOT)} -> {target}#{anchor}")
     assert checked > 20 and missing == []
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
