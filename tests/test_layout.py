@@ -52,6 +52,7 @@ def test_a_name_registered_twice_warns(monkeypatch):
     from cvconvert import archs, convert, datasets
     from cvconvert.attacks import stages
 
+    archs.list_models()  # load the zoo first: loaded inside the test, it would fill only the copy below
     monkeypatch.setattr(archs, "_REGISTRY", dict(archs._REGISTRY))
     monkeypatch.setattr(datasets, "DATASETS", dict(datasets.DATASETS))
     monkeypatch.setattr(convert, "DEFAULT_MAPPING", dict(convert.DEFAULT_MAPPING))
