@@ -1,0 +1,391 @@
+"""The device under faults (issue 20): a fault-injecting proxy (tests/faultproxy.py) in front of `cvconvert
+serve`, then the same command again. Each test checks the exit code, the message, the state after, that a
+retry answers every image, and that no image or fool lies in two transmissions that differ (the span check
+over everything the proxy received)."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cvconvert.attacks.span import bases
+from cvconvert.cli.main import app
+from cvconvert.device.fools import FoolPool
+from cvconvert.device.pipeline import Pipeline
+from cvconvert.device.remote import RemoteProcessing
+from cvconvert.device.state import DeviceState, guard_path
+from faultproxy import FaultProxy
+
+EXC_NAME = re.compile(r"\b\w*(Error|Exception)\b|BadZipFile|EOFError|Errno")
+SAME = 0.999  # a principal cosine this high between two transmissions: they share a vector
+
+
+# ---------------------------------------------------------------------------------------------------
+# fixtures
+
+
+def _picture(path: Path, seed: int) -> None:
+    r = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    img = 0.5 + 0.5 * np.sin(2 * np.pi * (r.uniform(0.5, 3) * xx + r.uniform(0.5, 3) * yy + r.uniform()))
+    Image.fromarray(((0.7 * img + 0.3 * r.random((32, 32))) * 255).astype(np.uint8), "L").save(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A converted, exported LeNet served by `cvconvert serve` (background thread), 4 image sets of 4
+    and 60 fool pictures."""
+    from cvconvert.build import convert_to_dir
+    from cvconvert.export import export_model_dir
+    from cvconvert.serve import app as srv
+    from cvconvert.serve import run as srv_run
+    from cvconvert.serve.model import load_served_model
+
+    base = tmp_path_factory.mktemp("faults")
+    convert_to_dir("lenet", base / "lenet", force=True)
+    export_model_dir(base / "lenet")
+    for s in "ABCD":
+        (base / s).mkdir()
+        for i in range(4):
+            _picture(base / s / f"{s}{i}.png", seed=10 * ord(s) + i)
+    (base / "fools").mkdir()
+    for i in range(60):
+        _picture(base / "fools" / f"f{i}.png", seed=1000 + i)
+    model = load_served_model(base / "lenet")
+    with srv_run.BackgroundServer(srv.build_app(model)) as server:
+        yield {"base": base, "model": base / "lenet", "url": server.url}
+
+
+@pytest.fixture
+def pool(world, tmp_path):
+    from cvconvert.cli.fools import _load
+
+    pipe = Pipeline.from_model_dir(world["model"], guard=None)
+    arr, _ = _load([world["base"] / "fools"], pipe.manifest, False)
+    return FoolPool.create(tmp_path / "pool", arr, pipe.features(arr), features_sha256=pipe.features_sha256,
+                           input_shape=pipe.input_shape, feature_shape=pipe.features(arr[:1]).shape[1:])
+
+
+@pytest.fixture
+def proxy(world):
+    with FaultProxy(world["url"]) as p:
+        yield p
+
+
+def infer(world, pool, url, *images, extra=()):
+    args = ["infer", *[str(world["base"] / s) for s in images], "--model-dir", str(world["model"]),
+            "--fool-dir", str(pool.path), "--server", url, "--json", *extra]
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(res, *fragments) -> str:
+    assert res.exit_code not in (0, None), res.output
+    assert "Traceback" not in res.stderr, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, res.stderr
+    assert not EXC_NAME.search(errors[0]), errors[0]
+    for f in fragments:
+        assert f in errors[0], errors[0]
+    return errors[0]
+
+
+def answered(res, n: int) -> list[dict]:
+    """Every image answered with finite probabilities, exit 0."""
+    import json
+
+    assert res.exit_code == 0, res.stderr
+    preds = json.loads(res.stdout)["predictions"]
+    assert len(preds) == n
+    for p in preds:
+        assert all(np.isfinite(t["prob"]) for t in p["top"]) and 0.99 < sum(t["prob"] for t in p["top"]) <= 1.001 \
+            or len(p["top"]) < 10
+    return preds
+
+
+def pending(pool=None) -> dict:
+    return DeviceState().load()["pending"]
+
+
+def used(pool) -> int:
+    return pool.status()["used"]
+
+
+def assert_no_exposure(seen: list[np.ndarray]) -> None:
+    """No two transmitted rows that differ share a vector (principal cosine ~1): a resend is the same x."""
+    rows = {r.tobytes(): r for x in seen for r in x}
+    if len(rows) < 2:
+        return
+    q = bases(torch.from_numpy(np.stack(list(rows.values()))))  # [T, D, 2]
+    cos = torch.linalg.svdvals(q.transpose(1, 2)[:, None] @ q[None])[..., 0]  # [T, T] first principal cosine
+    cos.fill_diagonal_(0)
+    assert cos.max() < SAME, f"two different transmissions share a vector (principal cosine {cos.max():.6f})"
+
+
+def _pipe(world, pool, url, **kw):
+    from cvconvert.device.guard import SentGuard
+
+    sha = Pipeline.from_model_dir(world["model"], guard=None).features_sha256
+    return Pipeline.from_model_dir(world["model"], pool=pool, guard=SentGuard(guard_path(sha)),
+                                   processing=RemoteProcessing(url, "lenet_processing", **kw))
+
+
+def _images(world, *sets):
+    from cvconvert.cli.fools import _load
+
+    man = Pipeline.from_model_dir(world["model"], guard=None).manifest
+    return _load([world["base"] / s for s in sets], man, False)[0]
+
+
+def _closed_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# nothing left the device: released
+
+
+def test_refused_and_dns_release_the_reservation(world, pool, proxy):
+    images = _images(world, "A")
+    for url in (_closed_port(), "http://no-such-host.invalid:8000"):
+        with pytest.raises(Exception) as exc:
+            _pipe(world, pool, url, retries=0).predict(images)
+        assert "nothing left this device, 4 fool(s) went back to the pool" in str(exc.value)
+        assert not EXC_NAME.search(str(exc.value))
+        assert used(pool) == 0 and pending() == {}
+    # the CLI: the server is checked before anything is reserved
+    res = infer(world, pool, _closed_port(), "A")
+    one_line_error(res, "cannot reach server")
+    assert used(pool) == 0 and pending() == {}
+    answered(infer(world, pool, proxy.url, "A"), 4)
+    assert used(pool) == 4 and len(proxy.seen) == 1
+    assert_no_exposure(proxy.seen)
+
+
+def test_mixed_retry_releases_only_the_new_images(world, pool, proxy):
+    """B pending (reset), then B + C against a dead server: C's fools go back, B stays pending with its x;
+    then B + C against a live one: B's identical x is resent, C gets fresh fools."""
+    proxy.fault("reset")
+    with pytest.raises(Exception, match="outcome is unknown"):
+        _pipe(world, pool, proxy.url, retries=0).predict(_images(world, "B"))
+    assert used(pool) == 4 and len(pending()) == 1
+    with pytest.raises(Exception, match="0 fool|4 fool"):
+        _pipe(world, pool, _closed_port(), retries=0).predict(_images(world, "B", "C"))
+    assert used(pool) == 4 and len(pending()) == 1 and list(pending().values())[0]["images"] == 4
+    proxy.fault("pass")
+    pipe = _pipe(world, pool, proxy.url)
+    logits = pipe.predict(_images(world, "B", "C"))
+    assert np.isfinite(logits).all() and len(pipe.last["resent"]) == 4 and pipe.last["sent"] == 4
+    assert used(pool) == 8 and pending() == {}
+    assert np.array_equal(proxy.seen[0], proxy.seen[-1][4:])  # the pending rows went again, byte for byte
+    assert_no_exposure(proxy.seen)
+
+
+# ---------------------------------------------------------------------------------------------------
+# outcome unknown: kept, resent as it is
+
+
+@pytest.mark.parametrize("mode,words", [("503", "answered 503"), ("reset", "closed the connection")])
+def test_retried_then_pending_then_resent(world, pool, proxy, mode, words):
+    proxy.fault(mode, times=2)  # two bad answers, the third attempt gets through
+    answered(infer(world, pool, proxy.url, "A"), 4)
+    assert len(proxy.seen) == 3 and all(np.array_equal(proxy.seen[0], s) for s in proxy.seen)
+    proxy.fault(mode)  # for ever: the retries run out
+    res = infer(world, pool, proxy.url, "B", extra=["--retries", "1"])
+    one_line_error(res, words, "outcome is unknown", "stay pending")
+    assert used(pool) == 8 and len(pending()) == 1
+    proxy.fault("pass")
+    preds = answered(infer(world, pool, proxy.url, "B"), 4)
+    assert all(p["sent"] for p in preds) and pending() == {} and used(pool) == 8
+    assert all(np.array_equal(proxy.seen[3], s) for s in proxy.seen[3:])
+    assert_no_exposure(proxy.seen)
+
+
+@pytest.mark.parametrize("mode,words", [("nan", "not finite"), ("shape", "returned a batch of 3 for 4")])
+def test_bad_answers_are_refused_not_cached(world, pool, proxy, mode, words):
+    proxy.fault(mode, times=1)
+    res = infer(world, pool, proxy.url, "A")
+    one_line_error(res, words, "stay pending")
+    assert res.stdout == "" and len(pending()) == 1
+    proxy.fault("pass")
+    answered(infer(world, pool, proxy.url, "A"), 4)
+    assert pending() == {} and used(pool) == 4
+    assert_no_exposure(proxy.seen)
+
+
+def test_drip_cannot_hold_infer_past_its_timeout(world, pool, proxy):
+    proxy.fault("drip", times=1, drip=0.3)
+    t0 = time.monotonic()
+    res = infer(world, pool, proxy.url, "A", extra=["--timeout", "1.5", "--retries", "0"])
+    elapsed = time.monotonic() - t0
+    one_line_error(res, "did not answer within 1.5 s", "stay pending")
+    assert elapsed < 1.5 + 1.5, elapsed  # the deadline plus the device's own (local) work
+    proxy.fault("pass")
+    answered(infer(world, pool, proxy.url, "A"), 4)
+    assert pending() == {} and len(proxy.seen) == 2 and np.array_equal(*proxy.seen)
+
+
+def test_server_dies_between_batches(world, pool, proxy):
+    proxy.fault("die", after=2)
+    res = infer(world, pool, proxy.url, "A", extra=["--batch-size", "1", "--retries", "0"])
+    one_line_error(res, "images 1-2 were answered", "nothing left this device, 1 fool(s) went back")
+    assert used(pool) == 2 and pending() == {}
+    with FaultProxy(world["url"]) as again:
+        preds = answered(infer(world, pool, again.url, "A", extra=["--batch-size", "1"]), 4)
+        assert [p["sent"] for p in preds] == [False, False, True, True]
+        assert_no_exposure(proxy.seen + again.seen)
+    assert used(pool) == 4
+
+
+def test_other_weights_under_the_same_name_are_refused(world, pool, proxy):
+    proxy.fault("sha")
+    one_line_error(infer(world, pool, proxy.url, "A"), "other than the one exported here", "nothing was sent")
+    assert proxy.seen == [] and used(pool) == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# kill -9 of infer mid-request
+
+
+def test_kill_9_at_random_points_then_retry(world, pool, proxy, monkeypatch, tmp_path):
+    cli = Path(sys.executable).parent / "cvconvert"
+    rand = random.Random(20)
+    for trial in range(3):
+        monkeypatch.setenv("CVCONVERT_STATE_DIR", str(tmp_path / f"state{trial}"))
+        fresh = FoolPool.open(shutil.copytree(pool.path, tmp_path / f"pool{trial}"))
+        proxy.seen.clear()
+        proxy.fault("slow", delay=rand.uniform(0, 1.0))
+        cmd = [str(cli), "infer", str(world["base"] / "C"), "--model-dir", str(world["model"]), "--fool-dir",
+               str(fresh.path), "--server", proxy.url]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rand.uniform(0.3, 2.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proxy.fault("pass")
+        preds = answered(infer(world, fresh, proxy.url, "C"), 4)
+        assert pending() == {}
+        assert_no_exposure(proxy.seen)
+        assert used(fresh) == 4 or not proxy.seen[:-1]  # a killed send keeps its fools; no second set
+        assert len(preds) == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# damaged, missing or unwritable state
+
+
+def _first_run(world, pool, proxy):
+    answered(infer(world, pool, proxy.url, "A"), 4)
+    return len(proxy.seen)
+
+
+def _truncate(p: Path):
+    p.write_bytes(p.read_bytes()[:40])
+
+
+@pytest.mark.parametrize("what,damage,words", [
+    ("guard", "truncate", "guard index"), ("guard", "delete", "guard index"), ("guard", "empty", "guard index"),
+    ("ledger.npy", "truncate", "ledger.npy"), ("ledger.npy", "delete", "ledger.npy"),
+    ("features.npy", "truncate", "features.npy"), ("sketches.npy", "truncate", "sketches.npy"),
+    ("images.npy", "delete", "images.npy"), ("pool.json", "truncate", "pool.json"),
+    ("state.json", "truncate", "state.json"), ("state.json", "delete", "state.json"),
+])
+def test_damaged_state_files(world, pool, proxy, what, damage, words):
+    sent = _first_run(world, pool, proxy)
+    sha = Pipeline.from_model_dir(world["model"], guard=None).features_sha256
+    target = {"guard": guard_path(sha), "state.json": DeviceState().file}.get(what, pool.path / what)
+    {"truncate": _truncate, "delete": Path.unlink, "empty": lambda p: p.write_bytes(b"")}[damage](target)
+    line = one_line_error(infer(world, pool, proxy.url, "A", "B"), words)
+    assert "move it away" not in line and "start a new one" not in line  # advice that would lead to re-sending
+    assert len(proxy.seen) == sent  # nothing sent
+    if what in ("features.npy", "sketches.npy", "images.npy", "pool.json", "ledger.npy"):
+        one_line_error(CliRunner().invoke(app, ["fools", "status", str(pool.path)]), words)
+
+
+def test_pool_restored_from_a_backup_is_refused(world, pool, proxy, tmp_path):
+    backup = shutil.copytree(pool.path, tmp_path / "backup")
+    _first_run(world, pool, proxy)
+    shutil.rmtree(pool.path)
+    shutil.copytree(backup, pool.path)
+    one_line_error(infer(world, pool, proxy.url, "B"), "ledger.npy", "restored from a backup")
+    assert len(proxy.seen) == 1
+
+
+def test_missing_journal_entry_is_refused(world, pool, proxy):
+    proxy.fault("reset")
+    one_line_error(infer(world, pool, proxy.url, "A", extra=["--retries", "0"]), "stay pending")
+    (rid,) = pending()
+    DeviceState().entry_path(rid).unlink()
+    proxy.fault("pass")
+    one_line_error(infer(world, pool, proxy.url, "A"), "journal entry", "missing")
+    assert len(proxy.seen) == 1
+
+
+def test_read_only_pool(world, pool, proxy):
+    _first_run(world, pool, proxy)
+    os.chmod(pool.path, 0o500)
+    try:
+        if os.access(pool.path / "x", os.W_OK) or os.geteuid() == 0:
+            pytest.skip("root ignores file modes")
+        res = CliRunner().invoke(app, ["fools", "status", str(pool.path), "--json"])
+        assert res.exit_code == 0 and '"used": 4' in res.stdout
+        one_line_error(infer(world, pool, proxy.url, "B"), str(pool.path), "writable")
+    finally:
+        os.chmod(pool.path, 0o700)
+
+
+def test_full_disk_after_the_answer_still_prints_and_keeps_the_journal(world, pool, proxy, monkeypatch):
+    import errno
+
+    from cvconvert.device.guard import SentGuard
+
+    real = SentGuard.store_logits
+
+    def full(self, keys, logits):
+        from cvconvert.device.state import disk_error
+        raise disk_error(self.path, OSError(errno.ENOSPC, "No space left on device"))
+    monkeypatch.setattr(SentGuard, "store_logits", full)
+    res = infer(world, pool, proxy.url, "A")
+    answered(res, 4)
+    assert "disk is full" in res.stderr and len(pending()) == 1
+    monkeypatch.setattr(SentGuard, "store_logits", real)
+    preds = answered(infer(world, pool, proxy.url, "A"), 4)
+    assert pending() == {} and all(p["sent"] for p in preds) and np.array_equal(*proxy.seen)
+
+
+def test_status_and_resolve(world, pool, proxy):
+    proxy.fault("reset")
+    one_line_error(infer(world, pool, proxy.url, "A", extra=["--retries", "0"]), "stay pending")
+    proxy.fault("reset")
+    one_line_error(infer(world, pool, proxy.url, "B", extra=["--retries", "0"]), "stay pending")
+    res = CliRunner().invoke(app, ["fools", "status", str(pool.path)])
+    assert res.exit_code == 0 and res.stdout.count("pending") == 2
+    assert (pool.path / "pool.json").stat().st_mode & 0o777 == 0o600
+    proxy.fault("pass")
+    base = ["fools", "resolve", "--model-dir", str(world["model"]), "--fool-dir", str(pool.path), "--server", proxy.url]
+    (a_id, _), (b_id, _) = sorted(pending().items(), key=lambda kv: kv[1]["created"])
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 0 and res.stdout.count(".png") == 8 and pending() == {}
+    assert_no_exposure(proxy.seen)
+    proxy.fault("reset")
+    one_line_error(infer(world, pool, proxy.url, "C", extra=["--retries", "0"]), "stay pending")
+    res = CliRunner().invoke(app, base + ["--abandon"])
+    assert res.exit_code == 0 and "stay blocked" in res.stderr
+    proxy.fault("pass")
+    one_line_error(infer(world, pool, proxy.url, "C"), "--abandon", "never sent again")
+    answered(infer(world, pool, proxy.url, "A", "B"), 8)  # answered from the cache
