@@ -229,8 +229,9 @@ def test_bad_answers_are_refused_not_cached(world, pool, proxy, mode, words):
     assert_no_exposure(proxy.seen)
 
 
-def test_drip_cannot_hold_infer_past_its_timeout(world, pool, proxy):
-    proxy.fault("drip", times=1, drip=0.3)
+@pytest.mark.parametrize("mode", ["drip", "hang"])
+def test_drip_cannot_hold_infer_past_its_timeout(world, pool, proxy, mode):
+    proxy.fault(mode, times=1, drip=0.3, delay=6)
     t0 = time.monotonic()
     res = infer(world, pool, proxy.url, "A", extra=["--timeout", "1.5", "--retries", "0"])
     elapsed = time.monotonic() - t0
@@ -326,6 +327,13 @@ def test_pool_restored_from_a_backup_is_refused(world, pool, proxy, tmp_path):
     assert len(proxy.seen) == 1
 
 
+def test_lost_state_folder_is_refused(world, pool, proxy):
+    _first_run(world, pool, proxy)
+    shutil.rmtree(DeviceState().root)
+    one_line_error(infer(world, pool, proxy.url, "A"), str(pool.path), "no record of it", "no longer knows")
+    assert len(proxy.seen) == 1
+
+
 def test_missing_journal_entry_is_refused(world, pool, proxy):
     proxy.fault("reset")
     one_line_error(infer(world, pool, proxy.url, "A", extra=["--retries", "0"]), "stay pending")
@@ -336,17 +344,33 @@ def test_missing_journal_entry_is_refused(world, pool, proxy):
     assert len(proxy.seen) == 1
 
 
-def test_read_only_pool(world, pool, proxy):
+def _read_only(monkeypatch, folder: Path) -> None:
+    """The folder refuses writes as a read-only mount would (chmod alone does not stop root)."""
+    import errno
+    import tempfile
+
+    real_open, real_mkstemp = os.open, tempfile.mkstemp
+
+    def no_write_open(path, flags, *a, **kw):
+        if Path(path).parent == folder and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *a, **kw)
+
+    def no_mkstemp(*a, dir=None, **kw):
+        if dir is not None and Path(dir) == folder:
+            raise PermissionError(errno.EROFS, "Read-only file system", str(dir))
+        return real_mkstemp(*a, dir=dir, **kw)
+    monkeypatch.setattr(os, "open", no_write_open)
+    monkeypatch.setattr(tempfile, "mkstemp", no_mkstemp)
+
+
+def test_read_only_pool(world, pool, proxy, monkeypatch):
     _first_run(world, pool, proxy)
-    os.chmod(pool.path, 0o500)
-    try:
-        if os.access(pool.path / "x", os.W_OK) or os.geteuid() == 0:
-            pytest.skip("root ignores file modes")
-        res = CliRunner().invoke(app, ["fools", "status", str(pool.path), "--json"])
-        assert res.exit_code == 0 and '"used": 4' in res.stdout
-        one_line_error(infer(world, pool, proxy.url, "B"), str(pool.path), "writable")
-    finally:
-        os.chmod(pool.path, 0o700)
+    _read_only(monkeypatch, pool.path)
+    res = CliRunner().invoke(app, ["fools", "status", str(pool.path), "--json"])
+    assert res.exit_code == 0 and '"used": 4' in res.stdout, res.stderr
+    one_line_error(infer(world, pool, proxy.url, "B"), str(pool.path), "writable")
+    assert len(proxy.seen) == 1 and pending() == {}
 
 
 def test_full_disk_after_the_answer_still_prints_and_keeps_the_journal(world, pool, proxy, monkeypatch):

@@ -55,9 +55,11 @@ class Journal:
         self.entries = {rid: self.state.read_entry(rid) for rid in self._mine(st)}
         released = [int(i) for e in self.entries.values() if e.get("released", 0) for i in e.get("fools", [])]
         if self.pool is not None:
-            check_pool(st, self.pool.pool_id, self.pool.path / "ledger.npy", self.pool._ledger(), released)
+            ledger = self.pool._ledger()
+            check_pool(st, self.pool.pool_id, self.pool.path / "ledger.npy", ledger, released)
+            self._check_known_pool(st, ledger)
         changed = False
-        answered = self._answered()
+        answered = self._answered() if self.entries else set()
         for rid, entry in list(self.entries.items()):
             if entry.get("released", 0):
                 self._undo(st, rid, entry)
@@ -90,6 +92,17 @@ class Journal:
         if got < int(rec):
             raise CvError(f"the guard index {self.guard.path} is older than the device state (restored from a "
                           f"backup, or rolled back): put the newer file back; {NO_RESEND}")
+
+    def _check_known_pool(self, st: dict, ledger) -> None:
+        """A pool with used fools that the state has never seen, and no guard: the state folder was lost."""
+        if self.pool.pool_id in st["pools"] or not ledger.any() or self.guard.stored_generation() is not None:
+            return
+        legacy = self.pool.path / "guard.npz"
+        hint = (f"an older cvconvert kept the guard in {legacy}: move it to {self.guard.path}" if legacy.is_file()
+                else f"restore the state folder {self.state.root} from where it went")
+        raise CvError(f"the fool pool {self.pool.path} has {int(ledger.sum())} used fool(s) but the device state "
+                      f"{self.state.root} has no record of it (deleted or replaced?), so this device no longer knows "
+                      f"which images it has sent: {hint}; {NO_RESEND}")
 
     def _answered(self) -> set:
         """Index keys of images whose answer the guard has recorded."""
