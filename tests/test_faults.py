@@ -197,6 +197,22 @@ def test_mixed_retry_releases_only_the_new_images(world, pool, proxy):
     assert_no_exposure(proxy.seen)
 
 
+def test_unsendable_request_costs_no_fool(world, pool, proxy, tmp_path):
+    """A request holding a fool already sent (refused) reserves nothing: no fool burned, nothing pending."""
+    answered(infer(world, pool, proxy.url, "A"), 4)
+    used_fool = int(np.flatnonzero(np.load(pool.path / "ledger.npy"))[0])
+    mixed = tmp_path / "mixed"
+    shutil.copytree(world["base"] / "B", mixed)
+    shutil.copy(sorted((world["base"] / "fools").iterdir())[used_fool], mixed / "zz.png")
+    res = CliRunner().invoke(app, ["infer", str(mixed), "--model-dir", str(world["model"]), "--fool-dir",
+                                   str(pool.path), "--server", proxy.url])
+    one_line_error(res, "near-duplicate", "fooling image", "nothing was sent")
+    assert used(pool) == 4 and pending() == {} and len(proxy.seen) == 1
+    answered(infer(world, pool, proxy.url, "B"), 4)
+    assert used(pool) == 8
+    assert_no_exposure(proxy.seen)
+
+
 # ---------------------------------------------------------------------------------------------------
 # outcome unknown: kept, resent as it is
 
@@ -267,17 +283,18 @@ def test_other_weights_under_the_same_name_are_refused(world, pool, proxy):
 def test_kill_9_at_random_points_then_retry(world, pool, proxy, monkeypatch, tmp_path):
     cli = Path(sys.executable).parent / "cvconvert"
     rand = random.Random(20)
-    for trial in range(3):
+    for trial in range(4):
         monkeypatch.setenv("CVCONVERT_STATE_DIR", str(tmp_path / f"state{trial}"))
         fresh = FoolPool.open(shutil.copytree(pool.path, tmp_path / f"pool{trial}"))
         proxy.seen.clear()
-        proxy.fault("slow", delay=rand.uniform(0, 1.0))
+        proxy.fault("slow", delay=1.5)
         cmd = [str(cli), "infer", str(world["base"] / "C"), "--model-dir", str(world["model"]), "--fool-dir",
                str(fresh.path), "--server", proxy.url]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rand.uniform(0.3, 2.5))
+        time.sleep(rand.uniform(0.3 + 0.6 * trial, 0.9 + 0.6 * trial))  # start-up, reserve, in flight, after
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+        print(f"kill trial {trial}: {len(proxy.seen)} x received, {len(pending())} pending")
         proxy.fault("pass")
         preds = answered(infer(world, fresh, proxy.url, "C"), 4)
         assert pending() == {}

@@ -149,44 +149,35 @@ class SentGuard:
     def _limit(self) -> float:
         return min(self.threshold, 1.0 - 1e-5)  # exact repeats pass 1 - 1e-5 despite float rounding
 
-    def _decide(self, state: dict, sk: np.ndarray) -> Verdict:
-        best, cos = self._best(sk, state["sketch"])
-        action, ref, logits = [], [], []
-        for i in range(len(sk)):
-            earlier = [j for j in range(i) if action[j] == "send"]
-            inner = sk[earlier] @ sk[i] if earlier else np.zeros(0)
-            if len(inner) and inner.max() >= self._limit and inner.max() >= cos[i]:
-                action.append("same"), ref.append(earlier[int(inner.argmax())]), logits.append(None)
-                cos[i] = inner.max()
-            elif cos[i] >= self._limit:
-                self._known(state, best[i], action, ref, logits)
-            else:
-                action.append("send"), ref.append(None), logits.append(None)
-        return Verdict(action, ref, cos, logits)
-
-    def screen(self, features: np.ndarray) -> Verdict:
-        """What screen_and_reserve would decide, reserving nothing."""
-        with self._lock():
-            return self._decide(self._load(), sketch(features))
-
     def screen_and_reserve(self, features: np.ndarray, send_fools) -> tuple[Verdict, object, np.ndarray]:
         """Decide per image (see Verdict), then record every image to be sent and its fool before
         anything leaves the device. send_fools(mask) -> fools (an object with .features, or an array
         [k, ...]) for the images to send, called under the lock so that the fools' check and the images'
-        check see one state. A request with a refused image reserves nothing. Returns the verdict, the
-        fools and the index keys of the images to send."""
+        check see one state. Returns the verdict, the fools and the index keys of the images to send
+        (verdict.fool_keys: those of the fools, so that a caller can `forget` a reservation never sent)."""
         with self._lock():
             state = self._load()
             sk = sketch(features)
-            verdict = self._decide(state, sk)
-            send = np.array([a == "send" for a in verdict.action])
-            fools, keys, verdict.fool_keys = None, np.zeros(0, np.int64), np.zeros(0, np.int64)
-            if send.any() and "refuse" not in verdict.action:  # an unsendable request reserves nothing
+            best, cos = self._best(sk, state["sketch"])
+            action, ref, logits = [], [], []
+            for i in range(len(sk)):
+                earlier = [j for j in range(i) if action[j] == "send"]
+                inner = sk[earlier] @ sk[i] if earlier else np.zeros(0)
+                if len(inner) and inner.max() >= self._limit and inner.max() >= cos[i]:
+                    action.append("same"), ref.append(earlier[int(inner.argmax())]), logits.append(None)
+                    cos[i] = inner.max()
+                elif cos[i] >= self._limit:
+                    self._known(state, best[i], action, ref, logits)
+                else:
+                    action.append("send"), ref.append(None), logits.append(None)
+            send = np.array([a == "send" for a in action])
+            fools, keys, fool_keys = None, np.zeros(0, np.int64), np.zeros(0, np.int64)
+            if send.any():
                 fools = send_fools(send)
                 keys = self._append(state, sk[send], IMAGE)
-                verdict.fool_keys = self._append(state, sketch(getattr(fools, "features", fools)), FOOL)
+                fool_keys = self._append(state, sketch(getattr(fools, "features", fools)), FOOL)
                 self._save(state)
-        return verdict, fools, keys
+        return Verdict(action, ref, cos, logits, fool_keys), fools, keys
 
     def _known(self, state, j, action, ref, logits) -> None:
         if state["kind"][j] == FOOL:
@@ -259,10 +250,6 @@ class NoGuard:
 
     def too_close(self, sketches: np.ndarray) -> np.ndarray:
         return np.zeros(len(sketches), dtype=bool)
-
-    def screen(self, features) -> Verdict:
-        n = len(features)
-        return Verdict(["send"] * n, [None] * n, np.full(n, -1.0), [None] * n)
 
     def screen_and_reserve(self, features, send_fools):
         n = len(features)

@@ -109,13 +109,18 @@ class Pipeline(GraphRunner):
 
     # -- one request: reserve, send, answer (cvconvert.device.journal keeps the state) ------------------
     def _reserve(self, st, images, a, names) -> _Request:
-        """Screen the whole request, then reserve only what will be sent: fools, guard entries, keys, x."""
-        verdict = self.guard.screen(a)
-        self._refusals(verdict)
-        resend = self._pending_rows(verdict)
+        """Reserve fools, guard entries, keys and x for the images to send; a request that cannot be sent
+        as a whole (a refused image, a blocked pending one) gives everything back before it says so."""
         self._taken_index = np.zeros(0, np.int64)
         verdict, fools_b, seq = self.guard.screen_and_reserve(a, lambda mask: self._fool_features(images[mask], a))
-        self._refusals(verdict)
+        try:
+            self._refusals(verdict)
+            resend = self._pending_rows(verdict)
+        except CvError:
+            self.guard.forget(list(seq) + list(verdict.fool_keys if verdict.fool_keys is not None else []))
+            if self.pool is not None and len(self._taken_index):
+                self.pool.release(self._taken_index)  # an unsendable request costs no fool
+            raise
         send = np.array([act == "send" for act in verdict.action])
         req = _Request(verdict, send, resend)
         if send.any():
