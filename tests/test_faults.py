@@ -430,3 +430,46 @@ def test_status_and_resolve(world, pool, proxy):
     proxy.fault("pass")
     one_line_error(infer(world, pool, proxy.url, "C"), "--abandon", "never sent again")
     answered(infer(world, pool, proxy.url, "A", "B"), 8)  # answered from the cache
+
+
+def test_p3_pending_request_is_resent_with_its_stored_keys(world, tmp_path):
+    """P = 3 (keys [N, 3, 3]): an unknown outcome keeps x and the orthogonal keys; the retry sends the same
+    x and decodes it with them, to the logits a local run with those keys gives."""
+    import onnxruntime as ort
+
+    from cvconvert.build import convert_to_dir
+    from cvconvert.device.remote import OutcomeUnknown
+    from cvconvert.export import export_model_dir
+
+    model = tmp_path / "lenet3"
+    convert_to_dir("lenet", model, parts=3)
+    export_model_dir(model)
+    sess = ort.InferenceSession(str(model / "onnx" / "processing.onnx"), providers=["CPUExecutionProvider"])
+    seen, fail = [], [True]
+
+    def flaky(x):
+        seen.append(np.array(x, copy=True))
+        if fail[0]:
+            fail[0] = False
+            raise OutcomeUnknown("server closed the connection")
+        return sess.run(None, {"x": x})[0]
+
+    from cvconvert.cli.fools import _load
+
+    plain = Pipeline.from_model_dir(model, guard=None)
+    arr, _ = _load([world["base"] / "fools"], plain.manifest, False)
+    pool3 = FoolPool.create(tmp_path / "pool3", arr, plain.features(arr), features_sha256=plain.features_sha256,
+                            input_shape=plain.input_shape, feature_shape=plain.features(arr[:1]).shape[1:])
+    pipe = Pipeline.from_model_dir(model, pool=pool3, processing=flaky)
+    images = _images(world, "D")
+    with pytest.raises(Exception, match="outcome is unknown"):
+        pipe.predict(images)
+    (rid,) = pending()
+    entry = DeviceState().read_entry(rid)
+    assert entry["key"].shape == (4, 3, 3) and used(pool3) == 8
+    got = pipe.predict(images)
+    assert len(pipe.last["resent"]) == 4 and used(pool3) == 8 and pending() == {}
+    assert np.array_equal(seen[0], seen[1])
+    want = plain.decode(sess.run(None, {"x": seen[0]})[0], entry["key"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert_no_exposure(seen)

@@ -261,7 +261,8 @@ class NoGuard:
 
 
 def default_guard_path(features_sha256: str) -> Path:
-    """Where a device without a fool pool keeps its guard index ($CVCONVERT_STATE_DIR, else
-    ~/.local/state/cvconvert), one file per features graph."""
-    root = os.environ.get("CVCONVERT_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".local", "state", "cvconvert")
-    return Path(root) / f"guard-{features_sha256[:16]}.npz"
+    """Where a device keeps its guard index: the device state folder (cvconvert.device.state), one file per
+    features graph."""
+    from .state import guard_path
+
+    return guard_path(features_sha256)

@@ -140,7 +140,7 @@ class Journal:
         if self.pool is not None:
             ledger = self.pool._ledger()
             st["pools"][self.pool.pool_id] = {"ledger": pack_bits(ledger), "count": int(len(ledger)),
-                                              "path": str(self.pool.path)}
+                                              "path": str(self.pool.path.resolve())}
 
     def _save(self, st: dict) -> None:
         self._note_parts(st)

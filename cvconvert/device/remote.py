@@ -92,12 +92,12 @@ class _Retry(Exception):
 
 
 def _dropped(sock) -> bool:
-    """Whether the peer closed an idle kept-alive socket (readable with nothing to read, or an error)."""
+    """Whether the peer closed an idle kept-alive socket: between requests it has nothing to say, so a
+    readable socket means end of file (or garbage); either way a new connection is the safe choice."""
     import select
 
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and not sock.recv(1, socket.MSG_PEEK)
+        return bool(select.select([sock], [], [], 0)[0])
     except (OSError, ValueError):
         return True
 
