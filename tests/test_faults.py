@@ -303,6 +303,28 @@ def test_kill_9_at_random_points_then_retry(world, pool, proxy, monkeypatch, tmp
         assert len(preds) == 4
 
 
+@pytest.mark.parametrize("where", ["record", "write_entry", "save"])
+def test_crash_inside_the_first_reservation(world, pool, proxy, monkeypatch, where):
+    """A crash after the fools were taken and the guard written, before the commit (the pool's first use):
+    nothing was sent, so the retry sends every image; no refusal, nothing pending."""
+    from cvconvert.device.journal import Journal
+
+    target = {"record": (Journal, "record"), "write_entry": (DeviceState, "write_entry"),
+              "save": (DeviceState, "save")}[where]
+
+    def crash(*a, **kw):
+        raise KeyboardInterrupt  # what kill -9 leaves behind, without the process dying here
+    real = getattr(*target)
+    monkeypatch.setattr(*target, crash)
+    with pytest.raises(KeyboardInterrupt):
+        _pipe(world, pool, proxy.url).predict(_images(world, "A"))
+    monkeypatch.setattr(*target, real)  # (not monkeypatch.undo: that would drop the private state folder too)
+    assert proxy.seen == []
+    preds = answered(infer(world, pool, proxy.url, "A"), 4)
+    assert all(p["sent"] for p in preds) and pending() == {} and len(proxy.seen) == 1
+    assert_no_exposure(proxy.seen)
+
+
 # ---------------------------------------------------------------------------------------------------
 # damaged, missing or unwritable state
 

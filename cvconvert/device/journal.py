@@ -58,7 +58,9 @@ class Journal:
             ledger = self.pool._ledger()
             check_pool(st, self.pool.pool_id, self.pool.path / "ledger.npy", ledger, released)
             self._check_known_pool(st, ledger)
-        changed = False
+        # a pool seen for the first time is recorded before any fool is taken from it, so that a crash
+        # after the ledger's write never reads as a pool the state has no record of
+        changed = self.pool is not None and self.pool.pool_id not in st["pools"]
         answered = self._answered() if self.entries else set()
         for rid, entry in list(self.entries.items()):
             if entry.get("released", 0):
