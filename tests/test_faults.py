@@ -45,18 +45,15 @@ def _picture(path: Path, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A converted, exported LeNet served by `cvconvert serve` (background thread), 4 image sets of 4
+def world(tmp_path_factory, lenet_exported):
+    """The session's exported LeNet served by `cvconvert serve` (background thread), 4 image sets of 4
     and 60 fool pictures."""
-    from cvconvert.build import convert_to_dir
-    from cvconvert.export import export_model_dir
     from cvconvert.serve import app as srv
     from cvconvert.serve import run as srv_run
     from cvconvert.serve.model import load_served_model
 
     base = tmp_path_factory.mktemp("faults")
-    convert_to_dir("lenet", base / "lenet", force=True)
-    export_model_dir(base / "lenet")
+    shutil.copytree(lenet_exported / "lenet", base / "lenet")
     for s in "ABCD":
         (base / s).mkdir()
         for i in range(4):
