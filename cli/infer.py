@@ -210,7 +210,7 @@ def _print(files, probs, pipe, man, server, how, sent, top_k, as_json) -> None:
     cached = sum(not s for s in sent)
     sent_any = pipe.complex and cached < len(sent)
     info(f"ran on {pipe.providers['encoder']} (device side), processing on {where}"
-         + (f"; fooling inputs from {how}" if sent_any else "")
+         + (f"; fooling inputs from {how}" if sent_any and how else "")
          + (f"; {cached} image(s) sent before (or a near-duplicate of one) answered from this device's cache, "
             "not sent again" if cached else ""))
     if how == "noise":
