@@ -492,3 +492,13 @@ def test_p3_pending_request_is_resent_with_its_stored_keys(world, tmp_path):
     want = plain.decode(sess.run(None, {"x": seen[0]})[0], entry["key"])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert_no_exposure(seen)
+
+
+def test_status_checks_the_recorded_hashes(pool):
+    """`fools status` reads every file: a features.npy rewritten with other (well-formed) numbers is named."""
+    ok = CliRunner().invoke(app, ["fools", "status", str(pool.path), "--json"])
+    assert ok.exit_code == 0 and '"verified": true' in ok.stdout and '"private": true' in ok.stdout
+    feats = np.load(pool.path / "features.npy")
+    np.save(pool.path / "features.npy", feats[::-1].copy())
+    one_line_error(CliRunner().invoke(app, ["fools", "status", str(pool.path)]), "features.npy",
+                   "changed after it was written")
