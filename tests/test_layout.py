@@ -86,6 +86,10 @@ def test_a_name_registered_twice_warns(monkeypatch):
         assert len(seen) == 1 and name in str(seen[0].message) and "registered twice" in str(seen[0].message)
     assert archs.get_entry("mine").fn is arch2  # the later entry wins, as in timm
 
+    from cvconvert.attacks.registry import PROPERTY_ATTACKS, check_ids
+    with pytest.warns(UserWarning, match="attack 'knn1' registered twice"):
+        check_ids(PROPERTY_ATTACKS, [("knn1", "another 1-NN", "feature", None)])
+
     # The audit keeps its fitted attacks by id: a second attack with an id already taken warns.
     class Fake:
         id, label, history, limit, stage = "same", "fake", {}, None, "angle"
