@@ -55,6 +55,26 @@ def lenet_exported(_lenet_session, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def _lenet3_session(tmp_path_factory):
+    """The same LeNet with P = 3 parts (orthogonal [N, 3, 3] keys), converted and exported once (about 5 s)."""
+    from cvconvert.build import convert_to_dir
+    from cvconvert.export import export_model_dir
+
+    root = tmp_path_factory.mktemp("lenet3-session")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        convert_to_dir("lenet", root / "lenet3", data="fashion-mnist", parts=3)
+        export_model_dir(root / "lenet3")
+    return root / "lenet3"
+
+
+@pytest.fixture
+def lenet3_exported(_lenet3_session, tmp_path) -> Path:
+    """A test's own copy of the session's exported P = 3 LeNet, as tmp_path/lenet3."""
+    return Path(shutil.copytree(_lenet3_session, tmp_path / "lenet3"))
+
+
 # --- helpers the test modules share (from conftest import ...) -------------------------------------------------
 
 def invoke(*args, check: bool = False):

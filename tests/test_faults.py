@@ -451,18 +451,14 @@ def test_status_and_resolve(world, pool, proxy):
     answered(infer(world, pool, proxy.url, "A", "B"), 8)  # answered from the cache
 
 
-def test_p3_pending_request_is_resent_with_its_stored_keys(world, tmp_path):
+def test_p3_pending_request_is_resent_with_its_stored_keys(world, tmp_path, lenet3_exported):
     """P = 3 (keys [N, 3, 3]): an unknown outcome keeps x and the orthogonal keys; the retry sends the same
     x and decodes it with them, to the logits a local run with those keys gives."""
     import onnxruntime as ort
 
-    from cvconvert.build import convert_to_dir
     from cvconvert.device.remote import OutcomeUnknown
-    from cvconvert.export import export_model_dir
 
-    model = tmp_path / "lenet3"
-    convert_to_dir("lenet", model, parts=3)
-    export_model_dir(model)
+    model = lenet3_exported
     sess = ort.InferenceSession(str(model / "onnx" / "processing.onnx"), providers=["CPUExecutionProvider"])
     seen, fail = [], [True]
 

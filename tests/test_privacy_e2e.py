@@ -15,8 +15,6 @@ import torch
 
 from cvconvert.cli.infer import load_image
 from cvconvert.attacks import span
-from cvconvert.build import convert_to_dir
-from cvconvert.export import export_model_dir
 from cvconvert.device.fools import FoolPool
 from cvconvert.device.pipeline import Pipeline
 from conftest import invoke as _invoke
@@ -101,13 +99,11 @@ def _appearances(sent: list[np.ndarray], vectors: np.ndarray, exact: float = spa
     return (inside >= exact).sum(1).numpy()
 
 
-def test_p3_device_sends_each_feature_once(device, recorder, tmp_path):
+def test_p3_device_sends_each_feature_once(device, recorder, tmp_path, lenet3_exported):
     """P = 3: each image travels with P-1 = 2 pool fools; no image or fool feature lies in two
     transmissions, repeats stay on the device; the control (one fool given to two images) is seen."""
     _, images, fools_src, root = device
-    model = root / "lenet3"
-    convert_to_dir("lenet", model, data="fashion-mnist", parts=3)
-    export_model_dir(model)
+    model = lenet3_exported
     pool = tmp_path / "pool3"
     made = _invoke("fools", "create", pool, fools_src, "--model-dir", model, "--no-check-public")
     assert made.exit_code == 0, made.stderr
