@@ -17,7 +17,7 @@ from .artifacts import ONNX_DIR, read_manifest
 from .fools import FoolPool, fallback_fool, low_water
 from .graphs import GraphRunner
 from .guard import NoGuard, SentGuard
-from .keys import haar_orthogonal, secure_angles
+from .keylaws import draw_keys
 
 GUARD_FILE = "guard.npz"  # the near-duplicate guard's index, kept in the fool pool's folder
 
@@ -65,37 +65,37 @@ class Pipeline(GraphRunner):
                    features=feats if feats.is_file() else None, pool=pool, guard=guard)
 
     def new_keys(self, n: int) -> np.ndarray:
-        """n fresh secret keys from os.urandom: angles, or Haar orthogonal [n, P, P] for P parts."""
-        return secure_angles(n) if self.parts == 2 else haar_orthogonal(n, self.parts)
+        """n fresh secret keys [n, P, P] from os.urandom, drawn by the model's key law."""
+        return draw_keys(self.law, n, self.parts)
 
     # -- the device's rules ----------------------------------------------------------------------------
-    def predict(self, images: np.ndarray, fools: np.ndarray | None = None, theta: np.ndarray | None = None) -> np.ndarray:
+    def predict(self, images: np.ndarray, fools: np.ndarray | None = None, key: np.ndarray | None = None) -> np.ndarray:
         """Logits for a batch of images (pixels in [0, 1], [N, C, H, W]).
 
         Complex models follow the device's rule that no feature vector appears in two transmissions: each
         image's fool comes from the pool and is never used again (no pool: a fresh noise fool, which the
-        exchange defense refuses); theta is fresh per image (os.urandom); an image whose feature lies
+        exchange and Haar key laws refuse); the key is fresh per image (os.urandom); an image whose feature lies
         within the guard's threshold of one already sent is not sent again (its cached answer is returned,
-        or it is refused when it matches a fool). `self.last` says what happened. Passing `fools`/`theta`
-        is the low-level path with none of these rules (tests and audits).
+        or it is refused when it matches a fool). `self.last` says what happened. Passing `fools`/`key`
+        is the low-level path with none of these rules (tests and audits); fools [N, P-1, C, H, W], key [N, P, P].
         """
         images = self._check_images(images)
         self.last = {}
         if not self.complex:
             return self.decode(self.process(self.encode(images)))
-        if fools is not None or theta is not None:
-            if fools is None or theta is None:
-                raise CvError("pass both fools and theta, or neither (then the device's rules pick them)")
-            return self.decode(self.process(self.encode(images, fools, theta)), theta)
+        if fools is not None or key is not None:
+            if fools is None or key is None:
+                raise CvError("pass both fools and key, or neither (then the device's rules pick them)")
+            return self.decode(self.process(self.encode(images, fools, key)), key)
         a = self.features(images)
         verdict, fools_b, keys = self.guard.screen_and_reserve(a, lambda mask: self._fool_features(images[mask], a))
         self._refusals(verdict)
         send = np.array([act == "send" for act in verdict.action])
         out = np.zeros((len(images), len(self.class_names)), np.float32)
         if send.any():
-            theta = self.new_keys(int(send.sum()))  # one secret key per image; stays in this process
-            b = fools_b if self.parts == 2 else fools_b.reshape((-1, self.parts - 1) + fools_b.shape[1:])
-            sent = self.decode(self.process(self.combine(a[send], b, theta)), theta)
+            key = self.new_keys(int(send.sum()))  # one secret key per image; stays in this process
+            b = fools_b.reshape((-1, self.parts - 1) + fools_b.shape[1:])
+            sent = self.decode(self.process(self.combine(a[send], b, key)), key)
             self.guard.store_logits(keys, sent)
             out[send] = sent
         for i, (act, ref, cached) in enumerate(zip(verdict.action, verdict.ref, verdict.logits)):
@@ -111,12 +111,10 @@ class Pipeline(GraphRunner):
         """b for each image to send: a never-used pool fool (burning any that lies within the guard's
         threshold of something sent or of this request's images), else fresh noise where allowed.
         P parts: P-1 fools per image, [N * (P-1), ...] in image order (the guard records each one)."""
-        if self.parts > 2:
-            images = np.repeat(images, self.parts - 1, 0)
+        images = np.repeat(images, self.parts - 1, 0)
         if self.pool is None:
-            if self.fool_sign == "quadrant" or self.parts > 2:
-                what = "the exchange defense" if self.parts == 2 else f"{self.parts} parts"
-                raise CvError(f"this model uses {what}, which needs a device-private fool pool (a noise "
+            if self.law.private_fools:
+                raise CvError(f"this model's key law ({self.law.name}) needs a device-private fool pool (a noise "
                               "fool would show which reading is the image): create one with `cvconvert fools create "
                               "POOL --model-dir DIR IMAGES...` and pass --fool-dir POOL")
             self.last["fools"] = "noise"
