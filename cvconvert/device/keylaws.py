@@ -9,12 +9,13 @@ that tells the paper's angle, the exchange defense and a Haar key apart: the gra
     exchange   P = 2: Q = R(theta) diag(1, s), s = +1 where theta lies in the 1st or 3rd quarter-circle,
                -1 in the 2nd or 4th (cvconvert/defense.py, ExchangeDefense): the fool's sign follows theta
 
-Every draw comes from os.urandom (keys.py). Adding a law is one function and one `register` line; see
-docs/keys.md. Torch-free: the device imports it.
+Every draw comes from os.urandom (keys.py). Adding a law is one module with its draw function and one
+`register` line below (the draw named "module:function"); see docs/keys.md. Torch-free: the device imports it.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,16 +53,24 @@ def key_angle(key: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class KeyLaw:
-    """name; parts: the one P it is for (None: any P >= 2); draw(n, P) -> [n, P, P] float32 from os.urandom;
+    """name; parts: the one P it is for (None: any P >= 2); draw(n, P) -> [n, P, P] float32 from os.urandom,
+    a callable or "module:function" (imported on first use, so a law in its own module needs no import here);
     of_angle: for angle laws, theta [n] -> the key the law draws at that angle (attacks simulate with it);
     private_fools: a noise fool would show which reading is the image, so the device needs a fool pool."""
 
     name: str
     parts: int | None
-    draw: Callable[[int, int], np.ndarray]
+    draw: Callable[[int, int], np.ndarray] | str
     of_angle: Callable[[np.ndarray], np.ndarray] | None = None
     private_fools: bool = True
     doc: str = ""
+
+    def sample(self, n: int, parts: int) -> np.ndarray:
+        draw = self.draw
+        if isinstance(draw, str):
+            module, _, fn = draw.partition(":")
+            draw = getattr(importlib.import_module(module), fn)
+        return draw(n, parts)
 
 
 KEY_LAWS: dict[str, KeyLaw] = {}
@@ -108,5 +117,11 @@ def law_of(manifest: dict) -> KeyLaw:
 
 
 def draw_keys(law: KeyLaw, n: int, parts: int) -> np.ndarray:
-    """n fresh secret keys [n, P, P] float32 by `law`, from os.urandom."""
-    return np.ascontiguousarray(law.draw(n, parts), dtype=np.float32)
+    """n fresh secret keys [n, P, P] float32 by `law`, from os.urandom; a law that draws anything but
+    orthogonal [n, P, P] keys is refused (the decoder's Q^T would not undo it)."""
+    key = np.ascontiguousarray(law.sample(n, parts), dtype=np.float32)
+    if key.shape != (n, parts, parts):
+        raise CvError(f"key law {law.name!r} drew keys of shape {list(key.shape)}, expected [{n}, {parts}, {parts}]")
+    if n and not np.allclose(key @ key.transpose(0, 2, 1), np.eye(parts, dtype=np.float32), atol=1e-4):
+        raise CvError(f"key law {law.name!r} drew a key that is not orthogonal")
+    return key
