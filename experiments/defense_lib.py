@@ -38,7 +38,7 @@ from cvconvert.attacks.regressor import LearnedRegressor
 from cvconvert.attacks.whitebox import WhiteBox
 from cvconvert.complex.functional import modulus, unrotate_real
 from cvconvert.defense import make_defense
-from cvconvert.model import random_theta
+from cvconvert.device.keylaws import key_angle
 from cvconvert.modeldir import atomic_json, atomic_torch_save, load_model, read_manifest, MANIFEST, WEIGHTS
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per process is ~10x faster than two fighting
@@ -188,11 +188,11 @@ def train_dir(model_dir, data: dict, epochs: int, defense: str | None = None, we
                     fidx = _derangement(len(a))
                 b = a[fidx]
                 stats["fool_dist"] = float((img - img[fidx]).abs().flatten(1).mean(1).mean())
-                theta = random_theta(len(a))
-                x = model.encoder.combine(a, b, theta)
+                key = model.random_key(len(a))  # by the model's key law (exchange: the fool's sign)
+                x = model.encoder.combine(a, b[:, None], key)
                 if d is not None:
                     stats.update(d.update(a, b, x, step))
-                logits = model.decoder(model.processing(x), theta)
+                logits = model.decoder(model.processing(x), key)
                 loss = F.cross_entropy(logits, tgt)
                 if d is not None:
                     extra, s2 = d.extra_loss(a, b, x, step)
@@ -288,10 +288,11 @@ def _victim(model, data: dict, seed: int, fool_rule: str, pool_size: int, match_
         fool, part_fn = victim_match_fools(I_ev, data["pool"], match_lam, gen), match_partners(I_att, match_lam)
     else:
         fool, part_fn = I_ev[_derangement(len(I_ev))], partners
-    theta = random_theta(len(I_ev))  # the victim's secret keys (CSPRNG); only used to score
-    x_ev = batched(lambda i, f, t: model.encoder(i, f, t), I_ev, fool, theta)
+    key = model.random_key(len(I_ev))  # the victim's secret keys (CSPRNG); only used to score
+    theta = torch.from_numpy(key_angle(key.numpy()))
+    x_ev = batched(lambda i, f, k: model.encoder(i, f[:, None], k), I_ev, fool, key)
     with torch.no_grad():  # utility with the deployment's fools (test_error: model(i)'s rolled fool)
-        logits = batched(lambda xb, t: model.decoder(model.processing(xb), t), x_ev, theta)
+        logits = batched(lambda xb, k: model.decoder(model.processing(xb), k), x_ev, key)
     out = {"test_error_deployed_fools": float((logits.argmax(1) != y_ev).float().mean()),
            "fool_dist_mean": float(per_sample_mae(fool, I_ev).mean())}
     return fool, theta, x_ev, part_fn, out

@@ -24,7 +24,6 @@ import defense_lib as L  # noqa: E402,F401  (sets one thread)
 
 from cvconvert.build import convert_to_dir  # noqa: E402
 from cvconvert.defense import make_defense  # noqa: E402
-from cvconvert.model import random_theta  # noqa: E402
 from cvconvert.modeldir import load_model  # noqa: E402
 from cvconvert.defense import gradient_penalty as _gradient_penalty, negatives  # noqa: E402
 
@@ -45,11 +44,11 @@ def stepper(kind: str, tmp: Path):
         else:
             a = m.encoder.features(img)
             b = a.roll(1, 0)
-            th = random_theta(len(a))
-            x = m.encoder.combine(a, b, th)
+            key = m.random_key(len(a))
+            x = m.encoder.combine(a, b[:, None], key)
             if d is not None:
                 d.update(a, b, x)
-            loss = F.cross_entropy(m.decoder(m.processing(x), th), y)
+            loss = F.cross_entropy(m.decoder(m.processing(x), key), y)
             if d is not None:
                 loss = loss + d.extra_loss(a, b, x, i)[0]
             if copt is not None:
