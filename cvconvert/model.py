@@ -12,8 +12,8 @@ graphs, so export needs no wrappers: for the complex variant encoder(image, fool
 (P = 2: index 0 the real part, 1 the imaginary part); for the baselines encoder(image) -> a, processing(a) -> h,
 decoder(h) -> logits.
 
-Architectures come from the zoo's registry (zoo/); the zoo depends only on cvconvert's converter and
-layers, never on this module, so the imports run one way.
+Architectures come from the registry ``cvconvert.archs``, into which the zoo (zoo/) registers; the zoo
+depends only on cvconvert's registry, converter and layers, never on this module, so the imports run one way.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cvconvert import zoo
-
+from . import archs
 from . import split as splitlib
 from .convert import LEAF_MODULES, to_complex
 from .errors import CvError
@@ -153,7 +152,7 @@ def build_model(spec: ModelSpec, real: nn.Module | None = None) -> SplitModel:
     if spec.variant == "complex":
         _ = spec.law  # an unknown law, or one for another P, is a one-line CvError here
     if real is None:
-        real = zoo.create_model(spec.arch, spec.num_classes, spec.input_shape)
+        real = archs.create_model(spec.arch, spec.num_classes, spec.input_shape)
     parts = splitlib.split_model(real, spec.encoder_end, spec.decoder_start, LEAF_MODULES)
     normalize = Normalize(spec.mean, spec.std)
     probe = torch.zeros((2,) + tuple(spec.input_shape))
