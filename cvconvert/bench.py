@@ -99,12 +99,14 @@ class OrtPipeline:
     numpy from a precomputed fool feature (`contracts.combine_np`), processing, decoder."""
 
     def __init__(self, paths: dict[str, Path], provider: str, threads: int | None, is_complex: bool):
-        from .device.contracts import SIGNATURES
+        from .device.contracts import SIGNATURES, check_key_form
         from .device.sessions import make_session
 
         self.provider = provider
         self.sigs = {p: s for p, s in SIGNATURES[is_complex].items() if p in paths}
         self.sessions = {p: make_session(paths[p], provider, threads) for p in self.sigs}  # the runtime's options
+        for p, sess in self.sessions.items():  # a format-1 export (theta graphs): one line naming the fix
+            check_key_form(f"{p} graph {paths[p]}", [i.name for i in sess.get_inputs()], Path(paths[p]).parent.parent)
         self.stages = tuple(self.sessions) + ("end_to_end",) + (("online",) if "features" in self.sessions else ())
 
     def prepare(self, feeds: dict[str, dict]):

@@ -490,6 +490,9 @@ def test_format1_onnx_is_refused_in_one_line_and_export_rebuilds_it(lenet_export
         assert f"`cvconvert export {out}`" in lines[0], lines[0]
     with pytest.raises(CvError, match="cvconvert export"):
         Pipeline.from_model_dir(out)
+    from cvconvert.bench import OrtPipeline
+    with pytest.raises(CvError, match="takes `theta`"):  # bench times the graphs as they are: refused too
+        OrtPipeline({p: out / "onnx" / f"{p}.onnx" for p in ("encoder", "processing", "decoder")}, "cpu", 1, True)
     # model.pt of format 1 still loads; `cvconvert export DIR` rebuilds the graphs and upgrades the manifest
     assert load_model(out)[0].spec.law.name == "rotation"
     res = CliRunner().invoke(app, ["export", str(out)])
