@@ -57,10 +57,17 @@ class Verdict:
     ref: list
     cosine: np.ndarray
     logits: list
+    fool_keys: np.ndarray | None = None  # the index keys of the fools reserved for the images to send
 
 
 class SentGuard:
-    """The bounded index of sent features; ``path`` None keeps it in memory for this process only."""
+    """The bounded index of sent features; ``path`` None keeps it in memory for this process only.
+
+    What the journal (cvconvert/device/journal.py, state.py) relies on, whatever the index keeps: ``stamp``
+    written into the file as ``generation`` and read back by ``stored_generation()``; ``forget(keys)`` and
+    ``pending_keys()``; a "busy" verdict carrying the entry's key in ``ref``; ``Verdict.fool_keys``; and a
+    damaged file raising one CvError line (never an empty index: an emptied guard reads as a deleted one).
+    """
 
     def __init__(self, path=None, threshold: float = DEFAULT_THRESHOLD, capacity: int = DEFAULT_CAPACITY):
         if not 0.0 < threshold <= 1.0:
@@ -70,6 +77,7 @@ class SentGuard:
         self.path = Path(path) if path is not None else None
         self.threshold, self.capacity = float(threshold), int(capacity)
         self._mem = None  # in-memory state when path is None
+        self.stamp = 0  # the device state's generation, written with the index (cvconvert.device.state)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -86,24 +94,40 @@ class SentGuard:
         try:
             with np.load(self.path) as z:
                 return {k: z[k] for k in ("sketch", "kind", "logits", "seq")}
-        except (OSError, ValueError, KeyError):
-            raise CvError(f"the guard index {self.path} is unreadable; move it away to start a new one "
-                          "(the device then forgets what it has sent)") from None
+        except Exception:  # BadZipFile, EOFError, OSError, ...: any damage reads the same to the user
+            raise CvError(f"the guard index {self.path} is damaged or unreadable: restore it from a backup taken "
+                          "after the last request (do not delete it: without it this device would send earlier "
+                          "images again, which exposes them); cvconvert refuses to send meanwhile") from None
+
+    def stored_generation(self) -> int | None:
+        """The generation the index file was last written at (None: no file, 0: written before generations)."""
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            with np.load(self.path) as z:
+                return int(z["generation"]) if "generation" in z.files else 0
+        except Exception:
+            self._load()  # raises the one-line error
+            return 0
 
     def _save(self, state: dict) -> None:
         keep = np.argsort(state["seq"])[-self.capacity:]  # the most recent `capacity` entries
-        state = {k: v[keep] if len(v) else v for k, v in state.items()}
+        state = {k: v[keep] if len(v) else v for k, v in state.items() if k != "generation"}
         if self.path is None:
             self._mem = state
             return
         from .artifacts import atomic_write
+        from .state import disk_error
 
         def write(tmp):
             with open(tmp, "wb") as f:
-                np.savez(f, **state)
+                np.savez(f, generation=np.int64(self.stamp), **state)
                 f.flush()
                 os.fsync(f.fileno())
-        atomic_write(self.path, write, mode=0o600)
+        try:
+            atomic_write(self.path, write, mode=0o600)
+        except OSError as exc:
+            raise disk_error(self.path, exc) from None
 
     def _lock(self):
         if self.path is None:
@@ -135,7 +159,8 @@ class SentGuard:
         """Decide per image (see Verdict), then record every image to be sent and its fool before
         anything leaves the device. send_fools(mask) -> fools (an object with .features, or an array
         [k, ...]) for the images to send, called under the lock so that the fools' check and the images'
-        check see one state. Returns the verdict, the fools and the index keys of the images to send."""
+        check see one state. Returns the verdict, the fools and the index keys of the images to send
+        (verdict.fool_keys: those of the fools, so that a caller can `forget` a reservation never sent)."""
         with self._lock():
             state = self._load()
             sk = sketch(features)
@@ -152,19 +177,19 @@ class SentGuard:
                 else:
                     action.append("send"), ref.append(None), logits.append(None)
             send = np.array([a == "send" for a in action])
-            fools, keys = None, np.zeros(0, np.int64)
+            fools, keys, fool_keys = None, np.zeros(0, np.int64), np.zeros(0, np.int64)
             if send.any():
                 fools = send_fools(send)
                 keys = self._append(state, sk[send], IMAGE)
-                self._append(state, sketch(getattr(fools, "features", fools)), FOOL)
+                fool_keys = self._append(state, sketch(getattr(fools, "features", fools)), FOOL)
                 self._save(state)
-        return Verdict(action, ref, cos, logits), fools, keys
+        return Verdict(action, ref, cos, logits, fool_keys), fools, keys
 
     def _known(self, state, j, action, ref, logits) -> None:
         if state["kind"][j] == FOOL:
             action.append("refuse"), ref.append(None), logits.append(None)
-        elif np.isnan(state["logits"][j]).any():
-            action.append("busy"), ref.append(None), logits.append(None)
+        elif state["logits"].shape[1] == 0 or np.isnan(state["logits"][j]).any():  # no answer recorded yet
+            action.append("busy"), ref.append(int(state["seq"][j])), logits.append(None)
         else:
             action.append("cached"), ref.append(int(state["seq"][j])), logits.append(state["logits"][j].copy())
 
@@ -181,6 +206,24 @@ class SentGuard:
         width = state["logits"].shape[1]
         state["logits"] = np.concatenate([state["logits"], np.full((n, width), np.nan, np.float32)])
         return keys
+
+    def pending_keys(self) -> set:
+        """Index keys of the images whose answer is not recorded (sent or reserved, no logits yet)."""
+        state = self._load()
+        if not len(state["seq"]):
+            return set()
+        nan = np.isnan(state["logits"]).any(1) if state["logits"].shape[1] else np.ones(len(state["seq"]), bool)
+        return {int(s) for s in state["seq"][(state["kind"] == IMAGE) & nan]}
+
+    def forget(self, keys) -> None:
+        """Drop entries (a reservation released because nothing left the device): as if never seen."""
+        drop = {int(k) for k in keys}
+        if not drop:
+            return
+        with self._lock():
+            state = self._load()
+            keep = np.array([int(s) not in drop for s in state["seq"]], dtype=bool)
+            self._save({k: v[keep] if len(v) else v for k, v in state.items()})
 
     def store_logits(self, keys: np.ndarray, logits: np.ndarray) -> None:
         """Cache the answers of the images just sent, under the keys screen_and_reserve gave them."""
@@ -200,7 +243,16 @@ class NoGuard:
     """The guard turned off (an audit's 'no guard' baseline, or `--guard-threshold` not wanted): every
     image is sent. The fool rules still hold."""
 
-    path, threshold, capacity = None, None, 0
+    path, threshold, capacity, stamp = None, None, 0, 0
+
+    def stored_generation(self):
+        return None
+
+    def pending_keys(self) -> set:
+        return set()
+
+    def forget(self, keys) -> None:
+        pass
 
     def too_close(self, sketches: np.ndarray) -> np.ndarray:
         return np.zeros(len(sketches), dtype=bool)
@@ -215,7 +267,8 @@ class NoGuard:
 
 
 def default_guard_path(features_sha256: str) -> Path:
-    """Where a device without a fool pool keeps its guard index ($CVCONVERT_STATE_DIR, else
-    ~/.local/state/cvconvert), one file per features graph."""
-    root = os.environ.get("CVCONVERT_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".local", "state", "cvconvert")
-    return Path(root) / f"guard-{features_sha256[:16]}.npz"
+    """Where a device keeps its guard index: the device state folder (cvconvert.device.state), one file per
+    features graph."""
+    from .state import guard_path
+
+    return guard_path(features_sha256)

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CvError
+from ..errors import CvError, one_line
 from .artifacts import ONNX_DIR, read_manifest
 from .fools import FoolPool, fallback_fool, low_water
 from .graphs import GraphRunner
 from .guard import NoGuard, SentGuard
+from .journal import Journal, NoJournal
 from .keylaws import draw_keys
-
-GUARD_FILE = "guard.npz"  # the near-duplicate guard's index, kept in the fool pool's folder
+from .remote import NotSent
+from .state import DeviceState, guard_path
 
 
 class Pipeline(GraphRunner):
@@ -33,6 +34,7 @@ class Pipeline(GraphRunner):
         self.last = {}  # what the last predict did: sent / cached counts, fool source, pool remaining
         self.pool = self._check_pool(pool)
         self.guard = self._make_guard(guard)
+        self.journal = self._make_journal()
 
     def _check_pool(self, pool):
         if pool is None:
@@ -47,9 +49,16 @@ class Pipeline(GraphRunner):
     def _make_guard(self, guard):
         if guard is None or guard is False or not self.complex:
             return NoGuard()
-        if guard is True:
-            return SentGuard(self.pool.path / GUARD_FILE if self.pool is not None else None)
+        if guard is True:  # with a pool: in the device state folder, next to the journal; else in memory
+            return SentGuard(guard_path(self.features_sha256) if self.pool is not None else None)
         return guard
+
+    def _make_journal(self):
+        """The journal lives next to the guard's file (the device state folder); no file, no journal."""
+        path = getattr(self.guard, "path", None)
+        if path is None:
+            return NoJournal(self.guard)
+        return Journal(DeviceState(path.parent), self.guard, self.pool, self.features_sha256)
 
     @classmethod
     def from_model_dir(cls, model_dir, *, provider: str = "auto", processing=None, verify: bool = True,
@@ -65,19 +74,22 @@ class Pipeline(GraphRunner):
                    features=feats if feats.is_file() else None, pool=pool, guard=guard)
 
     def new_keys(self, n: int) -> np.ndarray:
-        """n fresh secret keys [n, P, P] from os.urandom, drawn by the model's key law."""
+        """n fresh secret keys from os.urandom: angles, or Haar orthogonal [n, P, P] for P parts."""
         return draw_keys(self.law, n, self.parts)
 
     # -- the device's rules ----------------------------------------------------------------------------
-    def predict(self, images: np.ndarray, fools: np.ndarray | None = None, key: np.ndarray | None = None) -> np.ndarray:
+    def predict(self, images: np.ndarray, fools: np.ndarray | None = None, key: np.ndarray | None = None, *,
+                names=None) -> np.ndarray:
         """Logits for a batch of images (pixels in [0, 1], [N, C, H, W]).
 
         Complex models follow the device's rule that no feature vector appears in two transmissions: each
         image's fool comes from the pool and is never used again (no pool: a fresh noise fool, which the
         exchange and Haar key laws refuse); the key is fresh per image (os.urandom); an image whose feature lies
         within the guard's threshold of one already sent is not sent again (its cached answer is returned,
-        or it is refused when it matches a fool). `self.last` says what happened. Passing `fools`/`key`
-        is the low-level path with none of these rules (tests and audits); fools [N, P-1, C, H, W], key [N, P, P].
+        it is refused when it matches a fool, and one whose answer never came is sent again with the very x
+        and key of the first time, from the journal). `self.last` says what happened. Passing
+        `fools` [N, P-1, C, H, W] / `key` [N, P, P] is the low-level path with none of these rules (tests and
+        audits). names: a label per image, kept in the journal for `cvconvert fools status`.
         """
         images = self._check_images(images)
         self.last = {}
@@ -88,23 +100,139 @@ class Pipeline(GraphRunner):
                 raise CvError("pass both fools and key, or neither (then the device's rules pick them)")
             return self.decode(self.process(self.encode(images, fools, key)), key)
         a = self.features(images)
-        verdict, fools_b, keys = self.guard.screen_and_reserve(a, lambda mask: self._fool_features(images[mask], a))
-        self._refusals(verdict)
+        names = [str(i) for i in range(len(images))] if names is None else [str(n) for n in names]
+        with self.journal.transaction() as st:
+            request = self._reserve(st, images, a, names)
+        h = self._send(request)
+        logits = self._answer(request, h)
+        return self._assemble(request, logits, len(images))
+
+    # -- one request: reserve, send, answer (cvconvert.device.journal keeps the state) ------------------
+    def _reserve(self, st, images, a, names) -> _Request:
+        """Reserve fools, guard entries, keys and x for the images to send; a request that cannot be sent
+        as a whole (a refused image, a blocked pending one) gives everything back before it says so."""
+        self._taken_index = np.zeros(0, np.int64)
+        verdict, fools_b, seq = self.guard.screen_and_reserve(a, lambda mask: self._fool_features(images[mask], a))
+        try:
+            self._refusals(verdict)
+            resend = self._pending_rows(verdict)
+        except CvError:
+            self.guard.forget(list(seq) + list(verdict.fool_keys if verdict.fool_keys is not None else []))
+            if self.pool is not None and len(self._taken_index):
+                self.pool.release(self._taken_index)  # an unsendable request costs no fool
+            raise
         send = np.array([act == "send" for act in verdict.action])
-        out = np.zeros((len(images), len(self.class_names)), np.float32)
+        req = _Request(verdict, send, resend)
         if send.any():
-            key = self.new_keys(int(send.sum()))  # one secret key per image; stays in this process
+            req.key = self.new_keys(int(send.sum()))  # one secret key per image; stays on this device
             b = fools_b.reshape((-1, self.parts - 1) + fools_b.shape[1:])
-            sent = self.decode(self.process(self.combine(a[send], b, key)), key)
-            self.guard.store_logits(keys, sent)
-            out[send] = sent
+            req.x, req.seq = self.combine(a[send], b, req.key), np.asarray(seq, np.int64)
+            req.rid = self.journal.record(st, req.x, req.key, req.seq, verdict.fool_keys, self._taken_index,
+                                          [n for n, s in zip(names, send) if s])
+        return req
+
+    def _pending_rows(self, verdict) -> dict:
+        """{guard key: (x, key)} of this request's images whose first transmission was never answered."""
+        rows = {}
+        for i, (act, ref) in enumerate(zip(verdict.action, verdict.ref)):
+            if act != "busy" or ref in rows:
+                continue
+            hit = self.journal.lookup(ref)
+            if hit is None:
+                raise CvError(f"image {i} is a near-duplicate of an image sent by a request this device has no "
+                              "journal of (sent by an older cvconvert, still running, or interrupted): it is not "
+                              "sent again; nothing was sent")
+            rid, entry, row = hit
+            if entry.get("abandoned", 0):
+                raise CvError(f"image {i} is a near-duplicate of an image of request {rid}, given up with "
+                              "`cvconvert fools resolve --abandon` (its answer never came and its key is gone): it "
+                              "is never sent again, since a fresh key or fool would expose it; nothing was sent")
+            rows[ref] = (entry["x"][row], entry["key"][row])
+        return rows
+
+    def _send(self, req: _Request) -> np.ndarray:
+        """h for the new rows then the pending ones. Nothing left the device: the new reservation is
+        released. Outcome unknown: everything stays pending, to be resent as it is."""
+        x = req.all_x()
+        if not len(x):
+            return np.zeros((0,), np.float32)
+        try:
+            return self.process(x)
+        except Exception as exc:
+            new = int(req.send.sum())
+            if isinstance(exc, NotSent) or not self.remote:
+                if req.rid is not None:
+                    self.journal.release(req.rid)
+                pending = f"; {len(req.resend)} image(s) of an earlier request stay pending" if req.resend else ""
+                raise CvError(f"{one_line(exc)}: nothing left this device, {new} fool(s) went back to the pool"
+                              f"{pending}; run the command again") from None
+            raise CvError(f"{one_line(exc)}: the outcome is unknown, so {len(x)} image(s) stay pending with the x "
+                          "and key already sent; run the same command again (or `cvconvert fools resolve`) to "
+                          "resend that identical x") from None
+
+    def _answer(self, req: _Request, h: np.ndarray) -> np.ndarray:
+        """Check h, decode it with the stored keys, record the answers (a failure to store them is a
+        warning: the answer is still returned and the journal keeps the request)."""
+        if not len(req.all_x()):
+            return np.zeros((0, len(self.class_names)), np.float32)
+        want = self.sessions["decoder"].get_inputs()[0].shape[1:]
+        n = len(req.all_x())
+        bad = None
+        if all(isinstance(d, int) for d in want) and tuple(h.shape) != (n, *want):
+            bad = f"an h of shape {list(h.shape)}, the contract says [{n}, {', '.join(map(str, want))}]"
+        elif not np.isfinite(h).all():
+            bad = "an h that is not finite (NaN or inf)"
+        logits = None if bad else self.decode(h, req.all_keys())
+        if logits is not None and not np.isfinite(logits).all():
+            bad = "an h whose decoded logits are not finite"
+        if bad:
+            raise CvError(f"the server answered {bad}: nothing was used or cached; the {n} image(s) stay pending "
+                          "with the x and key already sent; fix the server and run the command again")
+        try:
+            self.journal.commit(dict(zip(req.all_seq(), logits)))
+        except CvError as exc:
+            self.on_warning(f"{exc}; the answers are shown but not stored: the request stays pending and a "
+                            "retry resends the identical x")
+        return logits
+
+    def _assemble(self, req: _Request, logits: np.ndarray, n: int) -> np.ndarray:
+        out = np.zeros((n, len(self.class_names)), np.float32)
+        k = int(req.send.sum())
+        out[req.send] = logits[:k]
+        row = {s: k + j for j, s in enumerate(req.resend)}
+        verdict = req.verdict
         for i, (act, ref, cached) in enumerate(zip(verdict.action, verdict.ref, verdict.logits)):
             if act == "cached":
                 out[i] = cached
-            elif act == "same":
+            elif act == "busy":
+                out[i] = logits[row[ref]]
+        for i, (act, ref) in enumerate(zip(verdict.action, verdict.ref)):
+            if act == "same":
                 out[i] = out[ref]
-        self.last.update(sent=int(send.sum()), cached=int(len(images) - send.sum()),
-                         repeats=[i for i, act in enumerate(verdict.action) if act != "send"])
+        self.last.update(sent=k, resent=[i for i, act in enumerate(verdict.action) if act == "busy"],
+                         cached=int(n - k), repeats=[i for i, act in enumerate(verdict.action) if act != "send"])
+        return out
+
+    def resolve(self, abandon: bool = False) -> list[dict]:
+        """Every pending request of this model: sent again as it is (the same x, decoded with the stored
+        key) or, with abandon, given up (its x and key deleted; its images stay blocked). Returns per
+        request {"id", "names", "logits" (None when abandoned)}."""
+        out = []
+        for rec in self.journal.pending():
+            if rec["abandoned"]:
+                continue
+            if abandon:
+                self.journal.abandon(rec["id"])
+                out.append({"id": rec["id"], "names": rec["names"], "logits": None})
+                continue
+            entry = self.journal.entries[rec["id"]]
+            req = _Request(None, np.zeros(0, bool), {int(s): (x, k) for s, x, k in
+                                                     zip(entry["seq"], entry["x"], entry["key"])})
+            try:
+                h = self.process(req.all_x())
+            except Exception as exc:
+                raise CvError(f"{one_line(exc)}: request {rec['id']} stays pending; run the command again") from None
+            out.append({"id": rec["id"], "names": rec["names"], "logits": self._answer(req, h)})
         return out
 
     def _fool_features(self, images: np.ndarray, request_a: np.ndarray) -> np.ndarray:
@@ -128,6 +256,7 @@ class Pipeline(GraphRunner):
         def reject(sk):  # a fool near something already sent, or near one of this request's own images
             return self.guard.too_close(sk) | ((sk @ own.T).max(1) >= limit)
         taken = self.pool.take(len(images), images, self.fool_rule, reject=reject)
+        self._taken_index = taken.index
         self.last.update(fools="pool", pool_remaining=taken.remaining)
         if taken.remaining < low_water(self.pool.meta.get("count", 0)):
             self.on_warning(f"fool pool {self.pool.path} is running low: {taken.remaining} unused fool(s) left; refill "
@@ -140,6 +269,22 @@ class Pipeline(GraphRunner):
             if act == "refuse":
                 raise CvError(f"image {i} is a near-duplicate (cosine {verdict.cosine[i]:.4f}) of a fooling image this "
                               "device already sent: sending it would expose both; nothing was sent")
-            if act == "busy":
-                raise CvError(f"image {i} is a near-duplicate of an image sent by a request whose answer was never "
-                              "recorded (still running, or interrupted): it is not sent again; nothing was sent")
+
+
+class _Request:
+    """What one predict sends: the new rows (x, key, guard keys, journal id) and pending rows resent."""
+
+    def __init__(self, verdict, send, resend: dict):
+        self.verdict, self.send, self.resend = verdict, send, resend
+        self.rid, self.x, self.key, self.seq = None, None, None, np.zeros(0, np.int64)
+
+    def all_x(self) -> np.ndarray:
+        parts = ([self.x] if self.x is not None else []) + [x[None] for x, _ in self.resend.values()]
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0,), np.float32)
+
+    def all_keys(self) -> np.ndarray:
+        parts = ([self.key] if self.key is not None else []) + [k[None] for _, k in self.resend.values()]
+        return np.concatenate(parts).astype(np.float32)
+
+    def all_seq(self) -> list:
+        return [int(s) for s in self.seq] + [int(s) for s in self.resend]
