@@ -61,7 +61,13 @@ class Verdict:
 
 
 class SentGuard:
-    """The bounded index of sent features; ``path`` None keeps it in memory for this process only."""
+    """The bounded index of sent features; ``path`` None keeps it in memory for this process only.
+
+    What the journal (cvconvert/device/journal.py, state.py) relies on, whatever the index keeps: ``stamp``
+    written into the file as ``generation`` and read back by ``stored_generation()``; ``forget(keys)`` and
+    ``pending_keys()``; a "busy" verdict carrying the entry's key in ``ref``; ``Verdict.fool_keys``; and a
+    damaged file raising one CvError line (never an empty index: an emptied guard reads as a deleted one).
+    """
 
     def __init__(self, path=None, threshold: float = DEFAULT_THRESHOLD, capacity: int = DEFAULT_CAPACITY):
         if not 0.0 < threshold <= 1.0:
