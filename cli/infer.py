@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from cvconvert.device.guard import DEFAULT_CAPACITY, DEFAULT_THRESHOLD
+from cvconvert.device.screen import DEFAULT_FLOOR, DEFAULT_MARGIN
 
 from ._app import command, emit_json, info
 
@@ -98,12 +99,10 @@ def _graphs(model_dir, encoder, processing, decoder, manifest, server):
     return encoder, processing, decoder, features if features.is_file() else None, man
 
 
-def _guard(pool, features_sha256: str, threshold: float, size: int):
+def _guard(threshold: float, size: int, floor: float, margin: float):
     from cvconvert.device.guard import SentGuard, default_guard_path
-    from cvconvert.device.pipeline import GUARD_FILE
 
-    path = pool / GUARD_FILE if pool is not None else default_guard_path(features_sha256)
-    return SentGuard(path, threshold, size)
+    return SentGuard(default_guard_path(), threshold, size, floor, margin)  # one memory per device
 
 
 @command("infer")
@@ -120,6 +119,11 @@ def infer(
     guard_threshold: float = typer.Option(DEFAULT_THRESHOLD, help="Near-duplicate guard: an image whose feature has "
                                           "this cosine to one already sent is answered from the cache, not sent."),
     guard_size: int = typer.Option(DEFAULT_CAPACITY, help="Sent features the guard remembers (oldest forgotten)."),
+    guard_floor: float = typer.Option(DEFAULT_FLOOR, help="Query guard: a principal cosine with an earlier "
+                                      "transmission from which on the device keeps the geometry symmetric "
+                                      "(docs/privacy.md)."),
+    guard_margin: float = typer.Option(DEFAULT_MARGIN, help="Query guard: how far the best matches of the image "
+                                       "and its fools may differ above the floor."),
     provider: str = typer.Option("auto", help="auto | cpu | cuda (ONNX Runtime execution provider)."),
     server: Optional[str] = typer.Option(None, help="Run processing on a KServe v2 / Triton server at this URL."),
     model_name: Optional[str] = typer.Option(None, help="Model name on --server (default ARCH_processing)."),
@@ -148,7 +152,7 @@ def infer(
     pool = FoolPool.open(fool_dir, pipe.features_sha256) if fool_dir is not None and pipe.complex else None
     if pipe.complex:
         pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, pool=pool,
-                        guard=_guard(fool_dir if pool else None, pipe.features_sha256, guard_threshold, guard_size))
+                        guard=_guard(guard_threshold, guard_size, guard_floor, guard_margin))
         pipe.on_warning = lambda msg: info(f"warning: {msg}")
 
     files = collect_images(images)
@@ -157,7 +161,8 @@ def infer(
     for i in range(0, len(x), batch_size):
         logits.append(pipe.predict(x[i:i + batch_size]))
         how = pipe.last.get("fools", how)
-        sent += [j not in pipe.last.get("repeats", []) for j in range(len(x[i:i + batch_size]))]
+        sent += ["similar" if j in pipe.last.get("similar", []) else j not in pipe.last.get("repeats", [])
+                 for j in range(len(x[i:i + batch_size]))]
     probs = pipe.probabilities(np.concatenate(logits))
     _print(files, probs, pipe, man, server, how, sent, top_k, as_json)
 
@@ -167,7 +172,7 @@ def _print(files, probs, pipe, man, server, how, sent, top_k, as_json) -> None:
 
     k = min(top_k, probs.shape[1])
     where = f"remote {server}" if server else pipe.providers["processing"]
-    cached = sum(not s for s in sent)
+    cached = sum(s is not True for s in sent)
     sent_any = pipe.complex and cached < len(sent)
     info(f"ran on {pipe.providers['encoder']} (device side), processing on {where}"
          + (f"; fooling inputs from {how}" if sent_any else "")
@@ -179,7 +184,8 @@ def _print(files, probs, pipe, man, server, how, sent, top_k, as_json) -> None:
     results = []
     for f, p, s in zip(files, probs, sent):
         top = np.argsort(-p, kind="stable")[:k]
-        results.append({"image": str(f), "sent": bool(s),
+        results.append({"image": str(f), "sent": s is True,
+                        **({} if s is True else {"cached": "similar" if s == "similar" else "repeat"}),
                         "top": [{"class": str(pipe.class_names[j]), "index": int(j), "prob": float(p[j])} for j in top]})
     if as_json:
         emit_json({"providers": pipe.providers, "processing": server or "local", "predictions": results,
@@ -187,4 +193,5 @@ def _print(files, probs, pipe, man, server, how, sent, top_k, as_json) -> None:
         return
     for r in results:
         tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
-        print(f"{r['image']}: {tops}" + ("" if r["sent"] else "  (cached)"))
+        note = {"similar": "  (cached, similar to an earlier image)", "repeat": "  (cached)"}.get(r.get("cached"), "")
+        print(f"{r['image']}: {tops}{note}")

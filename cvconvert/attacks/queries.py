@@ -62,6 +62,43 @@ def jpeg(quality: int):
     return f
 
 
+def _pil(op):
+    """An operation on a PIL picture, applied to a [C, H, W] image in [0, 1] (8-bit, as a camera saves it)."""
+    def f(image: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        pixels = np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)
+        pics = [Image.fromarray(ch) for ch in pixels]
+        return np.stack([np.asarray(op(p), np.float32) / 255 for p in pics]).astype(np.float32)
+    return f
+
+
+def crop1(image: np.ndarray) -> np.ndarray:
+    """One pixel cropped off every side, resized back (bilinear)."""
+    h, w = image.shape[-2:]
+    from PIL import Image
+    return _pil(lambda p: p.crop((1, 1, w - 1, h - 1)).resize((w, h), Image.BILINEAR))(image)
+
+
+def rotate(degrees: float):
+    from PIL import Image
+    return _pil(lambda p: p.rotate(degrees, Image.BILINEAR))
+
+
+NEAR = {"shift1": ("one-pixel shift", shift), "crop1": ("1-px crop", crop1), "rot3": ("3-degree rotation", rotate(3)),
+        "jpeg70": ("JPEG quality 70", jpeg(70))}
+
+
+def lookalikes(images: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """For each image, the index of its nearest picture in `pool` (mean squared pixel distance), itself excluded
+    where the pool holds it: the look-alike a second, different photo of the same thing would be."""
+    a = images.reshape(len(images), -1).astype(np.float32)
+    b = pool.reshape(len(pool), -1).astype(np.float32)
+    d = (a ** 2).sum(1)[:, None] - 2 * a @ b.T + (b ** 2).sum(1)[None]
+    d[d < 1e-9] = np.inf
+    return d.argmin(1)
+
+
 def brightness(factor: float):
     return lambda image: np.clip(image * factor, 0, 1).astype(np.float32)
 

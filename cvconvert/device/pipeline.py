@@ -16,15 +16,14 @@ from ..errors import CvError
 from .artifacts import ONNX_DIR, read_manifest
 from .fools import FoolPool, fallback_fool, low_water
 from .graphs import GraphRunner
-from .guard import NoGuard, SentGuard
+from .guard import GUARD_FILE, NoGuard, SentGuard, default_guard_path  # noqa: F401 (GUARD_FILE: its file name)
 from .keys import haar_orthogonal, secure_angles
-
-GUARD_FILE = "guard.npz"  # the near-duplicate guard's index, kept in the fool pool's folder
 
 
 class Pipeline(GraphRunner):
     """GraphRunner plus the device's rules. pool: a FoolPool (device-private fools, each used once).
-    guard: True (the near-duplicate guard: in the pool's folder, else in memory), a SentGuard, or None (off).
+    guard: True (the query guard in the device's state folder, `guard.state_dir()`, shared by every pool and
+    model version), a SentGuard, or None (off).
     """
 
     def __init__(self, encoder, processing, decoder, manifest: dict, *, provider: str = "auto",
@@ -48,7 +47,7 @@ class Pipeline(GraphRunner):
         if guard is None or guard is False or not self.complex:
             return NoGuard()
         if guard is True:
-            return SentGuard(self.pool.path / GUARD_FILE if self.pool is not None else None)
+            return SentGuard(default_guard_path())
         return guard
 
     @classmethod
@@ -88,31 +87,42 @@ class Pipeline(GraphRunner):
                 raise CvError("pass both fools and theta, or neither (then the device's rules pick them)")
             return self.decode(self.process(self.encode(images, fools, theta)), theta)
         a = self.features(images)
-        verdict, fools_b, keys = self.guard.screen_and_reserve(a, lambda mask: self._fool_features(images[mask], a))
+        self.last["pool_fools"] = 0
+        verdict, fools_b, keys = self.guard.screen_and_reserve(
+            a, lambda i, accept, burn: self._fools_for(images[i], accept, burn), images=images,
+            model=self.features_sha256[:16], parts=self.parts, embed=self._embed)
         self._refusals(verdict)
         send = np.array([act == "send" for act in verdict.action])
         out = np.zeros((len(images), len(self.class_names)), np.float32)
         if send.any():
             theta = self.new_keys(int(send.sum()))  # one secret key per image; stays in this process
-            b = fools_b if self.parts == 2 else fools_b.reshape((-1, self.parts - 1) + fools_b.shape[1:])
-            sent = self.decode(self.process(self.combine(a[send], b, theta)), theta)
+            b = np.stack(fools_b)  # [n, P-1, ...]
+            sent = self.decode(self.process(self.combine(a[send], b[:, 0] if self.parts == 2 else b, theta)), theta)
             self.guard.store_logits(keys, sent)
             out[send] = sent
         for i, (act, ref, cached) in enumerate(zip(verdict.action, verdict.ref, verdict.logits)):
-            if act == "cached":
+            if act in ("cached", "similar"):
                 out[i] = cached
             elif act == "same":
                 out[i] = out[ref]
         self.last.update(sent=int(send.sum()), cached=int(len(images) - send.sum()),
-                         repeats=[i for i, act in enumerate(verdict.action) if act != "send"])
+                         repeats=[i for i, act in enumerate(verdict.action) if act != "send"],
+                         similar=[i for i, act in enumerate(verdict.action) if act == "similar"],
+                         answered_from=[verdict.ref[i] if act in ("cached", "similar") else None
+                                        for i, act in enumerate(verdict.action)])
         return out
 
-    def _fool_features(self, images: np.ndarray, request_a: np.ndarray) -> np.ndarray:
-        """b for each image to send: a never-used pool fool (burning any that lies within the guard's
-        threshold of something sent or of this request's images), else fresh noise where allowed.
-        P parts: P-1 fools per image, [N * (P-1), ...] in image order (the guard records each one)."""
-        if self.parts > 2:
-            images = np.repeat(images, self.parts - 1, 0)
+    def _embed(self, pictures: np.ndarray) -> np.ndarray:
+        """Features of the guard's kept pictures (sent under another model version) under these graphs."""
+        from .guard import unpicture
+
+        return self.features(unpicture(pictures, self.input_shape))
+
+    def _fools_for(self, image: np.ndarray, accept, burn):
+        """The P-1 fools of one image to send: never-used pool fools that the guard's screen accepts (burning
+        any it must never send), else fresh noise where allowed; None when no pool fool keeps the geometry
+        symmetric (the guard then answers from a related earlier image, or refuses)."""
+        images = np.repeat(image[None], self.parts - 1, 0)
         if self.pool is None:
             if self.fool_sign == "quadrant" or self.parts > 2:
                 what = "the exchange defense" if self.parts == 2 else f"{self.parts} parts"
@@ -121,20 +131,16 @@ class Pipeline(GraphRunner):
                               "POOL --model-dir DIR IMAGES...` and pass --fool-dir POOL")
             self.last["fools"] = "noise"
             return self.features(np.stack([fallback_fool(im) for im in images]))
-        from .guard import sketch
-
-        own = sketch(request_a)
-
-        limit = min(self.guard.threshold or 1.0, 1 - 1e-5)
-
-        def reject(sk):  # a fool near something already sent, or near one of this request's own images
-            return self.guard.too_close(sk) | ((sk @ own.T).max(1) >= limit)
-        taken = self.pool.take(len(images), images, self.fool_rule, reject=reject)
-        self.last.update(fools="pool", pool_remaining=taken.remaining)
+        taken = self.pool.take(len(images), images, self.fool_rule, reject=burn, accept=accept)
+        self.last.update(fools="pool")
+        if taken is None:
+            return None
+        self.last["pool_fools"] = self.last.get("pool_fools", 0) + len(taken.index)
+        self.last["pool_remaining"] = taken.remaining
         if taken.remaining < low_water(self.pool.meta.get("count", 0)):
             self.on_warning(f"fool pool {self.pool.path} is running low: {taken.remaining} unused fool(s) left; refill "
                             f"it with `cvconvert fools refill {self.pool.path} IMAGES...`")
-        return taken.features
+        return taken
 
     @staticmethod
     def _refusals(verdict) -> None:
@@ -142,6 +148,10 @@ class Pipeline(GraphRunner):
             if act == "refuse":
                 raise CvError(f"image {i} is a near-duplicate (cosine {verdict.cosine[i]:.4f}) of a fooling image this "
                               "device already sent: sending it would expose both; nothing was sent")
+            if act == "tells":
+                raise CvError(f"image {i} would be told from its fools: its transmission and an earlier one share a "
+                              "direction no unused pool fool can match (a near-duplicate or look-alike of an image "
+                              "sent before); nothing was sent")
             if act == "busy":
                 raise CvError(f"image {i} is a near-duplicate of an image sent by a request whose answer was never "
                               "recorded (still running, or interrupted): it is not sent again; nothing was sent")
