@@ -113,12 +113,20 @@ class History:
             return np.ones(len(cands), dtype=bool)
         m_chosen, m_c = self.match(chosen), self.match(cands)
         ok = np.ones(len(cands), dtype=bool)
+        sides = np.zeros((len(cands), 2), dtype=bool)  # would pass with the coin on the image / on this fool
         for i in range(len(cands)):
             m = np.append(m_chosen, m_c[i])
             if not final:  # the coin's vector may still be missing: only the spread can be judged
                 ok[i] = m.max() < self.floor or m.max() - m.min() <= self.margin
                 continue
-            ok[i] = self.fine(np.concatenate([chosen, cands[i:i + 1]]), top, m)[0]
+            both = np.concatenate([chosen, cands[i:i + 1]])
+            for k, side in enumerate((0, len(m) - 1)):
+                sides[i, k] = self.fine(both, side, m)[0]
+            ok[i] = self.fine(both, top, m)[0]
+        if final and not (sides[:, 0].any() and sides[:, 1].any()):
+            # send only when the pool could have served either side of the coin: otherwise which cases get
+            # sent would depend on the coin, and the sent ones would tell it
+            ok[:] = False
         return ok
 
     def add(self, vectors: np.ndarray, group: int) -> None:
