@@ -220,13 +220,13 @@ class SentGuard:
             pics = picture(images) if images is not None else np.zeros((len(sk), PICTURE, PICTURE), np.uint8)
             hist = History(state["sketch"][mine], state["group"][mine], state["best"][mine], self.floor, self.margin)
             verdict = Verdict([], [], np.full(len(sk), -1.0), [], [])
-            fools, keys = [], []
+            fools, keys, here = [], [], {}  # here: entry seq -> index of this request's images sent
             for i in range(len(sk)):
                 if self._repeat(state, mine, sk, i, verdict):
                     continue
                 taken = self._choose(send_fools, i, sk, hist, state, mine, parts)
                 if taken is None:
-                    self._similar(state, mine, sk[i], hist, verdict)
+                    self._similar(state, mine, sk[i], verdict, here)
                     continue
                 b = getattr(taken, "features", taken)
                 fool_pics = getattr(taken, "images", None)
@@ -237,6 +237,7 @@ class SentGuard:
                                     np.concatenate([pics[i:i + 1], picture(fool_pics) if fool_pics is not None
                                                     else np.zeros((len(b), PICTURE, PICTURE), np.uint8)]))
                 keys.append(int(state["seq"][-len(vecs)]))
+                here[keys[-1]] = i
                 fools.append(b)
                 verdict.action.append("send"), verdict.ref.append(None), verdict.logits.append(None)
                 verdict.why.append("")
@@ -275,12 +276,15 @@ class SentGuard:
             return self.burn(np.asarray(cands, np.float32), pics, state, mine, sk)
         return send_fools(i, accept, burn)
 
-    def _similar(self, state, mine, a, hist, verdict) -> None:
-        """No fool keeps the geometry symmetric: the earlier image it is related to answers, if any."""
+    def _similar(self, state, mine, a, verdict, here: dict) -> None:
+        """No fool keeps the geometry symmetric: the earlier image it is related to answers, if any (``ref``:
+        its guard entry; or, with logits None, the index of an image of this request)."""
         imgs = np.flatnonzero(mine & (state["kind"] == IMAGE))
         cos = state["sketch"][imgs].astype(np.float32) @ a if len(imgs) else np.zeros(0)
-        if len(cos) and cos.max() >= self.floor and not np.isnan(state["logits"][imgs[int(cos.argmax())]]).any():
-            j = imgs[int(cos.argmax())]
+        j = imgs[int(cos.argmax())] if len(cos) else -1
+        if len(cos) and cos.max() >= self.floor and int(state["seq"][j]) in here:
+            self._say(verdict, "similar", here[int(state["seq"][j])], None, float(cos.max()))
+        elif len(cos) and cos.max() >= self.floor and not np.isnan(state["logits"][j]).any():
             self._say(verdict, "similar", int(state["seq"][j]), state["logits"][j].copy(), float(cos.max()))
         else:
             self._say(verdict, "tells", None, None, float(cos.max()) if len(cos) else -1.0)

@@ -101,14 +101,14 @@ class Pipeline(GraphRunner):
             self.guard.store_logits(keys, sent)
             out[send] = sent
         for i, (act, ref, cached) in enumerate(zip(verdict.action, verdict.ref, verdict.logits)):
-            if act in ("cached", "similar"):
+            if act in ("cached", "similar") and cached is not None:
                 out[i] = cached
-            elif act == "same":
+            elif act in ("same", "similar"):  # an image of this request
                 out[i] = out[ref]
         self.last.update(sent=int(send.sum()), cached=int(len(images) - send.sum()),
                          repeats=[i for i, act in enumerate(verdict.action) if act != "send"],
                          similar=[i for i, act in enumerate(verdict.action) if act == "similar"],
-                         answered_from=[verdict.ref[i] if act in ("cached", "similar") else None
+                         answered_from=[verdict.ref[i] if act in ("cached", "similar", "same") else None
                                         for i, act in enumerate(verdict.action)])
         return out
 
