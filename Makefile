@@ -24,12 +24,15 @@ data:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; fi
 
 test: install data
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # convert -> short train -> export (validated) -> a device-private fool pool -> infer on Fashion-MNIST test images.
+# 118 training steps (val error about 0.19): measured 162 s for the demo's commands on a loaded 2-core machine,
+# 6 of the 8 predictions right (22 steps, the old setting, gave 3 of 8).
 demo: install data
 	$(VENV)/bin/cvconvert convert lenet --split paper --data fashion-mnist -o $(DEMO_DIR) --force
-	$(VENV)/bin/cvconvert train $(DEMO_DIR) --data fashion-mnist --epochs 1 --train-limit 3000 --max-steps 60 --val-fraction 0.05
+	$(VENV)/bin/cvconvert train $(DEMO_DIR) --data fashion-mnist --epochs 1 --train-limit 16000 --max-steps 120 --val-fraction 0.05
 	$(VENV)/bin/cvconvert export $(DEMO_DIR)
 	$(PY) scripts/fmnist_samples.py $(DEMO_DIR)-images --count 8
 	$(PY) scripts/fmnist_samples.py $(DEMO_DIR)-private --count 64 --offset 5000 --private

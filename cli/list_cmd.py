@@ -1,4 +1,4 @@
-"""`cvconvert list`: the model zoo (and torchvision's models), with split presets and node names."""
+"""`cvconvert list`: the architecture registry (the zoo (and torchvision's models), with split presets and node names."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ def list_models(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """List convertible architectures and their split presets."""
-    from cvconvert import zoo
+    from cvconvert import archs
     from cvconvert.convert import LEAF_MODULES
     from cvconvert.split import node_names
 
     if nodes:
-        names = node_names(zoo.create_model(nodes, 10, (3, 32, 32) if nodes in zoo.list_models() else (3, 224, 224)),
+        names = node_names(archs.create_model(nodes, 10, (3, 32, 32) if nodes in archs.list_models() else (3, 224, 224)),
                            LEAF_MODULES)
         if as_json:
             emit_json(names)
@@ -30,8 +30,8 @@ def list_models(
             print("\n".join(names))
         return
     rows = []
-    for name in zoo.list_models(pattern, include_torchvision=all_models):
-        e = zoo.get_entry(name)
+    for name in archs.list_models(pattern, include_torchvision=all_models):
+        e = archs.get_entry(name)
         rows.append({"name": name, "source": e.source, "default_split": e.default_split,
                      "splits": {k: f"{v[0]}:{v[1] or ''}" for k, v in e.splits.items()},
                      "description": e.description})

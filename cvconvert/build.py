@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import archs
 from .datasets import dataset_info
 from .errors import CvError
 from .model import VARIANTS, ModelSpec, build_model
@@ -46,8 +47,6 @@ def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", da
     """seed: initialise every random weight from it (variants converted with the same seed start from
     the same real weights); None draws them from torch's global generator as before.
     parts: P in 2..4; P > 2 hides the image's feature among P-1 fools with an orthogonal key."""
-    from cvconvert import zoo
-
     if variant not in VARIANTS:
         raise CvError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
     parts = check_parts(parts)
@@ -57,8 +56,8 @@ def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", da
         raise CvError("--k must be at least 2 (one real feature and at least one rotated negative)")
     output = Path(output)
     check_output_dir(output, force)  # fail before any work
-    entry = zoo.get_entry(arch)
-    label, (enc_end, dec_start) = zoo.resolve_split(entry, split)
+    entry = archs.get_entry(arch)
+    label, (enc_end, dec_start) = archs.resolve_split(entry, split)
     info = dataset_info(data, task)
     shape = tuple(input_shape or info.input_shape)
     classes = num_classes or info.num_classes
@@ -77,7 +76,7 @@ def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", da
         if seed is not None:
             torch.manual_seed(seed)
         try:
-            real = zoo.create_model(arch, classes, shape)
+            real = archs.create_model(arch, classes, shape)
         except (ValueError, RuntimeError) as exc:
             raise CvError(f"cannot build {arch} for input {shape}: {exc}") from None
         if weights is not None:

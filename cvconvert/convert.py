@@ -6,7 +6,7 @@ skips, torch.flatten) are rewritten on the torch.fx graph. Anything else is refu
 that silently breaks equivariance would make decoding fail.
 
 A model family with a layer of its own registers the layer's complex counterpart where it defines the
-layer (``register_complex(ShortcutA, CShortcutA, leaf=True)`` in zoo/resnet_cifar.py), so this module
+layer (``register_complex(ShortcutA, CShortcutA, leaf=True)`` in zoo/resnet_cifar.py, where both live), so this module
 depends on no model family.
 """
 
@@ -21,6 +21,7 @@ from torch import nn
 
 from .complex import layers as C
 from .errors import ConversionError
+from .registry import put
 
 DEFAULT_MAPPING: dict[type, type] = {
     nn.Conv2d: C.CConv2d,
@@ -43,7 +44,7 @@ LEAF_MODULES: list[type] = []
 def register_complex(real: type, complex_: type, *, leaf: bool = False) -> None:
     """Map the real module type `real` to `complex_` (a class with ``from_real(module, **act)``).
     leaf: trace `real` as one node (its forward uses ops the converter would refuse one by one)."""
-    DEFAULT_MAPPING[real] = complex_
+    put(DEFAULT_MAPPING, real, complex_, "complex mapping for")
     if leaf and real not in LEAF_MODULES:
         LEAF_MODULES.append(real)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from .errors import CvError
+from .registry import put
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -136,9 +137,9 @@ DATASETS: dict[str, DatasetEntry] = {
 
 
 def register_dataset(name: str, entry: DatasetEntry) -> DatasetEntry:
-    """Add (or replace) a data set; a name ending in ":" registers a scheme such as ``folder:``."""
-    DATASETS[name] = entry
-    return entry
+    """Add a data set (a name registered twice warns and replaces); a name ending in ":" registers a scheme
+    such as ``folder:``."""
+    return put(DATASETS, name, entry, "data set")
 
 
 def dataset_names() -> list[str]:

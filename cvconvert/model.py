@@ -11,8 +11,8 @@ processing(x) -> h, decoder(h, theta) -> logits, with x and h in the real-pair l
 (index 0 the real part, 1 the imaginary part); for the baselines encoder(image) -> a, processing(a) -> h,
 decoder(h) -> logits.
 
-Architectures come from the zoo's registry (zoo/); the zoo depends only on cvconvert's converter and
-layers, never on this module, so the imports run one way.
+Architectures come from the registry ``cvconvert.archs``, into which the zoo (zoo/) registers; the zoo
+depends only on cvconvert's registry, converter and layers, never on this module, so the imports run one way.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cvconvert import zoo
-
+from . import archs
 from . import split as splitlib
 from .complex.functional import encode, unrotate_real
 from .convert import LEAF_MODULES, to_complex
@@ -203,7 +202,7 @@ def build_model(spec: ModelSpec, real: nn.Module | None = None) -> SplitModel:
     if spec.parts > 2 and spec.variant == "complex" and spec.fool_sign != "none":  # baselines ignore parts
         raise CvError("--parts above 2 takes no fool sign (the key mixes every row)")
     if real is None:
-        real = zoo.create_model(spec.arch, spec.num_classes, spec.input_shape)
+        real = archs.create_model(spec.arch, spec.num_classes, spec.input_shape)
     parts = splitlib.split_model(real, spec.encoder_end, spec.decoder_start, LEAF_MODULES)
     normalize = Normalize(spec.mean, spec.std)
     probe = torch.zeros((2,) + tuple(spec.input_shape))

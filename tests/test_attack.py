@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from cvconvert.cli.main import app
 from cvconvert.attacks import runner as audit
+from conftest import one_line_error
 
 cli = CliRunner()
 N_TRAIN, N_EVAL = 160, 48
@@ -76,10 +77,7 @@ def models(tmp_path_factory):
 
 
 def assert_one_line_error(res, fragment):
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output
-    err = res.stderr.strip().splitlines()[-1]  # progress messages may come first; the error is one line
-    assert err.startswith("error: ") and fragment in err, res.stderr
+    one_line_error(res, fragment, code=2)  # progress messages may come first; the error is the last line
 
 
 def test_audit_report_fields_pictures_and_attacks_beat_chance(tiny, models, tmp_path):

@@ -16,34 +16,26 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 import cvconvert.device.keys
-from cvconvert.cli.main import app
 from cvconvert.build import convert_to_dir
 from cvconvert.errors import CvError
-from cvconvert.export import export_model_dir
 from cvconvert.modeldir import load_model
 from cvconvert.device.pipeline import Pipeline
 from cvconvert.device.fools import choose_fools, fallback_fool
 
+from conftest import invoke as _invoke
+from conftest import one_line_error as _one_line_error
+from conftest import png as _png
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _png(path: Path, size=(32, 32), mode="L", seed=0) -> Path:
-    rng = np.random.default_rng(seed)
-    shape = (size[1], size[0]) + ((3,) if mode == "RGB" else ())
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(lenet_exported):
     """The demo's model: complex LeNet for Fashion-MNIST (1x32x32), exported, plus a folder of PNGs."""
-    root = tmp_path_factory.mktemp("infer")
+    root = lenet_exported
     out = root / "lenet"
-    convert_to_dir("lenet", out, data="fashion-mnist")
-    export_model_dir(out)
     images = root / "images"
     images.mkdir()
     for i in range(4):
@@ -65,21 +57,6 @@ def record_keys(monkeypatch):
     monkeypatch.setattr(cvconvert.device.keys, "secure_angles", recording)
     monkeypatch.setattr("cvconvert.device.pipeline.secure_angles", recording)
     return seen
-
-
-def _invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _one_line_error(res, *fragments):
-    assert res.exit_code != 0
-    err = res.stderr.strip().splitlines()
-    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
-    errors = [ln for ln in err if ln.startswith("error:")]
-    assert len(errors) == 1 and err[-1] == errors[0], res.stderr
-    for f in fragments:
-        assert f in errors[0], errors[0]
-    return errors[0]
 
 
 def _key_strings(thetas) -> list[str]:

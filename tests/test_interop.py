@@ -4,7 +4,7 @@ the Open Inference Protocol's REST side (a test dependency only; the runtime nev
 - cvconvert's device side (`cvconvert infer --server`, cvconvert.device.remote.RemoteProcessing) against KServe's
   ModelServer hosting processing.onnx through a few-line kserve.Model on ONNX Runtime;
 - KServe's InferenceRESTClient (protocol v2) against `cvconvert serve`;
-- both servers' answers to the same malformed requests: the table of the README's "Tested against".
+- both servers' answers to the same malformed requests: the table of docs/serve.md's "Tested against".
 
 Both servers run as subprocesses on loopback ports chosen here, and their fixture stops them.
 """
@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from cvconvert.cli.main import app
 from cvconvert.errors import CvError
 from cvconvert.device.remote import RemoteProcessing
+from conftest import one_line_error, png
 
 _argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses the command line when imported: not pytest's options
 try:
@@ -150,25 +150,12 @@ class Server:
                 self.proc.wait(timeout=10)
 
 
-def _png(path: Path, seed: int) -> None:
-    yy, xx = np.mgrid[0:32, 0:32] / 31.0
-    rng = np.random.default_rng(seed)
-    img = 0.5 + 0.5 * np.sin(2 * np.pi * (rng.uniform(0.5, 3) * xx + rng.uniform(0.5, 3) * yy + rng.uniform()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((img * 255).astype(np.uint8), "L").save(path)
-
-
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(lenet_exported):
     """A converted Fashion-MNIST LeNet, exported (validated), and a few PNGs."""
-    from cvconvert.build import convert_to_dir
-    from cvconvert.export import export_model_dir
-
-    base = tmp_path_factory.mktemp("interop")
-    convert_to_dir("lenet", base / "lenet", data="fashion-mnist")
-    export_model_dir(base / "lenet")
+    base = lenet_exported
     for i in range(3):
-        _png(base / "images" / f"{i}.png", i)
+        png(base / "images" / f"{i}.png", i, smooth=True)
     return base
 
 
@@ -202,16 +189,6 @@ def feature(local, n=2, seed=0) -> np.ndarray:
 
 def href(local, x):
     return local.run(None, {"x": x})[0]
-
-
-def one_line_error(res, *fragments):
-    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr)
-    assert "Traceback" not in res.stderr + res.stdout
-    lines = res.stderr.strip().splitlines()
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr
-    for f in fragments:
-        assert f in errors[0], errors[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,7 +244,7 @@ def test_our_client_errors_from_kserve_are_one_line(model, servers, local):
         assert "\n" not in str(exc.value) and len(str(exc.value)) < 600
     res = CliRunner().invoke(app, ["infer", "--model-dir", str(model / "lenet"), str(model / "images"),
                                    "--server", kserve_url, "--model-name", "nope"])
-    one_line_error(res, "Model with name nope does not exist")
+    one_line_error(res, "Model with name nope does not exist", code=2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -387,7 +364,7 @@ def _nan(x):
     return _binary(np.full_like(x, np.nan))
 
 
-# README row label -> (request, model, our status, KServe's status, words our message must hold)
+# docs/serve.md row label -> (request, model, our status, KServe's status, words our message must hold)
 MALFORMED = {
     "wrong shape": (lambda x: _binary(x[:, :, :3].copy()), NAME, 400, 400, "shape [2, 2, 3, 28, 28] does not match"),
     "wrong datatype": (lambda x: _json(x, "FP64"), NAME, 400, 400, "datatype 'FP64' does not match the model's FP32"),
@@ -425,11 +402,11 @@ def test_malformed_requests_on_both_servers(servers, local):
             assert list(answer) == ["error"] and words in answer["error"], (label, answer)
         assert k_status == theirs, (label, got)
         assert k_status == 200 or list(k_answer) == (["detail"] if k_status == 422 else ["error"]), (label, k_answer)
-    # README "Tested against": one row per case, our status then KServe's
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Tested against", 1)[1].split("\n## ", 1)[0]
+    # docs/serve.md "Tested against": one row per case, our status then KServe's
+    readme = (ROOT / "docs" / "serve.md").read_text()
+    section = readme.split("## Tested against", 1)[1].split("\n# ", 1)[0]
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:4]]
             for r in section.splitlines() if r.startswith("| ") and not r.startswith("| request")}
     for label, (_, _n, ours, theirs, _w) in MALFORMED.items():
-        assert label in rows, f"README row for {label!r} missing"
+        assert label in rows, f"docs/serve.md row for {label!r} missing"
         assert rows[label][0].startswith(str(ours)) and rows[label][1].startswith(str(theirs)), rows[label]

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from cvconvert.complex import (CAdaptiveAvgPool2d, CAvgPool2d, CBatchNorm, CConv2d, CDelta, CDropout, CFlatten,
-                               CLinear, CMaxModPool2d, CShortcutA, rotate, unrotate_real)
+                               CLinear, CMaxModPool2d, rotate, unrotate_real)
 from cvconvert.complex.functional import encode, modulus
 from cvconvert.complex.layers import max_pool_gaps
+from cvconvert.zoo.resnet_cifar import CShortcutA
 from reference import brute_maxmod, brute_top_gap, tied
 
 

@@ -56,14 +56,13 @@ from cvconvert.cli.main import app  # noqa: E402
 from cvconvert.complex.layers import max_pool_gaps  # noqa: E402
 from cvconvert.export import compare_outside_ties  # noqa: E402
 from cvconvert.modeldir import load_model  # noqa: E402
+from conftest import invoke  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _invoke(*args):
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == 0, res.stderr + res.stdout
-    return res
+    return invoke(*args, check=True)
 
 
 def _pngs(folder: Path, count: int, offset: int) -> Path:

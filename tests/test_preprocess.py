@@ -197,13 +197,8 @@ def test_sizes_channels_and_dtypes():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    from cvconvert.export import export_model_dir
-
-    root = tmp_path_factory.mktemp("pre")
-    convert_to_dir("lenet", root / "lenet", data="fashion-mnist")
-    export_model_dir(root / "lenet")
-    return root
+def exported(lenet_exported):
+    return lenet_exported
 
 
 def test_infer_takes_a_28x28_fashion_png_like_its_padded_form(exported):

@@ -1,6 +1,6 @@
 """An independent check of the device's rule (no feature vector in two transmissions), end to end.
 
-The device is used exactly as the README says: `cvconvert infer` with a fool pool (a batch of images in
+The device is used exactly as docs/infer.md says: `cvconvert infer` with a fool pool (a batch of images in
 one call, then the same image again), and `Pipeline.predict` from the library. The processing part is
 wrapped by a recorder that keeps every x the cloud receives; the span-intersection attack
 (cvconvert/attacks/span.py) then compares all of them. The control sends the same images the old way
@@ -12,31 +12,24 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from cvconvert.cli.infer import load_image
-from cvconvert.cli.main import app
 from cvconvert.attacks import span
 from cvconvert.build import convert_to_dir
 from cvconvert.export import export_model_dir
 from cvconvert.device.fools import FoolPool
 from cvconvert.device.pipeline import Pipeline
-from test_infer import _png
+from conftest import invoke as _invoke
+from conftest import png as _png
 
 N_IMAGES, N_FOOLS = 8, 16
 
 
-def _invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
-def device(tmp_path_factory):
+def device(lenet_exported):
     """An exported LeNet (Fashion-MNIST shape), 8 images to classify and a pool of 16 private fools."""
-    root = tmp_path_factory.mktemp("e2e-privacy")
+    root = lenet_exported
     model = root / "lenet"
-    convert_to_dir("lenet", model, data="fashion-mnist")
-    export_model_dir(model)
     images, fools = root / "images", root / "fools-src"
     images.mkdir(), fools.mkdir()
     for i in range(N_IMAGES):

@@ -52,18 +52,13 @@ def run_in_threads(worker, n: int, timeout: float = 60) -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(lenet_exported):
     """A converted LeNet (the paper's split: delta, max-modulus pool, conv, linears) exported with
     `export` (encoder/processing/decoder graphs, validated) plus the Triton repository it writes, and a
     few grey PNGs."""
     from PIL import Image
 
-    from cvconvert.build import convert_to_dir
-    from cvconvert.export import export_model_dir
-
-    base = tmp_path_factory.mktemp("e2e")
-    convert_to_dir("lenet", base / "lenet", force=True)
-    export_model_dir(base / "lenet", triton_repo=base / "repo")
+    base = lenet_exported
     rng = np.random.default_rng(0)
     (base / "images").mkdir()
     yy, xx = np.mgrid[0:32, 0:32] / 31.0

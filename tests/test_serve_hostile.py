@@ -1,5 +1,5 @@
 """`cvconvert serve` against hostile clients, as its own process on loopback: each attack a security tester
-tried (README "Serve", errors and limits) gets a 4xx or a closed connection within its deadline, never
+tried (docs/serve.md, errors and limits) gets a 4xx or a closed connection within its deadline, never
 a 500 or a hang, and the server keeps answering everyone else. Raw sockets for the slow, stalled and
 lying-length cases. The model is a tiny ONNX graph (x [N,2,8,8] -> h = sum over the last two axes), so
 the server starts in a second; short deadlines (--header-timeout/--body-timeout) keep the suite fast."""

@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from ._adapt import replace_first_conv
-from ._registry import register_model
+from cvconvert.archs import register_model
 
 
 # Paper: the output of the first three conv layers feeds the GAN; the decoder is the FC head.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._registry import register_model
+from cvconvert.archs import register_model
 
 
 class LeNet(nn.Module):

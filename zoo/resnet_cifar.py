@@ -6,10 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvconvert.complex.layers import CShortcutA
+from cvconvert.archs import register_model
 from cvconvert.convert import register_complex
-
-from ._registry import register_model
 
 
 class ShortcutA(nn.Module):
@@ -20,6 +18,22 @@ class ShortcutA(nn.Module):
         self.pad = pad
 
     def forward(self, x):
+        return F.pad(x[..., ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class CShortcutA(nn.Module):
+    """Its complex twin: the same subsampling and zero channels (linear, so rotation-equivariant)."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = pad
+
+    @classmethod
+    def from_real(cls, shortcut: ShortcutA, **_):
+        return cls(shortcut.pad)
+
+    def forward(self, x):
+        # Channel axis is -3 in both layouts; F.pad pads (W, H, C) from the last axis backwards.
         return F.pad(x[..., ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
 
 

@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from ._adapt import replace_first_conv
-from ._registry import register_model
+from cvconvert.archs import register_model
 
 
 # Paper: all layers before the last 56x56 map (of 224) form the encoder -> through conv3_2 + ReLU;

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..complex.functional import unrotate_real
+from ..registry import put
 from .base import Public
 from .common import batched, make_partners
 from .inference import Classifier, n_outputs
@@ -92,7 +93,7 @@ def angles(run: Run) -> None:
     rows, run.angle_errors = [], {}
     for entry in ANGLE_ATTACKS:
         atk = entry(run).fit(run.public)
-        run.angle[atk.id] = atk
+        put(run.angle, atk.id, atk, "angle attack")  # two attacks of one id: the report would keep one
         run.R["history"].update(atk.history)
         th = atk.estimate(run.x_ev)
         err = run.angle_errors[atk.label] = circular_error(th, run.theta_ev[:len(th)])
@@ -125,7 +126,8 @@ def reconstructions(run: Run, attacks=RECONSTRUCTION_ATTACKS) -> None:
         rows.append({"id": atk.id, "model": model, "attack": atk.label,
                      **({"n": n} if atk.limit is not None else {}), **atk.score(out, I_ev[:n])})
         if model == "complex":
-            run.recon[atk.id], run.out[atk.id] = atk, out
+            put(run.recon, atk.id, atk, "reconstruction attack")
+            run.out[atk.id] = out
         else:
             run.binv[model] = (atk, out)
         run.clock.lap(atk.stage)

@@ -285,19 +285,3 @@ class CFlatten(nn.Module):
 
     def forward(self, x):
         return torch.flatten(x, self.start_dim, self.end_dim)
-
-
-class CShortcutA(nn.Module):
-    """CIFAR-ResNet option-A shortcut: stride-2 subsampling plus zero channels (linear, so equivariant)."""
-
-    def __init__(self, pad: int):
-        super().__init__()
-        self.pad = pad
-
-    @classmethod
-    def from_real(cls, shortcut: nn.Module, **_):
-        return cls(shortcut.pad)
-
-    def forward(self, x):
-        # Channel axis is -3 in both layouts; F.pad pads (W, H, C) from the last axis backwards.
-        return F.pad(x[..., ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))

@@ -1,4 +1,7 @@
-"""Model registry in the style of timm's ``_registry.py``: ``@register_model`` plus a wildcard listing.
+"""The architecture registry, in the style of timm's ``_registry.py``: ``@register_model`` plus a wildcard
+listing. The model families live in the zoo (``cvconvert.zoo``, the folder zoo/), which registers into
+this module; cvconvert finds the zoo in one place, ``_zoo()``, on the first lookup, so the imports run
+one way (the zoo imports cvconvert, nothing in cvconvert imports the zoo at import time).
 
 Each entry declares its split presets as (encoder_end, decoder_start) pairs of torchvision-style dotted
 node names; decoder_start None means the decoder is only the final unrotation (the paper's LeNet).
@@ -13,7 +16,8 @@ from typing import Callable
 
 from torch import nn
 
-from cvconvert.errors import CvError
+from .errors import CvError
+from .registry import put
 
 Split = tuple[str, "str | None"]
 
@@ -37,10 +41,17 @@ def register_model(*, splits: dict[str, Split], default_split: str | None = None
                    name: str | None = None):
     def wrap(fn):
         entry_name = name or fn.__name__
-        _REGISTRY[entry_name] = ModelEntry(entry_name, fn, dict(splits), default_split, activation,
-                                           "zoo", description or (fn.__doc__ or "").strip().splitlines()[0])
+        put(_REGISTRY, entry_name, ModelEntry(entry_name, fn, dict(splits), default_split, activation, "zoo",
+                                              description or (fn.__doc__ or "").strip().splitlines()[0]),
+            "architecture")
         return fn
     return wrap
+
+
+def _zoo():
+    """The zoo, imported (and so registered) on the first lookup: the one place cvconvert finds it."""
+    import cvconvert.zoo
+    return cvconvert.zoo
 
 
 def _torchvision_names() -> list[str]:
@@ -49,6 +60,7 @@ def _torchvision_names() -> list[str]:
 
 
 def list_models(pattern: str = "*", include_torchvision: bool = False) -> list[str]:
+    _zoo()
     names = sorted(_REGISTRY)
     if include_torchvision:
         names += [n for n in _torchvision_names() if n not in _REGISTRY]
@@ -56,11 +68,12 @@ def list_models(pattern: str = "*", include_torchvision: bool = False) -> list[s
 
 
 def get_entry(name: str) -> ModelEntry:
+    zoo = _zoo()
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name in _torchvision_names():
-        from .torchvision_models import torchvision_model
-        return ModelEntry(name, lambda num_classes, input_shape: torchvision_model(name, num_classes, input_shape),
+        build = zoo.torchvision_model
+        return ModelEntry(name, lambda num_classes, input_shape: build(name, num_classes, input_shape),
                           {}, None, ("channel", 1.0), "torchvision", "torchvision definition (explicit split)")
     raise CvError(f"unknown architecture {name!r} (see `cvconvert list`; torchvision names such as resnet18 work too)")
 
