@@ -117,7 +117,7 @@ def test_old_device_tells_related_images_apart_new_one_does_not(setup, tmp_path,
     requests = [r for v, w in zip(victims, related) for r in (v, w)]
     old, _, _ = _send(model, _pool(model, tmp_path / "p-old", imgs[5000:5200]),
                       SentGuard(tmp_path / "old.npz", floor=1.0), requests)
-    assert _pair_share(old) >= 0.9  # the control: each related pair's principal vector names the image
+    assert _pair_share(old) >= 0.75  # the control: each related pair's principal vector names the image
     new, pipe, _ = _send(model, _pool(model, tmp_path / "p-new", imgs[5000:5200]),
                          SentGuard(tmp_path / "new.npz"), requests)
     assert len(new.x) < len(requests)  # some were answered from the related earlier image
