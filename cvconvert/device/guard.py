@@ -42,7 +42,7 @@ PICTURE = 32            # side of the kept pictures
 PICTURE_THRESHOLD = 0.995  # 16 x 16 pixel cosine: a copy or re-encoding of a picture (measured: JPEG 70 0.997+)
 IMAGE, FOOL = 0, 1
 GUARD_FILE = "guard.npz"
-FIELDS = ("sketch", "kind", "group", "seq", "logits", "best", "model", "picture")
+FIELDS = ("sketch", "kind", "group", "seq", "logits", "best", "model", "picture", "top")
 
 
 def state_dir() -> Path:
@@ -134,7 +134,7 @@ class SentGuard:
         return {"sketch": np.zeros((0, k), np.float16), "kind": np.zeros(0, np.uint8), "group": np.zeros(0, np.int64),
                 "seq": np.zeros(0, np.int64), "logits": np.zeros((0, classes), np.float32),
                 "best": np.zeros(0, np.float32), "model": np.zeros(0, "<U16"),
-                "picture": np.zeros((0, PICTURE, PICTURE), np.uint8)}
+                "picture": np.zeros((0, PICTURE, PICTURE), np.uint8), "top": np.zeros(0, bool)}
 
     def _load(self) -> dict:
         if self.path is None:
@@ -218,13 +218,14 @@ class SentGuard:
             sk = sketch(features)
             mine = self._current(state, model, embed, sk.shape[1])
             pics = picture(images) if images is not None else np.zeros((len(sk), PICTURE, PICTURE), np.uint8)
-            hist = History(state["sketch"][mine], state["group"][mine], state["best"][mine], self.floor, self.margin)
+            hist = History(state["sketch"][mine], state["group"][mine], state["best"][mine], self.floor, self.margin,
+                           state["top"][mine])
             verdict = Verdict([], [], np.full(len(sk), -1.0), [], [])
             fools, keys, here = [], [], {}  # here: entry seq -> index of this request's images sent
             for i in range(len(sk)):
                 if self._repeat(state, mine, sk, i, verdict):
                     continue
-                taken = self._choose(send_fools, i, sk, hist, state, mine, parts)
+                taken, top = self._choose(send_fools, i, sk, hist, state, mine, parts)
                 if taken is None:
                     self._similar(state, mine, sk[i], verdict, here)
                     continue
@@ -232,7 +233,7 @@ class SentGuard:
                 fool_pics = getattr(taken, "images", None)
                 vecs = np.concatenate([sk[i:i + 1], sketch(b)])
                 group = int(state["group"].max()) + 1 if len(state["group"]) else 0
-                hist.add(vecs, group)
+                hist.add(vecs, group, top)
                 mine = self._append(state, vecs, group, model, hist, mine,
                                     np.concatenate([pics[i:i + 1], picture(fool_pics) if fool_pics is not None
                                                     else np.zeros((len(b), PICTURE, PICTURE), np.uint8)]))
@@ -274,7 +275,7 @@ class SentGuard:
 
         def burn(cands, pics=None):
             return self.burn(np.asarray(cands, np.float32), pics, state, mine, sk)
-        return send_fools(i, accept, burn)
+        return send_fools(i, accept, burn), top
 
     def _similar(self, state, mine, a, verdict, here: dict) -> None:
         """No fool keeps the geometry symmetric: the earlier image it is related to answers, if any (``ref``:
@@ -301,7 +302,7 @@ class SentGuard:
         new = {"sketch": vecs.astype(np.float16), "kind": np.array([IMAGE] + [FOOL] * (n - 1), np.uint8),
                "group": np.full(n, group, np.int64), "seq": np.arange(start, start + n, dtype=np.int64),
                "logits": np.full((n, width), np.nan, np.float32), "best": np.zeros(n, np.float32),
-               "model": np.full(n, model, "<U16"), "picture": pics}
+               "model": np.full(n, model, "<U16"), "picture": pics, "top": hist.top[-n:]}
         for k, v in new.items():
             state[k] = np.concatenate([state[k], v])
         state["best"][np.flatnonzero(np.append(mine, np.ones(n, bool)))] = hist.best  # the raised best matches
