@@ -183,3 +183,63 @@ def test_the_guard_says_similar_in_json_and_text(setup, tmp_path, monkeypatch):
     text = run.invoke(app, ["infer", str(pics / "b.png"), "--model-dir", str(model), "--fool-dir",
                             str(tmp_path / "pool"), "--guard-margin", "0"])
     assert text.exit_code == 0 and "(cached" in text.stdout
+
+
+def _labels():
+    with gzip.open(FMNIST.parent / "t10k-labels-idx1-ubyte.gz", "rb") as f:
+        return np.frombuffer(f.read(), np.uint8, offset=8)
+
+
+def test_fools_audit_catches_a_skewed_pool(setup, tmp_path, monkeypatch):
+    import json
+
+    from cvconvert.device.guard import default_guard_path
+
+    model, root, imgs = setup
+    monkeypatch.setenv("CVCONVERT_STATE_DIR", str(tmp_path / "state"))
+    labs = _labels()
+    foot = np.flatnonzero(np.isin(labs[:3000], [5, 7, 9]))
+    probe = Pipeline.from_model_dir(model, guard=None)
+    sent = imgs[foot[:100]]
+    guard = SentGuard(default_guard_path(), floor=1.0)  # record 100 footwear requests (the screen is not tested here)
+    guard.screen_and_reserve(probe.features(sent), lambda i, accept, burn: probe.features(imgs[3000 + i:3001 + i]),
+                             images=sent, model=probe.features_sha256[:16])
+    _pool(model, tmp_path / "all", imgs[5000:5150])                     # every class
+    _pool(model, tmp_path / "shoes", imgs[foot[150:300]])                # the requests' own kind
+    run = CliRunner()
+    skew = run.invoke(app, ["fools", "audit", str(tmp_path / "all"), "--model-dir", str(model), "--json"])
+    assert skew.exit_code == 0, skew.output
+    out = json.loads(skew.stdout)
+    assert out["warning"] and "can be told" in skew.stderr
+    print("audit AUC skewed", out["auc"])
+    same = json.loads(run.invoke(app, ["fools", "audit", str(tmp_path / "shoes"), "--model-dir", str(model),
+                                       "--json"]).stdout)
+    print("audit AUC same kind", same["auc"])
+    assert not same["warning"] and same["auc"] < out["auc"] - 0.15
+
+
+def test_fools_create_warns_on_a_shifted_copy_of_a_public_image(setup, tmp_path):
+    from PIL import Image
+
+    from cvconvert.device.pool_audit import near_public
+
+    model, root, imgs = setup
+    public = imgs[:2000]
+    shifted = np.roll(imgs[10:14], (1, 2), (2, 3))
+    mirrored = imgs[20:22, :, :, ::-1]
+    mine = np.concatenate([shifted, mirrored])
+    assert near_public(mine, public).all()
+    rng = np.random.default_rng(0)
+    own = np.clip(rng.random((3, 1, 32, 32), dtype=np.float32), 0, 1)  # noise: a picture of no one's data set
+    assert not near_public(own, public).any()
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray((shifted[0, 0] * 255).astype(np.uint8)).save(src / "0.png")
+    Image.fromarray((own[0, 0] * 255).astype(np.uint8)).save(src / "1.png")
+    res = CliRunner().invoke(app, ["fools", "create", str(tmp_path / "pool"), str(src), "--model-dir", str(model),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+    if json.loads(res.stdout).get("public_near_duplicates") is None:
+        pytest.skip("the model's public data set is not readable here")
+    assert json.loads(res.stdout)["public_near_duplicates"] == 1 and "near-)copies" in res.stderr

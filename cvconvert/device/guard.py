@@ -191,6 +191,16 @@ class SentGuard:
             return np.zeros(len(other), dtype=bool)
         return ~other
 
+    def sent_images(self, model: str, embed=None) -> np.ndarray:
+        """Sketches of the images this device has sent, in `model`'s feature space (`fools audit`)."""
+        with self._lock():
+            state = self._load()
+            if not len(state["seq"]):
+                return np.zeros((0, 0), np.float32)
+            width = state["sketch"].shape[1]
+            mine = self._current(state, model, embed, width)
+        return state["sketch"][mine & (state["kind"] == IMAGE)].astype(np.float32)
+
     # -- the checks --------------------------------------------------------------------------------
     def burn(self, sketches: np.ndarray, pics: np.ndarray | None, state: dict, mine: np.ndarray,
              own: np.ndarray) -> np.ndarray:
