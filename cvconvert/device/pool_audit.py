@@ -91,6 +91,15 @@ def _zn(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def _uncrop(im: np.ndarray) -> np.ndarray:
+    """The picture a 1-px crop (resized back) came from, approximately: shrunk by 2 px, centred on a border."""
+    from PIL import Image
+
+    h, w = im.shape
+    small = np.asarray(Image.fromarray(im.astype(np.float32), mode="F").resize((w - 2, h - 2), Image.BILINEAR))
+    return np.pad(small, 1, mode="edge")
+
+
 def near_public(images: np.ndarray, public: np.ndarray, threshold: float = NEAR_PUBLIC) -> np.ndarray:
     """bool [n]: which images are a shifted (up to 3 px), mirrored, cropped or re-encoded copy of a public
     picture: normalised pixel cosine >= threshold at the best alignment, over a shortlist of public pictures
@@ -105,7 +114,7 @@ def near_public(images: np.ndarray, public: np.ndarray, threshold: float = NEAR_
     shortlist = np.argsort(-(_spectrum(mine) @ spec_pub.T), 1)[:, :SHORTLIST]
     out = np.zeros(len(mine), dtype=bool)
     for i, im in enumerate(mine):
-        variants = [np.roll(m, (dy, dx), (0, 1)) for m in (im, im[:, ::-1])
+        variants = [np.roll(m, (dy, dx), (0, 1)) for s in (im, _uncrop(im)) for m in (s, s[:, ::-1])
                     for dy in range(-SHIFT, SHIFT + 1) for dx in range(-SHIFT, SHIFT + 1)]
         out[i] = (_zn(np.stack(variants)) @ _zn(pub[shortlist[i]]).T).max() >= threshold
     return out
