@@ -64,13 +64,13 @@ def main() -> int:
         # the symmetric fix: a pool fool b2' that keeps the pair fine (s_0 < floor or s_0 - s_1 <= margin)
         fixed, flagged = 0, 0
         for i in range(n):
-            hist = History(DEFAULT_FLOOR, DEFAULT_MARGIN)
+            hist = History(np.zeros((0, pool_sk.shape[1])), np.zeros(0, np.int64), None, DEFAULT_FLOOR, DEFAULT_MARGIN)
             hist.add(sketch(np.stack([a1[i], b1[i]])), 0)
             ska = sketch(a2[i:i + 1])
-            if hist.accept(ska, sketch(b2[i:i + 1]))[0]:
+            if hist.fine(np.concatenate([ska, sketch(b2[i:i + 1])]), 0)[0]:
                 continue
             flagged += 1
-            fixed += bool(hist.accept(ska, pool_sk).any())
+            fixed += bool(hist.accept(ska, pool_sk, 0, True).any())
         out[key] = {"label": label, "s0": pct(s[:, 0]), "s1": pct(s[:, 1]), "gap": pct(s[:, 0] - s[:, 1]),
                     "sketch_err_s0": pct(np.abs(sk[:, 0] - s[:, 0]), (50, 99)),
                     "sketch_err_s1": pct(np.abs(sk[:, 1] - s[:, 1]), (50, 99)),

@@ -42,8 +42,9 @@ def cosines(qs: np.ndarray, qt: np.ndarray) -> np.ndarray:
 
 class History:
     """The past transmissions of one model's feature space: unit (sketched) vectors [n, K], the transmission
-    each belongs to, and each vector's best match so far (its largest cosine with the span of another
-    transmission: what the cloud would pair it with)."""
+    each belongs to, each transmission's best pair so far (its largest first principal cosine with another
+    transmission: what the cloud pairs it with, stored on each of its vectors) and its secret coin (``top``:
+    the vector that pair's principal vector must name)."""
 
     def __init__(self, vectors, groups, best=None, floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN,
                  top=None):
@@ -53,16 +54,7 @@ class History:
         self.g = np.asarray(groups, np.int64)
         self._bases()
         self.best = np.asarray(best, np.float64) if best is not None else self._all_best()
-        # top: the vector of each transmission that its secret coin made the best matched one (unknown: the
-        # one that is now)
-        self.top = np.asarray(top, bool) if top is not None else self._argmax_now()
-
-    def _argmax_now(self) -> np.ndarray:
-        top = np.zeros(len(self.g), dtype=bool)
-        for j in range(len(self.ids)):
-            rows = np.flatnonzero(self.inv == j)
-            top[rows[np.argmax(self.best[rows])]] = True
-        return top
+        self.top = np.asarray(top, bool) if top is not None else self._named_now()
 
     def _bases(self) -> None:
         """One orthonormal basis per transmission: Q [G, K, dmax] (zero columns where a span is smaller)."""
@@ -75,82 +67,100 @@ class History:
             self.q[j, :, :len(rows)] = orth(rows)
         self.inv = inv
 
-    def _all_best(self) -> np.ndarray:
-        return np.array([self.match(v[None], exclude=self.g[i])[0] for i, v in enumerate(self.v)]) \
-            if len(self.v) else np.zeros(0)
-
     def __len__(self) -> int:
         return len(self.ids)
 
-    def match(self, vectors: np.ndarray, exclude: int | None = None) -> np.ndarray:
-        """[c] best match of each vector [c, K] over the past spans (0 with no history)."""
+    def _pairs(self, basis: np.ndarray):
+        """Against the span with orthonormal `basis` [K, p]: per past transmission the first principal cosine
+        [G], the principal vector in the past span [G, K] and its coefficients in `basis` [G, p]."""
+        m = np.einsum("gkd,kp->gdp", self.q, basis)
+        u, s, vt = np.linalg.svd(m)
+        return s[:, 0], np.einsum("gkd,gd->gk", self.q, u[:, :, 0]), vt[:, 0, :]
+
+    @staticmethod
+    def _names(u: np.ndarray, vectors: np.ndarray) -> tuple[int, float]:
+        """Which of `vectors` [p, K] the direction u lies nearest (|cos|), and by how much over the next."""
+        c = np.sort(np.abs(vectors @ u))[::-1]
+        return int(np.argmax(np.abs(vectors @ u))), float(c[0] - (c[1] if len(c) > 1 else 0.0))
+
+    def _all_best(self) -> np.ndarray:
+        best = np.zeros(len(self.g))
+        for j in range(len(self.ids)):
+            s0, _, _ = self._pairs(self.q[j])
+            s0[j] = 0.0
+            best[self.inv == j] = s0.max() if len(s0) else 0.0
+        return best
+
+    def _named_now(self) -> np.ndarray:
+        """Coins unknown (an older memory): the vector each transmission's best pair names now."""
+        top = np.zeros(len(self.g), dtype=bool)
+        for j in range(len(self.ids)):
+            rows = np.flatnonzero(self.inv == j)
+            s0, u, _ = self._pairs(self.q[j])
+            s0[j] = -1.0
+            top[rows[self._names(u[np.argmax(s0)], self.v[rows])[0] if len(s0) > 1 else 0]] = True
+        return top
+
+    def fine(self, vectors: np.ndarray, top: int) -> tuple[bool, str]:
+        """Whether the transmission of `vectors` [p, K] (the image first) keeps every coin: its best pair's
+        principal vector (once that pair's cosine reaches the floor) names vector `top` by at least the
+        margin, and every earlier transmission whose best pair it becomes still has its own coin named.
+        Then "the vector the best pair names is the image" is right 1/P of the time. (ok, why not)."""
         if not len(self.ids):
-            return np.zeros(len(vectors))
-        w = unit(vectors).astype(np.float64)
-        cos = np.sqrt((np.einsum("gkd,ck->cgd", self.q, w) ** 2).sum(2))  # [c, G]
-        if exclude is not None:
-            cos[:, self.ids == exclude] = 0.0
-        return cos.max(1)
-
-    def raised(self, basis: np.ndarray) -> np.ndarray:
-        """[n] each past vector's best match once the span with orthonormal `basis` [K, p] is sent."""
-        if not len(self.v):
-            return np.zeros(0)
-        return np.maximum(self.best, np.linalg.norm(self.v @ basis, axis=1))
-
-    def fine(self, vectors: np.ndarray, top: int, m: np.ndarray | None = None) -> tuple[bool, str]:
-        """Whether the transmission of `vectors` [p, K] (the image first) keeps the order the device's secret
-        coins fixed: once any of its best matches reaches the floor, vector `top` is the best matched one by
-        at least the margin; and every earlier transmission it raises keeps its own coin's vector on top.
-        Then "the best matched vector is the image" is right 1/P of the time, whatever else is sent.
-        Returns (ok, why not)."""
-        m = self.match(vectors) if m is None else m
-        if m.max() >= self.floor:
-            others = np.delete(m, top)
-            if len(others) and m[top] < others.max() + self.margin:
+            return True, ""
+        vectors = unit(np.asarray(vectors, np.float64))
+        basis = orth(vectors)
+        s0, u_past, coef = self._pairs(basis)
+        j = int(np.argmax(s0))
+        if s0[j] >= self.floor:
+            named, lead = self._names(basis @ coef[j], vectors)
+            if named != top or lead < self.margin:
                 return False, "the coin"
-        new = self.raised(orth(vectors))
-        for j in np.unique(self.inv[new > self.best + 1e-9]):
-            rows = self.inv == j
-            new_m, top_m = new[rows], self.top[rows]
-            if new_m.max() >= self.floor and new_m[top_m].max() < new_m[~top_m].max(initial=-1.0):
-                return False, f"an earlier transmission's best matches would become {np.round(new_m, 3).tolist()}"
+        for j in np.flatnonzero((s0 > self.best_of_group()) & (s0 >= self.floor)):
+            rows = np.flatnonzero(self.inv == j)
+            named, _ = self._names(u_past[j], self.v[rows])
+            if not self.top[rows[named]]:
+                return False, "an earlier transmission's coin"
         return True, ""
+
+    def best_of_group(self) -> np.ndarray:
+        out = np.zeros(len(self.ids))
+        np.maximum.at(out, self.inv, self.best)
+        return out
 
     def accept(self, chosen: np.ndarray, cands: np.ndarray, top: int, final: bool) -> np.ndarray:
         """bool [c]: which candidate fools [c, K] may join `chosen` [j, K] (the image, then the fools picked so
-        far). ``final``: the candidate completes the transmission (all rules); else only the best-match
-        rules that the partial transmission can already break."""
+        far). ``final``: the candidate completes the transmission; a partial one is not judged (P > 2)."""
         cands = unit(np.asarray(cands, np.float32).reshape(len(cands), -1)).astype(np.float64)
-        if not len(self.ids):
+        if not len(self.ids) or not final:
             return np.ones(len(cands), dtype=bool)
-        m_chosen, m_c = self.match(chosen), self.match(cands)
-        ok = np.ones(len(cands), dtype=bool)
+        chosen = np.asarray(chosen, np.float64)
+        ok = np.zeros(len(cands), dtype=bool)
         sides = np.zeros((len(cands), 2), dtype=bool)  # would pass with the coin on the image / on this fool
         for i in range(len(cands)):
-            m = np.append(m_chosen, m_c[i])
-            if not final:  # the coin's vector may still be missing: only the coin on the image can be judged
-                ok[i] = top != 0 or m.max() < self.floor or m[0] >= m[1:].max() + self.margin
-                continue
             both = np.concatenate([chosen, cands[i:i + 1]])
-            for k, side in enumerate((0, len(m) - 1)):
-                sides[i, k] = self.fine(both, side, m)[0]
-            ok[i] = self.fine(both, top, m)[0]
-        if final and not (sides[:, 0].any() and sides[:, 1].any()):
-            # send only when the pool could have served either side of the coin: otherwise which cases get
+            for k, side in enumerate((0, len(both) - 1)):
+                sides[i, k] = self.fine(both, side)[0]
+            ok[i] = sides[i, 0] if top == 0 else sides[i, 1] if top == len(both) - 1 else self.fine(both, top)[0]
+        if not (sides[:, 0].any() and sides[:, 1].any()):
+            # send only when the pool could have served either side of the coin: otherwise which images get
             # sent would depend on the coin, and the sent ones would tell it
             ok[:] = False
         return ok
 
     def add(self, vectors: np.ndarray, group: int, top: int = 0) -> None:
         vectors = unit(np.asarray(vectors, np.float32).reshape(len(vectors), -1)).astype(np.float64)
-        self.top = np.append(self.top, np.arange(len(vectors)) == top)
-        m = self.match(vectors)
         basis = orth(vectors)
-        raised = self.raised(basis)
+        if len(self.ids):
+            s0, _, _ = self._pairs(basis)
+            self.best = np.maximum(self.best, s0[self.inv])
+            own = float(s0.max())
+        else:
+            own = 0.0
+        self.top = np.append(self.top, np.arange(len(vectors)) == top)
         self.v = np.concatenate([self.v.reshape(len(self.v), vectors.shape[1]), vectors])
         self.g = np.append(self.g, np.full(len(vectors), group))
-        self.best = np.concatenate([raised, m])
+        self.best = np.append(self.best, np.full(len(vectors), own))
         if len(self.ids) and self.q.shape[2] >= basis.shape[1]:
             pad = np.zeros((1,) + self.q.shape[1:])
             pad[0, :, :basis.shape[1]] = basis
