@@ -7,11 +7,14 @@ with an unrelated fool), the first principal vector is the image's direction: it
 estimates it better than one transmission does. When all P cosines are about equal (the fools as related
 as the images) the principal vectors are any mixture of the P parts, and the pair tells nothing new.
 
-So a transmission is fine against a past one when s_0 < ``floor`` (the pair shares no direction more than
-unrelated pairs do) or s_0 - s_last <= ``margin`` (every direction is about equally shared). ``History``
-holds the past spans (count-sketched: a count sketch keeps inner products to about 1/sqrt(k), and
-principal cosines with them, see tests/test_query_guard.py) and says which candidate fools keep a new
-transmission fine against every one of them.
+The cloud, for each transmission, takes its best pair (largest s_0 over everything it holds) and reads the
+vector its first principal vector lies nearest as the image. The device draws a secret coin per
+transmission (which of its P vectors that is to be) and sends only what keeps every coin: the new
+transmission's best pair names its coin (once s_0 reaches ``floor``, with a lead of ``margin``), and every
+earlier transmission it becomes the best pair of still has its own coin named. Then the cloud's reading
+is right 1/P of the time. ``History`` holds the past spans (count-sketched: a count sketch keeps inner
+products to about 1/sqrt(k), and principal cosines with them, see tests/test_query_guard.py) and says
+which candidate fools keep every coin.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_FLOOR = 0.80   # measured (docs/privacy.md): near-duplicates and look-alikes of an earlier image reach it
-DEFAULT_MARGIN = 0.02  # the count sketch's error on principal cosines (p99 0.02): the coin's lead must beat it
+DEFAULT_MARGIN = 0.02  # the count sketch's error on principal cosines (p99 0.02): the named vector's lead must beat it
 
 
 def unit(v: np.ndarray) -> np.ndarray:
