@@ -6,7 +6,7 @@ Torch-free apart from the optional check of the images against the model's own p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 
@@ -139,12 +139,73 @@ def refill(
     _report(target, stats, _public_overlap(arr, pipe.manifest, check_public), as_json)
 
 
+def _pending(pool) -> list[dict]:
+    """The device state's pending requests that took fools from `pool` (or used none)."""
+    from cvconvert.device.state import DeviceState
+
+    state = DeviceState().load()
+    return [{"id": rid, **rec} for rid, rec in state["pending"].items() if rec.get("pool") in (None, pool.pool_id)]
+
+
 @command("status", on=fools_app)
 def status(pool: Path = typer.Argument(..., help="A fool pool."), as_json: bool = _JSON):
-    """How many fools POOL holds, how many are used, and when it will warn."""
+    """How many fools POOL holds, how many are used, when it will warn, and the requests still pending.
+    Every file of the pool is checked (readable, consistent, the sha256 recorded when fools were added);
+    a read-only pool is fine."""
     from cvconvert.device.fools import FoolPool
 
-    _report(FoolPool.open(pool), None, None, as_json)
+    target = FoolPool.open(pool)
+    st = target.status()
+    st["pending"] = _pending(target)
+    if as_json:
+        emit_json(st)
+        return
+    print(f"{st['pool']}: {st['remaining']} unused of {st['count']} fools ({st['used']} used); warns below "
+          f"{st['low_water']}; every file checked")
+    for rec in st["pending"]:
+        state = "abandoned (its images stay blocked)" if rec.get("abandoned") else "pending"
+        print(f"request {rec['id']} ({rec.get('created', '?')}): {rec.get('images', '?')} image(s) {state}")
+    if any(not r.get("abandoned") for r in st["pending"]):
+        info("pending requests: their answer never came; `cvconvert infer` of the same images, or "
+             "`cvconvert fools resolve`, sends the identical x again")
+
+
+@command("resolve", on=fools_app)
+def resolve(
+    model_dir: Path = typer.Option(..., help="Model dir with onnx/ (the model of the pending requests)."),
+    fool_dir: Optional[Path] = typer.Option(None, help="The fool pool the requests took their fools from."),
+    server: Optional[str] = typer.Option(None, help="The KServe v2 / Triton server (default: local processing)."),
+    model_name: Optional[str] = typer.Option(None, help="Model name on --server (default ARCH_processing)."),
+    timeout: float = typer.Option(30.0, help="Seconds for the server's whole answer to one request."),
+    abandon: bool = typer.Option(False, help="Give the pending requests up instead: their x and key are deleted, "
+                                             "and their images are never sent again."),
+    as_json: bool = _JSON,
+):
+    """Send every pending request again, as it is (the same x, decoded with its stored key), or give it up."""
+    from .infer import build_pipeline
+
+    pipe, _ = build_pipeline(model_dir, None, None, None, None, fool_dir=fool_dir, server=server,
+                             model_name=model_name, timeout=timeout)
+    done = pipe.resolve(abandon=abandon)
+    results = []
+    for rec in done:
+        if rec["logits"] is None:
+            results.append({"id": rec["id"], "abandoned": True, "images": rec["names"]})
+            continue
+        top = pipe.probabilities(rec["logits"]).argmax(1)
+        results.append({"id": rec["id"], "abandoned": False, "predictions": [
+            {"image": n, "class": str(pipe.class_names[int(t)])} for n, t in zip(rec["names"], top)]})
+    if as_json:
+        emit_json({"resolved": results})
+        return
+    if not results:
+        info("no pending requests for this model")
+    for r in results:
+        if r["abandoned"]:
+            info(f"request {r['id']} abandoned: its {len(r['images'])} image(s) stay blocked for good (a fresh key "
+                 "or fool would let the cloud intersect two transmissions of them)")
+        for p in r.get("predictions", []):
+            print(f"{p['image']}: {p['class']}")
 
 
 @command("audit", on=fools_app)

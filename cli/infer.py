@@ -99,10 +99,51 @@ def _graphs(model_dir, encoder, processing, decoder, manifest, server):
     return encoder, processing, decoder, features if features.is_file() else None, man
 
 
-def _guard(threshold: float, size: int, floor: float, margin: float):
+def _guard(threshold: float, size: int, floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN):
+    """The query guard: one memory per device, in its state folder (cvconvert.device.state), shared by every
+    pool and model version."""
     from cvconvert.device.guard import SentGuard, default_guard_path
 
-    return SentGuard(default_guard_path(), threshold, size, floor, margin)  # one memory per device
+    return SentGuard(default_guard_path(), threshold, size, floor, margin)
+
+
+def _exported_sha256(encoder: Path, part: str = "processing") -> str | None:
+    """The sha256 `cvconvert export` recorded for a graph next to the encoder (None without a record)."""
+    import json
+
+    try:
+        return json.loads((encoder.parent / "export.json").read_text())["graphs"][part]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def build_pipeline(model_dir, encoder, processing, decoder, manifest, *, fool_dir, server, model_name,
+                   provider="auto", guard_threshold=DEFAULT_THRESHOLD, guard_size=DEFAULT_CAPACITY,
+                   timeout=30.0, retries=2, guard_floor=DEFAULT_FLOOR, guard_margin=DEFAULT_MARGIN):
+    """The device's Pipeline as infer and `fools resolve` use it: graphs, pool, guard, journal, and the
+    server checked to serve this export's model before anything is sent."""
+    from cvconvert.errors import CvError
+    from cvconvert.device.fools import FoolPool
+    from cvconvert.device.pipeline import Pipeline
+
+    encoder, processing, decoder, features, man = _graphs(model_dir, encoder, processing, decoder, manifest, server)
+    proc = processing
+    if server is not None:
+        try:
+            from cvconvert.device.remote import RemoteProcessing
+        except ImportError:
+            raise CvError("--server needs cvconvert.device.remote, which this installation lacks") from None
+        proc = RemoteProcessing(server, model_name or f"{man['arch']}_processing", timeout, retries=retries)
+    pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, guard=None)
+    pool = FoolPool.open(fool_dir, pipe.features_sha256) if fool_dir is not None and pipe.complex else None
+    if pipe.complex:
+        pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, pool=pool,
+                        guard=_guard(guard_threshold, guard_size, guard_floor, guard_margin))
+        pipe.on_warning = lambda msg: info(f"warning: {msg}")
+    if server is not None:
+        x_shape = ([pipe.parts] if pipe.complex else []) + list(man["feature_shape"]) if "feature_shape" in man else None
+        proc.check_model(_exported_sha256(encoder), x_shape)
+    return pipe, man
 
 
 @command("infer")
@@ -119,50 +160,52 @@ def infer(
     guard_threshold: float = typer.Option(DEFAULT_THRESHOLD, help="Near-duplicate guard: an image whose feature has "
                                           "this cosine to one already sent is answered from the cache, not sent."),
     guard_size: int = typer.Option(DEFAULT_CAPACITY, help="Sent features the guard remembers (oldest forgotten)."),
-    guard_floor: float = typer.Option(DEFAULT_FLOOR, help="Query guard: a principal cosine with an earlier "
-                                      "transmission from which on the device keeps the geometry symmetric "
-                                      "(docs/privacy.md)."),
-    guard_margin: float = typer.Option(DEFAULT_MARGIN, help="Query guard: how far the best matches of the image "
-                                       "and its fools may differ above the floor."),
+    guard_floor: float = typer.Option(DEFAULT_FLOOR, help="Query guard: the first principal cosine with an earlier "
+                                      "transmission from which on the vector it names must be the one the device's "
+                                      "secret coin chose (docs/privacy.md)."),
+    guard_margin: float = typer.Option(DEFAULT_MARGIN, help="Query guard: the lead (in |cos|) the named vector "
+                                       "must have over the next one."),
     provider: str = typer.Option("auto", help="auto | cpu | cuda (ONNX Runtime execution provider)."),
     server: Optional[str] = typer.Option(None, help="Run processing on a KServe v2 / Triton server at this URL."),
     model_name: Optional[str] = typer.Option(None, help="Model name on --server (default ARCH_processing)."),
+    timeout: float = typer.Option(30.0, help="Seconds for the server's whole answer to one request (--server)."),
+    retries: int = typer.Option(2, help="Further attempts with the same x after a 503 or a reset (--server); "
+                                        "backoff 0.5 s, 1 s, 2 s, ..."),
     resize: bool = typer.Option(False, help="Resize images of another size (default: refuse them)."),
     batch_size: int = typer.Option(64, help="Images per ONNX Runtime call."),
     as_json: bool = typer.Option(False, "--json", help="Print predictions as JSON on stdout."),
 ):
-    """Classify IMAGES with the split network: encode + decode here, processing local or on --server."""
+    """Classify IMAGES with the split network: encode + decode here, processing local or on --server.
+
+    A request whose answer never came (timeout, reset, a killed run) is journaled in the device state
+    ($CVCONVERT_STATE_DIR): running the same command again resends its identical x (see docs/device.md)."""
     import numpy as np
 
     from cvconvert.errors import CvError
-    from cvconvert.device.fools import FoolPool
-    from cvconvert.device.pipeline import Pipeline
 
-    if top_k < 1 or batch_size < 1:
-        raise CvError("--top-k and --batch-size must be at least 1")
-    encoder, processing, decoder, features, man = _graphs(model_dir, encoder, processing, decoder, manifest, server)
-    proc = processing
-    if server is not None:
-        try:
-            from cvconvert.device.remote import RemoteProcessing
-        except ImportError:
-            raise CvError("--server needs cvconvert.device.remote, which this installation lacks") from None
-        proc = RemoteProcessing(server, model_name or f"{man['arch']}_processing")
-    pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, guard=None)
-    pool = FoolPool.open(fool_dir, pipe.features_sha256) if fool_dir is not None and pipe.complex else None
-    if pipe.complex:
-        pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, pool=pool,
-                        guard=_guard(guard_threshold, guard_size, guard_floor, guard_margin))
-        pipe.on_warning = lambda msg: info(f"warning: {msg}")
-
+    if top_k < 1 or batch_size < 1 or retries < 0 or not timeout > 0:
+        raise CvError("--top-k and --batch-size must be at least 1, --retries at least 0, --timeout positive")
+    pipe, man = build_pipeline(model_dir, encoder, processing, decoder, manifest, fool_dir=fool_dir, server=server,
+                               model_name=model_name, provider=provider, guard_threshold=guard_threshold,
+                               guard_size=guard_size, timeout=timeout, retries=retries, guard_floor=guard_floor,
+                               guard_margin=guard_margin)
     files = collect_images(images)
     x = np.stack([load_image(f, man, resize) for f in files])
-    logits, sent, how = [], [], None
+    logits, sent, how, resent = [], [], None, 0
     for i in range(0, len(x), batch_size):
-        logits.append(pipe.predict(x[i:i + batch_size]))
+        try:
+            logits.append(pipe.predict(x[i:i + batch_size], names=[str(f) for f in files[i:i + batch_size]]))
+        except CvError as exc:
+            if i == 0:
+                raise
+            raise CvError(f"images 1-{i} were answered (and cached: a retry shows them); image {i + 1} on: {exc}") from None
         how = pipe.last.get("fools", how)
-        sent += ["similar" if j in pipe.last.get("similar", []) else j not in pipe.last.get("repeats", [])
+        resent += len(pipe.last.get("resent", []))
+        sent += ["similar" if j in pipe.last.get("similar", []) else
+                 j not in pipe.last.get("repeats", []) or j in pipe.last.get("resent", [])
                  for j in range(len(x[i:i + batch_size]))]
+    if resent:
+        info(f"{resent} image(s) of an earlier request whose answer never came were sent again with the same x and key")
     probs = pipe.probabilities(np.concatenate(logits))
     _print(files, probs, pipe, man, server, how, sent, top_k, as_json)
 
@@ -175,7 +218,7 @@ def _print(files, probs, pipe, man, server, how, sent, top_k, as_json) -> None:
     cached = sum(s is not True for s in sent)
     sent_any = pipe.complex and cached < len(sent)
     info(f"ran on {pipe.providers['encoder']} (device side), processing on {where}"
-         + (f"; fooling inputs from {how}" if sent_any else "")
+         + (f"; fooling inputs from {how}" if sent_any and how else "")
          + (f"; {cached} image(s) sent before (or a near-duplicate of one) answered from this device's cache, "
             "not sent again" if cached else ""))
     if how == "noise":

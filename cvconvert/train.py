@@ -107,7 +107,10 @@ def _check_config(cfg: TrainConfig) -> None:
 
 
 def choose_defense(cfg: TrainConfig, manifest: dict) -> str | None:
-    """--defense, else the one the model was trained with, else exchange; None for a real variant."""
+    """--defense, else the one the model was trained with, else exchange; None for a real variant, and for
+    "none" (the task loss alone: the experiments' undefended baseline)."""
+    if cfg.defense == "none":
+        return None
     if manifest["variant"] != "complex":
         if cfg.defense not in (None, "paper"):  # "paper" on a real variant: task loss only, as always
             raise CvError(f"--defense {cfg.defense} needs a complex model (this one is {manifest['variant']!r})")
@@ -168,8 +171,12 @@ def _derangement(n: int, device) -> torch.Tensor:
 class SplitTrainer:
     """One optimiser step of a SplitModel: task loss plus the complex variant's defense."""
 
-    def __init__(self, model, manifest, cfg: TrainConfig, device, dist: Dist, multilabel: bool):
+    def __init__(self, model, manifest, cfg: TrainConfig, device, dist: Dist, multilabel: bool,
+                 fool_index: Callable | None = None):
+        """fool_index: a hook image batch -> each sample's fool index, in place of the fool rule's draw
+        (experiments/ studies rules the product does not ship)."""
         self.model, self.manifest, self.cfg, self.device, self.dist = model, manifest, cfg, device, dist
+        self.fool_hook = fool_index
         self.multilabel = multilabel
         self.loss_fn = _loss_fn(multilabel)
         self.k = int(cfg.k or manifest.get("k") or 8)
@@ -201,6 +208,8 @@ class SplitTrainer:
         """Which sample of the batch is each sample's fool: a derangement, or drawn by the match law.
         P parts: [N, P-1] distinct fools per sample, never the sample itself."""
         n, parts = image.shape[0], self.model.parts
+        if self.fool_hook is not None:
+            return self.fool_hook(image)
         law = None
         if self.fool_rule != "random" and n >= 2:
             law = torch.from_numpy(match_law(image.detach().flatten(1).cpu().numpy())).float()
@@ -281,14 +290,15 @@ class _Data:
     val_loader: object
 
 
-def _load_data(name: str, task: str, cfg: TrainConfig, dist: Dist, device) -> _Data:
-    """The training split (a seeded subset with --train-limit), its held-out part and their loaders."""
+def _load_data(name: str, task: str, cfg: TrainConfig, dist: Dist, device, train_set=None) -> _Data:
+    """The training split (a seeded subset with --train-limit), its held-out part and their loaders.
+    train_set: a dataset of (image, target, prop) to use in place of the named one's training split."""
     from torch.utils.data import DataLoader, Subset
     from torch.utils.data.distributed import DistributedSampler
 
     from .data import get_dataset
 
-    full = get_dataset(name, True, cfg.data_dir, task)
+    full = get_dataset(name, True, cfg.data_dir, task) if train_set is None else train_set
     if len(full) == 0:
         raise CvError(f"{name} training set is empty")
     if cfg.train_limit is not None and cfg.train_limit < len(full):  # a seeded random subset (benchmarks)
@@ -424,22 +434,26 @@ class _Run:
     last_good: Path
 
 
-def train(model_dir, cfg: TrainConfig, log=True, callbacks: Sequence[Callback] = ()) -> dict:
+def train(model_dir, cfg: TrainConfig, log=True, callbacks: Sequence[Callback] = (), *, train_set=None,
+          fool_index: Callable | None = None) -> dict:
     """Train DIR in place; returns the run summary (also in the manifest's history).
 
     Each callback is called on every process at the end of each epoch, after rank 0 saved it, with
-    the trainer (its model holds the weights) and the epoch's metrics record."""
+    the trainer (its model holds the weights) and the epoch's metrics record. train_set and fool_index
+    are hooks for experiments/: a dataset of (image, target, prop) in place of the data set's training
+    split, and SplitTrainer's fool hook."""
     model_dir = Path(model_dir)
     read_manifest(model_dir)  # one-line errors for a missing / foreign dir before anything starts
     pick_device(cfg.device)  # fails before any process group is set up
     dist = Dist(device_kind(cfg.device))
     try:
-        return _train(model_dir, cfg, pick_device(cfg.device, dist.local_rank), dist, log, callbacks)
+        return _train(model_dir, cfg, pick_device(cfg.device, dist.local_rank), dist, log, callbacks,
+                      {"train_set": train_set, "fool_index": fool_index})
     finally:
         dist.close()
 
 
-def _train(model_dir: Path, cfg: TrainConfig, device, dist: Dist, log: bool, callbacks) -> dict:
+def _train(model_dir: Path, cfg: TrainConfig, device, dist: Dist, log: bool, callbacks, hooks: dict) -> dict:
     _check_config(cfg)
     model, manifest = load_model(model_dir)
     name, task, info = data_for(manifest, cfg.data, cfg.task)
@@ -447,9 +461,10 @@ def _train(model_dir: Path, cfg: TrainConfig, device, dist: Dist, log: bool, cal
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    data = _load_data(name, task, cfg, dist, device)
+    data = _load_data(name, task, cfg, dist, device, hooks["train_set"])
     model.to(device)
-    trainer = SplitTrainer(model, manifest, cfg, device, dist, info.multilabel)  # a critic's init draws from the seed
+    # a critic's init draws from the seed
+    trainer = SplitTrainer(model, manifest, cfg, device, dist, info.multilabel, hooks["fool_index"])
     start_epoch, records, best = _restore(trainer, ckpt, ckpt_path, cfg, device) if ckpt else (1, [], None)
     run = _Run(model_dir, cfg, device, dist, manifest, name, task, info.multilabel, trainer, data,
                _Reporter(log and dist.main), records, best,

@@ -1,5 +1,6 @@
-"""Shared code of the phase-hiding experiments: data subsets, one training loop for every variant, and
-the evaluation with attackers trained AFTER training (never the critic of the loop).
+"""Shared code of the phase-hiding experiments: data subsets, training through the product's loop
+(cvconvert.train, with its hooks for the experiment's data subset and fool rules), and the evaluation
+with attackers trained AFTER training (never the critic of the loop).
 
 Attackers (all know the defense: they simulate x with the public encoder, ``model.encoder.combine``);
 the audit's own attack classes (cvconvert.attacks) with this experiment's budget, except the probes:
@@ -7,7 +8,7 @@ the audit's own attack classes (cvconvert.attacks) with this experiment's budget
   phase        PhaseSupport: training-free estimates (window / channel-weighted mean, calibrated on the
                attacker's own simulated x; the attacker keeps the one better on its own data)
   D' grid      PaperDPrime, the paper's angle attack: the best-looking reading of x
-  probes       linear probes on |x| and on a for the fine class
+  probes       linear probes on |x| and on a for the fine class (trained by the audit's attacker loop)
   inversion    FeatureInverter (the audit's U-Net) trained on a, and one trained on +-a (sign-agnostic);
                decoded from a* at the regressor's and D''s angles; "oracle": the best of the four readings
                theta_hat + j pi/2 (needs the truth: the pair limit that no defense can beat)
@@ -37,9 +38,8 @@ from cvconvert.attacks.phase_support import PhaseSupport
 from cvconvert.attacks.regressor import LearnedRegressor
 from cvconvert.attacks.whitebox import WhiteBox
 from cvconvert.complex.functional import modulus, unrotate_real
-from cvconvert.defense import make_defense
 from cvconvert.model import random_theta
-from cvconvert.modeldir import atomic_json, atomic_torch_save, load_model, read_manifest, MANIFEST, WEIGHTS
+from cvconvert.modeldir import atomic_json, load_model, read_manifest, MANIFEST
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per process is ~10x faster than two fighting
 
@@ -67,13 +67,6 @@ def load_data(n_train: int, n_att: int, n_test: int, seed: int = 0) -> dict:
 
 
 # --- training --------------------------------------------------------------------------------------------
-
-def _derangement(n: int) -> torch.Tensor:
-    p = torch.randperm(n)
-    out = torch.empty_like(p)
-    out[p] = p.roll(1)
-    return out
-
 
 def pixel_dist(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Mean absolute pixel distance between every image of u [N, ...] and every image of v [M, ...]: [N, M]."""
@@ -145,80 +138,52 @@ def victim_far_fools(images: torch.Tensor, pool: torch.Tensor, pool_size: int, g
     return torch.cat(out)
 
 
+def _fool_hook(fool_rule: str, fool_pool: int, match_lam: float):
+    """The experiment's fool rules that the product does not ship, as cvconvert.train's fool hook (None:
+    the product's own rule): "far" (the farthest batch image, or the farthest of FOOL_POOL random
+    others) and "match" with a lambda other than the product's."""
+    from cvconvert.device.fools import MATCH_LAMBDA
+
+    if fool_rule == "far" and fool_pool:
+        def far_of_pool(img):
+            cand = torch.stack([torch.randperm(len(img) - 1)[:fool_pool] for _ in range(len(img))])
+            cand = cand + (cand >= torch.arange(len(img))[:, None]).long()  # skip the image itself
+            dist = (img[:, None] - img[cand]).abs().flatten(2).mean(2)
+            return cand.gather(1, dist.argmax(1, keepdim=True)).squeeze(1)
+        return far_of_pool
+    if fool_rule == "far":
+        return lambda img: farthest(img, img)
+    if fool_rule == "match" and match_lam != MATCH_LAMBDA:
+        return lambda img: torch.multinomial(match_weights(img, match_lam).float(), 1).squeeze(1)
+    return None
+
+
 def train_dir(model_dir, data: dict, epochs: int, defense: str | None = None, weight: float = 0.0,
               batch_size: int = 64, lr: float = 1e-3, seed: int = 0, paper_gan: float = 0.0,
               fool_rule: str = "random", fool_pool: int = 0, match_lam: float = 16.0) -> dict:
-    """Train DIR in place with task loss (+ the defense's terms: `defense`, or the paper's WGAN-GP, the
-    `paper` defense of cvconvert train, when paper_gan > 0). Every variant goes through this same loop.
-    Returns per-epoch records."""
-    torch.manual_seed(seed)
-    model, manifest = load_model(model_dir)
-    if paper_gan > 0:
-        d = make_defense("paper", model, {"weight": paper_gan, "critic_lr": lr})
-    else:
-        d = make_defense(defense, model, {"weight": weight}) if defense else None
-    crit_ids = {id(p) for p in model.discriminator.parameters()} if model.discriminator is not None else set()
-    opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in crit_ids], lr=lr)
+    """Train DIR in place through the product's loop (cvconvert.train.train) on the experiment's training
+    subset: task loss + the defense (`defense`, "none" when not given; the paper's WGAN-GP, the `paper`
+    defense, when paper_gan > 0). The rules cvconvert does not ship (far fools, another match lambda) go
+    in through its fool hook. Returns per-epoch records."""
+    from torch.utils.data import TensorDataset
+
+    from cvconvert.train import TrainConfig, train
+
     images, y = data["train"]
-    n = len(images)
-    records, step = [], 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        perm = torch.randperm(n)
-        t0, sums, cnt = time.time(), {}, 0
-        for i in range(0, n - batch_size + 1, batch_size):
-            idx = perm[i:i + batch_size]
-            img, tgt = images[idx], y[idx]
-            stats = {}
-            if not model.is_complex:
-                logits = model(img)
-                loss = F.cross_entropy(logits, tgt)
-            else:
-                a = model.encoder.features(img)
-                if fool_rule == "far" and fool_pool:  # the farthest of FOOL_POOL random other batch images
-                    cand = torch.stack([torch.randperm(len(a) - 1)[:fool_pool] for _ in range(len(a))])
-                    cand = cand + (cand >= torch.arange(len(a))[:, None]).long()  # skip the image itself
-                    dist = (img[:, None] - img[cand]).abs().flatten(2).mean(2)
-                    fidx = cand.gather(1, dist.argmax(1, keepdim=True)).squeeze(1)
-                elif fool_rule == "far":
-                    fidx = farthest(img, img)
-                elif fool_rule == "match":
-                    fidx = torch.multinomial(match_weights(img, match_lam).float(), 1).squeeze(1)
-                else:
-                    fidx = _derangement(len(a))
-                b = a[fidx]
-                stats["fool_dist"] = float((img - img[fidx]).abs().flatten(1).mean(1).mean())
-                theta = random_theta(len(a))
-                x = model.encoder.combine(a, b, theta)
-                if d is not None:
-                    stats.update(d.update(a, b, x, step))
-                logits = model.decoder(model.processing(x), theta)
-                loss = F.cross_entropy(logits, tgt)
-                if d is not None:
-                    extra, s2 = d.extra_loss(a, b, x, step)
-                    loss = loss + extra
-                    stats.update(s2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            cnt += 1
-            stats["loss"] = float(loss.detach())
-            stats["error"] = float((logits.argmax(1) != tgt).float().mean())
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-        rec = {"epoch": epoch, "steps": cnt, "time_s": round(time.time() - t0, 2),
-               **{f"train_{k}": round(v / cnt, 5) for k, v in sums.items()}}
-        records.append(rec)
-        log(f"{Path(model_dir).name} epoch {epoch}: {rec}")
-    atomic_torch_save({k: v.detach() for k, v in model.state_dict().items()}, Path(model_dir) / WEIGHTS)
-    m = read_manifest(model_dir)
-    if d is not None:
-        m.update(d.manifest_updates())
-    m["history"] = {"experiment": "experiments/defense_lib.train_dir", "epochs": epochs, "records": records,
-                    "n_train": n, "batch_size": batch_size, "lr": lr, "paper_gan": paper_gan,
-                    "fool_rule": fool_rule, "fool_pool": fool_pool,
-                    "match_lam": match_lam}
+    # a hook rule replaces the product's draw; the manifest then records random
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device="cpu", val_fraction=0.0,
+                      defense="paper" if paper_gan > 0 else (defense or "none"), defense_weight=weight,
+                      gan_weight=paper_gan, critic_lr=lr, fool_rule="match" if fool_rule == "match" else "random")
+    records = []
+    train(model_dir, cfg, log=False, callbacks=[lambda trainer, rec: records.append(rec)],
+          train_set=TensorDataset(images, y, torch.full_like(y, -1)),
+          fool_index=_fool_hook(fool_rule, fool_pool, match_lam))
+    for rec in records:
+        log(f"{Path(model_dir).name} epoch {rec['epoch']}: {rec}")
+    m = read_manifest(model_dir)  # the product's history, plus what the sweep's --reuse compares
+    m["history"].update({"experiment": "experiments/defense_lib.train_dir", "records": records, "n_train": len(images),
+                         "batch_size": batch_size, "paper_gan": paper_gan, "fool_rule": fool_rule,
+                         "fool_pool": fool_pool, "match_lam": match_lam})
     atomic_json(m, Path(model_dir) / MANIFEST)
     return {"records": records, "epoch_time_s": sum(r["time_s"] for r in records) / len(records)}
 
@@ -233,19 +198,13 @@ def test_error(model, images, y) -> float:
 # --- attacks ---------------------------------------------------------------------------------------------
 
 def _fit(net, steps, batch_fn, loss_fn, lr=1e-3, bs=64, n=None):
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    gen = torch.Generator().manual_seed(1234)
-    net.train()
-    for _ in range(steps):
-        idx = torch.randint(0, n, (bs,), generator=gen)
-        inp, tgt = batch_fn(idx, gen)
-        loss = loss_fn(net(inp), tgt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    net.eval()
+    """The experiment's probes train with the audit's own attacker loop (cvconvert.attacks.fit.Trainer):
+    STEPS minibatches of BS become that many epochs over the N items."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as ckpt:
+        FitTrainer(Path(ckpt), torch.device("cpu"), seed=1234).fit(
+            "probe", net, n, batch_fn, loss_fn, epochs=max(1, round(steps * bs / n)), batch_size=bs, lr=lr)
     return net
 
 
@@ -287,7 +246,7 @@ def _victim(model, data: dict, seed: int, fool_rule: str, pool_size: int, match_
     elif fool_rule == "match":  # the image + 63 others, fool drawn from the symmetric Sinkhorn law
         fool, part_fn = victim_match_fools(I_ev, data["pool"], match_lam, gen), match_partners(I_att, match_lam)
     else:
-        fool, part_fn = I_ev[_derangement(len(I_ev))], partners
+        fool, part_fn = I_ev[partners(torch.arange(len(I_ev)), len(I_ev), gen)], partners  # another test image
     theta = random_theta(len(I_ev))  # the victim's secret keys (CSPRNG); only used to score
     x_ev = batched(lambda i, f, t: model.encoder(i, f, t), I_ev, fool, theta)
     with torch.no_grad():  # utility with the deployment's fools (test_error: model(i)'s rolled fool)

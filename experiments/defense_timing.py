@@ -3,7 +3,7 @@
     .venv/bin/python experiments/defense_timing.py [--steps 20] [--batch-size 64]
 
 One thread; LeNet paper split on Fashion-MNIST-shaped random data (the cost does not depend on the
-pixels). Prints the median seconds per step and the ratios to the original variant and to the
+pixels); each step is cvconvert train's own (SplitTrainer.train_step). Prints the median seconds per step and the ratios to the original variant and to the
 complex variant trained without any adversarial term.
 """
 
@@ -17,56 +17,28 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import defense_lib as L  # noqa: E402,F401  (sets one thread)
 
 from cvconvert.build import convert_to_dir  # noqa: E402
-from cvconvert.defense import make_defense  # noqa: E402
-from cvconvert.model import random_theta  # noqa: E402
+from cvconvert.dist import Dist  # noqa: E402
 from cvconvert.modeldir import load_model  # noqa: E402
-from cvconvert.defense import gradient_penalty as _gradient_penalty, negatives  # noqa: E402
+from cvconvert.train import SplitTrainer, TrainConfig  # noqa: E402
+
+# variant -> cvconvert train's --defense ("none": the complex model on the task loss alone)
+DEFENSE = {"original": None, "complex": "none", "exchange": "exchange", "symmetric": "symmetric", "paper-wgan": "paper"}
 
 
 def stepper(kind: str, tmp: Path):
+    """One optimiser step of `cvconvert train` (SplitTrainer.train_step) for the variant: the product's step,
+    defense and fool draw (random: a derangement of the batch)."""
     convert_to_dir("lenet", tmp / kind, force=True, variant="original" if kind == "original" else "complex")
-    m, _ = load_model(tmp / kind)
+    m, manifest = load_model(tmp / kind)
     m.train()
-    d = make_defense(kind, m, {"weight": 1.0}) if kind in ("exchange", "symmetric") else None
-    disc = m.discriminator
-    params = [p for n, p in m.named_parameters() if not n.startswith("discriminator")]
-    opt = torch.optim.Adam(params, lr=1e-3)
-    copt = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.9)) if kind == "paper-wgan" else None
-
-    def step(img, y, i):
-        if not m.is_complex:
-            loss = F.cross_entropy(m(img), y)
-        else:
-            a = m.encoder.features(img)
-            b = a.roll(1, 0)
-            th = random_theta(len(a))
-            x = m.encoder.combine(a, b, th)
-            if d is not None:
-                d.update(a, b, x)
-            loss = F.cross_entropy(m.decoder(m.processing(x), th), y)
-            if d is not None:
-                loss = loss + d.extra_loss(a, b, x, i)[0]
-            if copt is not None:
-                s = a.pow(2).mean().sqrt() + 1e-8
-                real, fake = a / s, negatives(a, b, 8, i) / s
-                r, f = real.detach(), fake.detach()
-                dr, df = disc(torch.cat((r, f))).chunk(2)
-                c = df.mean() - dr.mean() + 10 * _gradient_penalty(disc, r, f)
-                copt.zero_grad()
-                c.backward()
-                copt.step()
-                dr, df = disc(torch.cat((real, fake))).chunk(2)
-                loss = loss + 0.1 * (dr.mean() - df.mean())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return step
+    cfg = TrainConfig(device="cpu", defense=DEFENSE[kind], defense_weight=1.0, gan_weight=0.1, fool_rule="random")
+    trainer = SplitTrainer(m, manifest, cfg, torch.device("cpu"), Dist("cpu"), multilabel=False)
+    return lambda img, y, i: trainer.train_step(img, y)
 
 
 def main():

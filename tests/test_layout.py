@@ -52,6 +52,7 @@ def test_a_name_registered_twice_warns(monkeypatch):
     from cvconvert import archs, convert, datasets
     from cvconvert.attacks import stages
 
+    archs.list_models()  # load the zoo first: loaded inside the test, it would fill only the copy below
     monkeypatch.setattr(archs, "_REGISTRY", dict(archs._REGISTRY))
     monkeypatch.setattr(datasets, "DATASETS", dict(datasets.DATASETS))
     monkeypatch.setattr(convert, "DEFAULT_MAPPING", dict(convert.DEFAULT_MAPPING))
@@ -85,6 +86,10 @@ def test_a_name_registered_twice_warns(monkeypatch):
             again()
         assert len(seen) == 1 and name in str(seen[0].message) and "registered twice" in str(seen[0].message)
     assert archs.get_entry("mine").fn is arch2  # the later entry wins, as in timm
+
+    from cvconvert.attacks.registry import PROPERTY_ATTACKS, check_ids
+    with pytest.warns(UserWarning, match="attack 'knn1' registered twice"):
+        check_ids(PROPERTY_ATTACKS, [("knn1", "another 1-NN", "feature", None)])
 
     # The audit keeps its fitted attacks by id: a second attack with an id already taken warns.
     class Fake:

@@ -272,3 +272,29 @@ def test_private_defaults_and_a_trained_model_keeps_its_own(tmp_path, fm):
     assert manifest["defense"]["name"] == "paper" and manifest["history"]["gan"]["k"] == 8
     assert "fool_rule" not in manifest and "fool_sign" not in manifest
     assert "train_wdist" in json.loads((p / "metrics.jsonl").read_text())
+
+
+def test_experiments_hooks_own_data_own_fool_rule_and_no_defense(tmp_path):
+    """experiments/ train through cvconvert.train: a dataset of their own in place of --data's split, a
+    fool hook for rules the product does not ship, and --defense none (the task loss alone)."""
+    from torch.utils.data import TensorDataset
+
+    from cvconvert.modeldir import read_manifest
+    from cvconvert.train import train
+
+    d = tmp_path / "m"
+    convert_to_dir("lenet", d, data="fashion-mnist", seed=0)
+    images, y = torch.rand(24, 1, 32, 32), torch.randint(0, 10, (24,))
+    calls = []
+
+    def last_is_fool(img):  # each sample's fool: the one before it
+        calls.append(len(img))
+        return torch.arange(len(img)).roll(1)
+
+    records = []
+    cfg = TrainConfig(epochs=2, batch_size=8, device="cpu", val_fraction=0.0, defense="none")
+    out = train(d, cfg, log=False, callbacks=[lambda trainer, rec: records.append(rec)],
+                train_set=TensorDataset(images, y, torch.full_like(y, -1)), fool_index=last_is_fool)
+    assert out["steps"] == 6 and calls == [8] * 6 and [r["epoch"] for r in records] == [1, 2]
+    m = read_manifest(d)
+    assert "defense" not in m and m["history"]["steps"] == 6 and m.get("fool_sign", "none") == "none"

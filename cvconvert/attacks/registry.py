@@ -13,6 +13,7 @@ PARTS_* below.
 
 from __future__ import annotations
 
+from ..registry import put
 from . import angle, gram, inference, inversion, invariant, phase_support, regressor, rowsearch, whitebox, \
     whitebox_parts, whichrow
 
@@ -89,3 +90,15 @@ PARTS_PROPERTY_ATTACKS = (
     ("gram_probe", "key-free: classifier on |x_j|, sum_p x_pj x_pk", "gram"),
     ("picked_probe", "classifier on the picked candidate", "picked"),
 )
+
+
+def check_ids(*tables) -> None:
+    """Warn on an id listed twice across TABLES of (id, ...) entries (the report keys rows by id)."""
+    seen: dict = {}
+    for table in tables:
+        for entry in table:
+            put(seen, entry[0], entry, "attack")
+
+
+check_ids(PROPERTY_ATTACKS, ADAPTIVE_PROPERTY_ATTACKS)
+check_ids(PARTS_PROPERTY_ATTACKS)

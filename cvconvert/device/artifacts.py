@@ -63,12 +63,12 @@ def _umask() -> int:
     return mask
 
 
-def atomic_json(obj, path) -> None:
+def atomic_json(obj, path, mode: int | None = None) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
-    atomic_write(path, write)
+    atomic_write(path, write, mode)
 
 
 def new_manifest(**fields) -> dict:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .guard import sketch
-from .artifacts import atomic_json, atomic_write, locked
+from .artifacts import atomic_json, atomic_write, locked, sha256
 
 FOOL_RULES = ("random", "match")
 MATCH_LAMBDA = 16.0  # measured value (experiments/results/farfool.md)
@@ -155,12 +155,30 @@ def low_water(count: int) -> int:
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
+    from .state import disk_error
+
     def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, arr)
             f.flush()
             os.fsync(f.fileno())
-    atomic_write(path, write, mode=0o600)
+    try:
+        atomic_write(path, write, mode=0o600)
+    except OSError as exc:
+        raise disk_error(path, exc) from None
+
+
+def _save_meta(meta: dict, path: Path) -> None:
+    from .state import disk_error
+
+    try:
+        atomic_json(meta, path, mode=0o600)
+    except OSError as exc:
+        raise disk_error(path, exc) from None
+
+
+_DAMAGED = ("restore the pool folder from a backup taken after its last use (cvconvert detects an older ledger), "
+            "or create a new pool; its fools must never be used again elsewhere")
 
 
 def image_digests(images: np.ndarray) -> list[str]:
@@ -214,14 +232,15 @@ class FoolPool:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))  # mode 0700
         try:
-            meta = {"format": POOL_FORMAT, "version": POOL_VERSION, "features_sha256": features_sha256,
+            meta = {"format": POOL_FORMAT, "version": POOL_VERSION, "id": secrets.token_hex(16),
+                    "features_sha256": features_sha256,
                     "input_shape": list(input_shape), "feature_shape": list(feature_shape), "count": 0,
                     "digests": []}
             _save_npy(tmp / POOL_FILES["images"], np.zeros((0, *input_shape), np.float32))
             _save_npy(tmp / POOL_FILES["features"], np.zeros((0, *feature_shape), np.float32))
             _save_npy(tmp / POOL_FILES["ledger"], np.zeros(0, np.uint8))
             _save_npy(tmp / POOL_FILES["sketches"], sketch(np.zeros((0, *feature_shape))).astype(np.float16))
-            atomic_json(meta, tmp / POOL_FILES["meta"])
+            _save_meta(meta, tmp / POOL_FILES["meta"])
             stats = cls(tmp, meta).add(images, features)
             if path.exists():
                 path.rmdir()
@@ -243,10 +262,7 @@ class FoolPool:
         if not meta_path.is_file():
             hint = " (a folder of images: make it a pool with `cvconvert fools create`)" if path.is_dir() else ""
             raise CvError(f"{path} is not a fool pool{hint}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError:
-            raise CvError(f"{meta_path} is not valid JSON") from None
+        meta = cls._read_meta(meta_path)
         if meta.get("format") != POOL_FORMAT or meta.get("version") != POOL_VERSION:
             raise CvError(f"{path} is not a fool pool of a version this cvconvert reads")
         if features_sha256 is not None and meta.get("features_sha256") != features_sha256:
@@ -255,21 +271,99 @@ class FoolPool:
         return cls(path, meta)
 
     # -- state -------------------------------------------------------------------------------------
+    @staticmethod
+    def _read_meta(path: Path) -> dict:
+        from ..errors import CvError
+
+        try:
+            meta = json.loads(path.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError
+            return meta
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise CvError(f"the fool pool's {path} is damaged or unreadable: {_DAMAGED}") from None
+
+    def _read(self, key: str, mmap: bool = False) -> np.ndarray:
+        """One of the pool's arrays; a damaged, missing or unreadable file is a one-line CvError naming it."""
+        from ..errors import CvError
+
+        path = self.path / POOL_FILES[key]
+        try:
+            arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except Exception:  # EOFError, ValueError, OSError, ...: the same advice for all
+            what = "missing" if not path.exists() else "damaged or unreadable"
+            raise CvError(f"the fool pool's {path} is {what}: {_DAMAGED}") from None
+        count = int(self.meta.get("count", len(arr)))
+        if not isinstance(arr, np.ndarray) or len(arr) != count or (key == "ledger" and (
+                arr.dtype != np.uint8 or arr.ndim != 1 or (arr > 1).any())):
+            raise CvError(f"the fool pool's {path} is damaged (it does not hold {count} entries of the expected "
+                          f"kind): {_DAMAGED}")
+        return arr
+
     def _ledger(self) -> np.ndarray:
-        return np.load(self.path / POOL_FILES["ledger"])
+        return np.array(self._read("ledger"))
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return (np.load(self.path / POOL_FILES["images"], mmap_mode="r"),
-                np.load(self.path / POOL_FILES["features"], mmap_mode="r"))
+        return self._read("images", mmap=True), self._read("features", mmap=True)
+
+    @property
+    def pool_id(self) -> str:
+        """A stable name for this pool in the device state (its id; older pools: its absolute path)."""
+        return str(self.meta.get("id") or self.path.resolve())
+
+    def _lock_or_readonly(self):
+        """The pool's lock; on a read-only pool (nothing can change it meanwhile) none."""
+        import contextlib
+        import errno
+
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                return contextlib.nullcontext()
+            raise
+        return locked(self.path)
+
+    def _locked(self):
+        from .state import disk_error
+
+        try:
+            os.close(os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError as exc:
+            raise disk_error(self.path / ".lock", exc, "lock the fool pool with") from None
+        return locked(self.path)
+
+    def verify(self) -> dict:
+        """Check every file of the pool: readable, consistent counts and shapes, the sha256 recorded at
+        the last add. CvError naming the first bad file. Returns the ledger and the meta."""
+        from ..errors import CvError
+
+        meta = self._read_meta(self.path / POOL_FILES["meta"])
+        self.meta = meta
+        ledger = self._ledger()
+        for key in ("images", "features", "sketches"):
+            arr = self._read(key, mmap=True)
+            shape = {"images": meta.get("input_shape"), "features": meta.get("feature_shape")}.get(key)
+            if shape is not None and list(arr.shape[1:]) != list(shape):
+                raise CvError(f"the fool pool's {self.path / POOL_FILES[key]} has shape {list(arr.shape)}, "
+                              f"pool.json says [{meta.get('count')}, {', '.join(map(str, shape))}]: {_DAMAGED}")
+            want = (meta.get("sha256") or {}).get(key)
+            if want is not None and want != sha256(self.path / POOL_FILES[key]):
+                raise CvError(f"the fool pool's {self.path / POOL_FILES[key]} was changed after it was written "
+                              f"(sha256 differs from pool.json): {_DAMAGED}")
+        return {"ledger": ledger, "meta": meta}
 
     def status(self) -> dict:
-        with locked(self.path):
-            ledger = self._ledger()
-            meta = json.loads((self.path / POOL_FILES["meta"]).read_text())
+        with self._lock_or_readonly():
+            checked = self.verify()
+        ledger, meta = checked["ledger"], checked["meta"]
         used = int(ledger.sum())
+        mode = (self.path / POOL_FILES["meta"]).stat().st_mode & 0o777
         return {"pool": str(self.path), "count": int(len(ledger)), "used": used, "remaining": int(len(ledger)) - used,
                 "low_water": low_water(len(ledger)), "features_sha256": meta["features_sha256"],
-                "input_shape": meta["input_shape"], "feature_shape": meta["feature_shape"]}
+                "input_shape": meta["input_shape"], "feature_shape": meta["feature_shape"], "verified": True,
+                "writable": os.access(self.path, os.W_OK), "private": mode & 0o077 == 0}
 
     @property
     def remaining(self) -> int:
@@ -286,9 +380,10 @@ class FoolPool:
         images = np.ascontiguousarray(images, dtype=np.float32)
         features = np.ascontiguousarray(features, dtype=np.float32)
         new_sk = sketch(features)
-        with locked(self.path):
-            meta = json.loads((self.path / POOL_FILES["meta"]).read_text())
-            old_sk = np.load(self.path / POOL_FILES["sketches"]).astype(np.float32)
+        with self._locked():
+            meta = self._read_meta(self.path / POOL_FILES["meta"])
+            self.meta = meta
+            old_sk = np.array(self._read("sketches")).astype(np.float32)
             seen, keep, digests, dup, near = set(meta["digests"]), [], [], 0, 0
             for i, d in enumerate(image_digests(images)):
                 others = np.concatenate([old_sk, new_sk[keep]])
@@ -308,7 +403,8 @@ class FoolPool:
             _save_npy(self.path / POOL_FILES["ledger"], np.concatenate([ledger, np.zeros(len(keep), np.uint8)]))
             meta["digests"] += digests
             meta["count"] = len(ledger) + len(keep)
-            atomic_json(meta, self.path / POOL_FILES["meta"])
+            meta["sha256"] = {k: sha256(self.path / POOL_FILES[k]) for k in ("images", "features", "sketches")}
+            _save_meta(meta, self.path / POOL_FILES["meta"])
             self.meta = meta
         return {"added": len(keep), "duplicates": dup, "near_duplicates": near}
 
@@ -326,10 +422,11 @@ class FoolPool:
         supply n fools.
         """
         check_rule(rule)
-        with locked(self.path):
+        with self._locked():
+            self.meta = self._read_meta(self.path / POOL_FILES["meta"])  # another process may have refilled it
             ledger = self._ledger()
             pool_images, pool_feats = self._arrays()
-            sketches = np.load(self.path / POOL_FILES["sketches"], mmap_mode="r")
+            sketches = self._read("sketches", mmap=True)
             free = set(int(i) for i in np.flatnonzero(ledger == 0))
             try:
                 chosen = self._choose(n, images, rule, reject, accept, tries, free, ledger, pool_images, sketches)
@@ -366,6 +463,13 @@ class FoolPool:
             chosen.append(j)
             free.discard(j)
         return chosen
+
+    def release(self, index) -> None:
+        """Give fools back (a request that provably never left the device): only the journal calls this."""
+        with self._locked():
+            ledger = self._ledger()
+            ledger[np.asarray(index, dtype=np.int64)] = 0
+            _save_npy(self.path / POOL_FILES["ledger"], ledger)
 
     def _candidates(self, free: set, ledger, sketches, pool_images, reject, i: int, n: int, every: set | None = None) -> list:
         """Up to MATCH_SET - 1 unused fools drawn with the CSPRNG; those `reject` refuses are burned

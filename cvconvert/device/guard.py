@@ -46,14 +46,17 @@ FIELDS = ("sketch", "kind", "group", "seq", "logits", "best", "model", "picture"
 
 
 def state_dir() -> Path:
-    """The device's private state folder: $CVCONVERT_STATE_DIR, else ~/.local/state/cvconvert."""
-    root = os.environ.get("CVCONVERT_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".local", "state", "cvconvert")
-    return Path(root)
+    """The device's private state folder (cvconvert.device.state)."""
+    from .state import state_dir as root
+
+    return root()
 
 
 def default_guard_path(features_sha256: str | None = None) -> Path:
-    """The one guard file of this device (every pool and model version share it)."""
-    return state_dir() / GUARD_FILE
+    """The one guard file of this device, in its state folder (every pool and model version share it)."""
+    from .state import guard_path
+
+    return guard_path(features_sha256)
 
 
 def sketch(features: np.ndarray) -> np.ndarray:
@@ -109,10 +112,17 @@ class Verdict:
     cosine: np.ndarray
     logits: list
     why: list
+    fool_keys: np.ndarray | None = None  # the index keys of the fools reserved for the images to send
 
 
 class SentGuard:
-    """The device's memory of what it sent; ``path`` None keeps it in memory for this process only."""
+    """The device's memory of what it sent; ``path`` None keeps it in memory for this process only.
+
+    What the journal (cvconvert/device/journal.py, state.py) relies on, whatever the index keeps: ``stamp``
+    written into the file as ``generation`` and read back by ``stored_generation()``; ``forget(keys)`` and
+    ``pending_keys()``; a "busy" verdict carrying the entry's key in ``ref``; ``Verdict.fool_keys``; and a
+    damaged file raising one CvError line (never an empty index: an emptied guard reads as a deleted one).
+    """
 
     def __init__(self, path=None, threshold: float = DEFAULT_THRESHOLD, capacity: int = DEFAULT_CAPACITY,
                  floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN):
@@ -125,6 +135,7 @@ class SentGuard:
         self.path = Path(path) if path is not None else None
         self.threshold, self.capacity, self.floor, self.margin = float(threshold), int(capacity), float(floor), float(margin)
         self._mem = None  # in-memory state when path is None
+        self.stamp = 0  # the device state's generation, written with the index (cvconvert.device.state)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -143,28 +154,43 @@ class SentGuard:
             return self._empty()
         try:
             with np.load(self.path) as z:
-                if set(FIELDS) - set(z.files):  # an index of an older cvconvert: its features, not its pictures
-                    return self._empty()
                 return {k: z[k] for k in FIELDS}
-        except (OSError, ValueError, KeyError):
-            raise CvError(f"the guard index {self.path} is unreadable; move it away to start a new one "
-                          "(the device then forgets what it has sent)") from None
+        except Exception:  # BadZipFile, EOFError, OSError, KeyError ...: any damage reads the same to the user
+            raise CvError(f"the guard index {self.path} is damaged or unreadable: restore it from a backup taken "
+                          "after the last request (do not delete it: without it this device would send earlier "
+                          "images again, which exposes them); cvconvert refuses to send meanwhile") from None
+
+    def stored_generation(self) -> int | None:
+        """The generation the index file was last written at (None: no file, 0: written before generations)."""
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            with np.load(self.path) as z:
+                return int(z["generation"]) if "generation" in z.files else 0
+        except Exception:
+            self._load()  # raises the one-line error
+            return 0
 
     def _save(self, state: dict) -> None:
         if len(state["seq"]) > self.capacity:  # forget the oldest transmissions, whole
             cutoff = np.sort(state["seq"])[-self.capacity]
             keep = np.isin(state["group"], state["group"][state["seq"] >= cutoff])
             state = {k: v[keep] for k, v in state.items()}
+        state = {k: v for k, v in state.items() if k != "generation"}
         if self.path is None:
             self._mem = state
             return
+        from .state import disk_error
 
         def write(tmp):
             with open(tmp, "wb") as f:
-                np.savez(f, **state)
+                np.savez(f, generation=np.int64(self.stamp), **state)
                 f.flush()
                 os.fsync(f.fileno())
-        atomic_write(self.path, write, mode=0o600)
+        try:
+            atomic_write(self.path, write, mode=0o600)
+        except OSError as exc:
+            raise disk_error(self.path, exc) from None
 
     def _lock(self):
         if self.path is None:
@@ -231,7 +257,7 @@ class SentGuard:
             hist = History(state["sketch"][mine], state["group"][mine], state["best"][mine], self.floor, self.margin,
                            state["top"][mine])
             verdict = Verdict([], [], np.full(len(sk), -1.0), [], [])
-            fools, keys, here = [], [], {}  # here: entry seq -> index of this request's images sent
+            fools, keys, here, fool_keys = [], [], {}, []  # here: entry seq -> index of this request's images sent
             for i in range(len(sk)):
                 if self._repeat(state, mine, sk, i, verdict):
                     continue
@@ -248,11 +274,13 @@ class SentGuard:
                                     np.concatenate([pics[i:i + 1], picture(fool_pics) if fool_pics is not None
                                                     else np.zeros((len(b), PICTURE, PICTURE), np.uint8)]))
                 keys.append(int(state["seq"][-len(vecs)]))
+                fool_keys += [int(k) for k in state["seq"][-len(vecs) + 1:]]
                 here[keys[-1]] = i
                 fools.append(b)
                 verdict.action.append("send"), verdict.ref.append(None), verdict.logits.append(None)
                 verdict.why.append("")
             self._save(state)
+        verdict.fool_keys = np.asarray(fool_keys, np.int64)
         return verdict, fools, np.asarray(keys, np.int64)
 
     def _repeat(self, state, mine, sk, i, verdict) -> bool:
@@ -270,8 +298,8 @@ class SentGuard:
         j = np.flatnonzero(mine)[int(cos.argmax())]
         if state["kind"][j] == FOOL:
             self._say(verdict, "refuse", None, None, float(cos.max()))
-        elif np.isnan(state["logits"][j]).any():
-            self._say(verdict, "busy", None, None, float(cos.max()))
+        elif state["logits"].shape[1] == 0 or np.isnan(state["logits"][j]).any():  # no answer recorded yet
+            self._say(verdict, "busy", int(state["seq"][j]), None, float(cos.max()))
         else:
             self._say(verdict, "cached", int(state["seq"][j]), state["logits"][j].copy(), float(cos.max()))
         return True
@@ -295,7 +323,8 @@ class SentGuard:
         j = imgs[int(cos.argmax())] if len(cos) else -1
         if len(cos) and cos.max() >= self.floor and int(state["seq"][j]) in here:
             self._say(verdict, "similar", here[int(state["seq"][j])], None, float(cos.max()))
-        elif len(cos) and cos.max() >= self.floor and not np.isnan(state["logits"][j]).any():
+        elif len(cos) and cos.max() >= self.floor and state["logits"].shape[1] and \
+                not np.isnan(state["logits"][j]).any():
             self._say(verdict, "similar", int(state["seq"][j]), state["logits"][j].copy(), float(cos.max()))
         else:
             self._say(verdict, "tells", None, None, float(cos.max()) if len(cos) else -1.0)
@@ -318,6 +347,24 @@ class SentGuard:
         state["best"][np.flatnonzero(np.append(mine, np.ones(n, bool)))] = hist.best  # the raised best matches
         return np.append(mine, np.ones(n, dtype=bool))
 
+    def pending_keys(self) -> set:
+        """Index keys of the images whose answer is not recorded (sent or reserved, no logits yet)."""
+        state = self._load()
+        if not len(state["seq"]):
+            return set()
+        nan = np.isnan(state["logits"]).any(1) if state["logits"].shape[1] else np.ones(len(state["seq"]), bool)
+        return {int(s) for s in state["seq"][(state["kind"] == IMAGE) & nan]}
+
+    def forget(self, keys) -> None:
+        """Drop entries (a reservation released because nothing left the device): as if never seen."""
+        drop = {int(k) for k in keys}
+        if not drop:
+            return
+        with self._lock():
+            state = self._load()
+            keep = np.array([int(s) not in drop for s in state["seq"]], dtype=bool)
+            self._save({k: v[keep] for k, v in state.items()})
+
     def store_logits(self, keys: np.ndarray, logits: np.ndarray) -> None:
         """Cache the answers of the images just sent, under the keys screen_and_reserve gave them."""
         logits = np.asarray(logits, np.float32)
@@ -336,12 +383,21 @@ class NoGuard:
     """The guard turned off (the audit's picture of the old device): every image is sent, fools are taken
     without the screen. The fool pool's own rules still hold."""
 
-    path, threshold, capacity = None, None, 0
+    path, threshold, capacity, stamp = None, None, 0, 0
+
+    def stored_generation(self):
+        return None
+
+    def pending_keys(self) -> set:
+        return set()
+
+    def forget(self, keys) -> None:
+        pass
 
     def screen_and_reserve(self, features, send_fools, images=None, model="", parts=2, embed=None):
         n = len(features)
         fools = [send_fools(i, None, None) for i in range(n)]
-        return (Verdict(["send"] * n, [None] * n, np.full(n, -1.0), [None] * n, [""] * n),
+        return (Verdict(["send"] * n, [None] * n, np.full(n, -1.0), [None] * n, [""] * n, np.zeros(0, np.int64)),
                 [getattr(f, "features", f) for f in fools], np.zeros(0, np.int64))
 
     def store_logits(self, keys, logits) -> None:

@@ -44,10 +44,14 @@ class ServedModel:
     outputs: list[TensorSpec]
     platform: str = "onnxruntime_onnx"
     versions: list[str] = field(default_factory=lambda: [VERSION])
+    sha256: str | None = None  # of the ONNX file: a device compares it with its export record
 
     def metadata(self) -> dict:
-        return {"name": self.name, "versions": self.versions, "platform": self.platform,
+        meta = {"name": self.name, "versions": self.versions, "platform": self.platform,
                 "inputs": [t.as_json() for t in self.inputs], "outputs": [t.as_json() for t in self.outputs]}
+        if self.sha256:
+            meta["parameters"] = {"sha256": self.sha256}
+        return meta
 
     def config(self) -> dict:
         """A Triton-style model config (tritonclient's get_model_config), dims including the batch axis."""
@@ -114,11 +118,12 @@ def load_served_model(path: Path | str, name: str | None = None, intra_op_thread
     """The graph at `path` (see resolve_model_path) in an ONNX Runtime session, named `name`.
 
     intra_op_threads: ONNX Runtime threads per run; 0 = the CPUs this process may use."""
+    from ..device.artifacts import sha256
     from ..device.sessions import create_session
 
     onnx_path, model_name = resolve_model_path(path, name)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", model_name or ""):
         raise CvError(f"bad model name {model_name!r}: use letters, digits, '_', '-', '.'")
     session = create_session(onnx_path, providers or ["CPUExecutionProvider"], intra_op_threads or None)
-    return ServedModel(model_name, onnx_path, session,
-                       [_spec(i) for i in session.get_inputs()], [_spec(o) for o in session.get_outputs()])
+    return ServedModel(model_name, onnx_path, session, [_spec(i) for i in session.get_inputs()],
+                       [_spec(o) for o in session.get_outputs()], sha256=sha256(onnx_path))
