@@ -262,9 +262,14 @@ class SentGuard:
                 if self._repeat(state, mine, sk, i, verdict):
                     continue
                 taken, top = self._choose(send_fools, i, sk, hist, state, mine, parts)
-                if taken is None:
+                if taken is None and self._related(state, mine, sk[i]):
                     self._similar(state, mine, sk[i], verdict, here)
                     continue
+                if taken is None:  # no related earlier image: what the best pair names is the geometry of
+                    # unrelated pictures (a coin in a stream of one distribution, measured 0.50-0.57); send, and
+                    # record the vector it names as this transmission's coin
+                    taken = send_fools(i, None, lambda c, p=None: self.burn(np.asarray(c, np.float32), p, state, mine, sk))
+                    top = hist.named(np.concatenate([sk[i:i + 1], sketch(getattr(taken, "features", taken))]))
                 b = getattr(taken, "features", taken)
                 fool_pics = getattr(taken, "images", None)
                 vecs = np.concatenate([sk[i:i + 1], sketch(b)])
@@ -314,6 +319,11 @@ class SentGuard:
         def burn(cands, pics=None):
             return self.burn(np.asarray(cands, np.float32), pics, state, mine, sk)
         return send_fools(i, accept, burn), top
+
+    def _related(self, state, mine, a) -> bool:
+        """Whether an image sent before (or earlier in this request) is within the floor of `a`."""
+        imgs = np.flatnonzero(mine & (state["kind"] == IMAGE))
+        return bool(len(imgs)) and float((state["sketch"][imgs].astype(np.float32) @ a).max()) >= self.floor
 
     def _similar(self, state, mine, a, verdict, here: dict) -> None:
         """No fool keeps the geometry symmetric: the earlier image it is related to answers, if any (``ref``:

@@ -126,6 +126,15 @@ class History:
                 return False, "an earlier transmission's coin"
         return True, ""
 
+    def named(self, vectors: np.ndarray) -> int:
+        """The vector of a transmission [p, K] that its best pair's principal vector names now (0: no history)."""
+        if not len(self.ids):
+            return 0
+        vectors = unit(np.asarray(vectors, np.float64))
+        basis = orth(vectors)
+        s0, _, coef = self._pairs(basis)
+        return self._names(basis @ coef[int(np.argmax(s0))], vectors)[0]
+
     def best_of_group(self) -> np.ndarray:
         out = np.zeros(len(self.ids))
         np.maximum.at(out, self.inv, self.best)

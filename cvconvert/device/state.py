@@ -89,7 +89,7 @@ class DeviceState:
     def load(self) -> dict:
         """state.json, or a new state when there is none (and no journal or guard says there should be)."""
         if not self.file.exists():
-            leftovers = sorted(p.name for p in self.root.glob("guard-*.npz")) + sorted(
+            leftovers = sorted(p.name for p in self.root.glob("guard*.npz")) + sorted(
                 p.name for p in self.journal.glob("*.npz"))
             if leftovers:
                 raise CvError(f"the device state {self.file} is missing although {self.root} holds {leftovers[0]}: "
