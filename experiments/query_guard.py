@@ -66,7 +66,9 @@ GUARD = {}
 
 
 def device(model, pool_dir, state, new: bool, cloud):
-    guard = SentGuard(Path(state) / "guard.npz", **GUARD) if new else SentGuard(Path(pool_dir) / "guard.npz", floor=1.0)
+    # the old device: a memory per pool (a state folder of its own next to each pool), no geometric screen
+    old_state = Path(str(pool_dir) + "-state")
+    guard = SentGuard(Path(state) / "guard.npz", **GUARD) if new else SentGuard(old_state / "guard.npz", floor=1.0)
     pipe = Pipeline.from_model_dir(model, pool=FoolPool.open(pool_dir), guard=guard)
     pipe.on_warning = lambda m: None
     return cloud.attach(pipe)
