@@ -30,10 +30,11 @@ s = {p: ort.InferenceSession(os.path.join(d, "onnx", p + ".onnx"), providers=["C
 c = m["input_shape"][0]
 a = np.asarray(Image.open(img).convert("L" if c == 1 else "RGB"), dtype=np.float32) / 255.0
 a = (a[None] if c == 1 else a.transpose(2, 0, 1))[None]
-theta = (np.frombuffer(os.urandom(4), np.uint32).astype(np.float32) / 2**32 * 2 * np.pi)
-x = s["encoder"].run(None, {"image": a, "fool": a[..., ::-1].copy(), "theta": theta})[0]
+t = (np.frombuffer(os.urandom(4), np.uint32).astype(np.float32) / 2**32 * 2 * np.pi)
+key = np.array([[[np.cos(t[0]), -np.sin(t[0])], [np.sin(t[0]), np.cos(t[0])]]], np.float32)  # R(theta), P = 2
+x = s["encoder"].run(None, {"image": a, "fool": a[:, None, ..., ::-1].copy(), "key": key})[0]
 h = s["processing"].run(None, {"x": x})[0]
-logits = s["decoder"].run(None, {"h": h, "theta": theta})[0]
+logits = s["decoder"].run(None, {"h": h, "key": key})[0]
 print(int(logits.argmax()))
 """
 

@@ -21,7 +21,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cvconvert.device.keys import secure_angles  # noqa: E402
 from cvconvert.device.pipeline import Pipeline  # noqa: E402
 
 
@@ -39,18 +38,19 @@ def check_dir(model_dir: Path, batch: int, rtol: float) -> dict:
     gpu = Pipeline.from_model_dir(model_dir, provider="cuda")
     rng = np.random.default_rng(0)
     shape = (batch, *cpu.input_shape)
-    images, fools = rng.random(shape, dtype=np.float32), rng.random(shape, dtype=np.float32)
-    theta = secure_angles(batch)  # stays in this process; only differences are reported
-    args = (images, fools, theta) if cpu.complex else (images,)
+    images = rng.random(shape, dtype=np.float32)
+    fools = rng.random((batch, cpu.parts - 1, *cpu.input_shape), dtype=np.float32)
+    key = cpu.new_keys(batch) if cpu.complex else None  # stays in this process; only differences are reported
+    args = (images, fools, key) if cpu.complex else (images,)
     x = cpu.encode(*args)
     h = cpu.process(x)
-    logits = cpu.decode(h, theta) if cpu.complex else cpu.decode(h)
+    logits = cpu.decode(h, key) if cpu.complex else cpu.decode(h)
     parts = {
         "encoder": rel_diff(gpu.encode(*args), x),
         "processing": rel_diff(gpu.process(x), h),
-        "decoder": rel_diff(gpu.decode(h, theta) if cpu.complex else gpu.decode(h), logits),
+        "decoder": rel_diff(gpu.decode(h, key) if cpu.complex else gpu.decode(h), logits),
     }
-    chain = gpu.predict(images, fools, theta) if cpu.complex else gpu.predict(images)
+    chain = gpu.predict(images, fools, key) if cpu.complex else gpu.predict(images)
     model, _ = load_model(model_dir)
     model = model.to("cuda").eval()
     with torch.no_grad():

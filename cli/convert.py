@@ -33,6 +33,9 @@ def convert(
                                                   "start from the same real weights)."),
     parts: int = typer.Option(2, "--parts", "-P", help="P in 2..4: hide each image's feature among P-1 fools with "
                                                      "a secret orthogonal key (2: the complex network)."),
+    key_law: Optional[str] = typer.Option(None, "--key-law", help="How the device draws the secret key "
+                                          "(docs/keys.md): rotation (P = 2, the paper's angle; default), exchange "
+                                          "(P = 2, signed), haar (any P; the default for P > 2)."),
     force: bool = typer.Option(False, help="Replace a non-empty output directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
 ):
@@ -41,7 +44,8 @@ def convert(
 
     manifest = convert_to_dir(arch, output, split=split, variant=variant, data=data, task=task,
                               input_shape=parse_shape(input_shape), num_classes=num_classes, weights=weights,
-                              gamma=gamma, k=k, activation=activation, c=c, force=force, seed=seed, parts=parts)
+                              gamma=gamma, k=k, activation=activation, c=c, force=force, seed=seed, parts=parts,
+                              key_law=key_law)
     if as_json:
         emit_json(manifest)
     else:
@@ -50,4 +54,4 @@ def convert(
              f"{manifest['num_classes']} classes; split {manifest['split']}: "
              f"encoder -> {manifest['encoder_end']}, decoder from {manifest['decoder_start'] or '(unrotate only)'}, "
              f"feature {manifest['feature_shape']}"
-             + (f", {manifest['parts']} parts" if manifest.get("parts", 2) > 2 else "") + ")")
+             + (f", {manifest['parts']} parts, key law {manifest['key_law']}" if "key_law" in manifest else "") + ")")

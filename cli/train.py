@@ -41,7 +41,7 @@ def train(
     gan_batch: Optional[int] = typer.Option(None, help="Samples of each batch the critic and the adversarial "
                                                        "loss see (default: all; fewer is cheaper)."),
     defense: Optional[str] = typer.Option(None, help="Phase-hiding defense of the complex variant: exchange "
-                                                     "(theta-quadrant fool sign) | paper (Eqs. 8-9 WGAN, to "
+                                                     "(the exchange key law: the fool's sign follows theta's quadrant) | paper (Eqs. 8-9 WGAN, to "
                                                      "reproduce the paper) | symmetric (exchange + a sign critic). "
                                                      "Default: the model's own, else exchange; see "
                                                      "docs/results.md."),

@@ -68,9 +68,9 @@ def prepare_graphs(model_dir, model, manifest: dict, work_dir: Path, log=None) -
 
 
 def stage_feeds(model, n: int) -> dict[str, dict[str, np.ndarray]]:
-    """Numpy inputs per stage at batch n: random images and fools, angles, and what the model's earlier
-    parts make of them. end_to_end takes the sources (image, fool, theta); online takes the image, theta
-    and b, the fool's feature as a fool pool stores it (computed once, outside the timed call)."""
+    """Numpy inputs per stage at batch n: random images and fools, keys, and what the model's earlier
+    parts make of them. end_to_end takes the sources (image, fool, key); online takes the image, the key
+    and b [n, P-1, ...], the fools' features as a fool pool stores them (computed once, outside the timed call)."""
     import torch
 
     from .device.contracts import example_inputs, model_signatures, sources
@@ -86,10 +86,8 @@ def stage_feeds(model, n: int) -> dict[str, dict[str, np.ndarray]]:
     if "features" in mods:
         with torch.inference_mode():
             fool = torch.from_numpy(src["fool"]).to(device)
-            b = mods["features"](fool.flatten(0, 1) if parts > 2 else fool)
-            b = (b.unflatten(0, (n, parts - 1)) if parts > 2 else b).cpu().numpy()  # P parts: [n, P-1, ...]
-        key = "key" if parts > 2 else "theta"
-        feeds["online"] = {"image": src["image"], "b": b, key: src[key]}
+            b = mods["features"](fool.flatten(0, 1)).unflatten(0, (n, parts - 1)).cpu().numpy()
+        feeds["online"] = {"image": src["image"], "b": b, "key": src["key"]}
     return feeds
 
 
@@ -100,19 +98,20 @@ class OrtPipeline:
     (end_to_end) or, with features.onnx, the online device path: features on the image, x formed in
     numpy from a precomputed fool feature (`contracts.combine_np`), processing, decoder."""
 
-    def __init__(self, paths: dict[str, Path], provider: str, threads: int | None, is_complex: bool,
-                 fool_sign: str = "none", parts: int = 2):
-        from .device.contracts import SIGNATURES, kind
+    def __init__(self, paths: dict[str, Path], provider: str, threads: int | None, is_complex: bool):
+        from .device.contracts import SIGNATURES, check_key_form
         from .device.sessions import make_session
 
-        self.provider, self.fool_sign, self.parts = provider, fool_sign, parts
-        self.sigs = {p: s for p, s in SIGNATURES[kind(is_complex, parts)].items() if p in paths}
+        self.provider = provider
+        self.sigs = {p: s for p, s in SIGNATURES[is_complex].items() if p in paths}
         self.sessions = {p: make_session(paths[p], provider, threads) for p in self.sigs}  # the runtime's options
+        for p, sess in self.sessions.items():  # a format-1 export (theta graphs): one line naming the fix
+            check_key_form(f"{p} graph {paths[p]}", [i.name for i in sess.get_inputs()], Path(paths[p]).parent.parent)
         self.stages = tuple(self.sessions) + ("end_to_end",) + (("online",) if "features" in self.sessions else ())
 
     def prepare(self, feeds: dict[str, dict]):
         """Move the inputs once (CUDA: OrtValues on the device, so timing excludes host copies). The
-        online path keeps b and a copy of theta on the host, where a device combines them."""
+        online path keeps b and a copy of the key on the host, where a device combines them."""
         import onnxruntime as ort
 
         if self.provider != "cuda":
@@ -120,8 +119,7 @@ class OrtPipeline:
         out = {stage: {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in f.items()}
                for stage, f in feeds.items()}
         if "online" in feeds:
-            key = "key" if self.parts > 2 else "theta"
-            out["online"].update(b=feeds["online"]["b"], theta_host=feeds["online"][key])
+            out["online"].update(b=feeds["online"]["b"], key_host=feeds["online"]["key"])
         return out
 
     def _run_part(self, part, feeds):
@@ -138,16 +136,14 @@ class OrtPipeline:
     def _online(self, feeds):
         import onnxruntime as ort
 
-        from .device.contracts import combine_key_np
+        from .device.contracts import combine_np
 
         a = self._run_part("features", {"image": feeds["image"]})
         cuda = self.provider == "cuda"
-        name = "key" if self.parts > 2 else "theta"
-        key = feeds.get("theta_host", feeds[name])
         a = a.numpy() if cuda else a
-        x = combine_key_np(a, feeds["b"], key, self.parts, self.fool_sign)
+        x = combine_np(a, feeds["b"], feeds.get("key_host", feeds["key"]))
         h = self._run_part("processing", {"x": ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0) if cuda else x})
-        return self._run_part("decoder", {"h": h, name: feeds[name]})
+        return self._run_part("decoder", {"h": h, "key": feeds["key"]})
 
     def run(self, stage: str, feeds: dict):
         from .device.contracts import CHAIN, run_chain
@@ -188,9 +184,8 @@ class EagerPipeline:
         if stage == "end_to_end":
             return run_chain(lambda p, f: m[p](*f.values()), self.sigs, CHAIN, feeds)[self.sigs[CHAIN[-1]].outputs[0]]
         if stage == "online":
-            key = feeds["key" if "key" in feeds else "theta"]
-            x = self.model.encoder.combine(m["features"](feeds["image"]), feeds["b"], key)
-            return m["decoder"](m["processing"](x), key)
+            x = self.model.encoder.combine(m["features"](feeds["image"]), feeds["b"], feeds["key"])
+            return m["decoder"](m["processing"](x), feeds["key"])
         return m[stage](*feeds.values())
 
     def run(self, stage: str, feeds: dict):
@@ -252,8 +247,7 @@ def run_bench(models: dict, graphs: dict, cfg: BenchConfig, log=None) -> dict:
     runners = {}
     for name, model in models.items():
         if "ort" in cfg.engines:
-            runners[(name, "ort")] = OrtPipeline(graphs[name], device, cfg.threads, model.is_complex,
-                                                 model.spec.fool_sign, getattr(model, "parts", 2))
+            runners[(name, "ort")] = OrtPipeline(graphs[name], device, cfg.threads, model.is_complex)
         if "eager" in cfg.engines:
             runners[(name, "eager")] = EagerPipeline(model, device)
     import torch

@@ -43,15 +43,16 @@ def load_real_weights(real: nn.Module, weights: Path) -> None:
 
 def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", data="fashion-mnist", task="fine",
                    input_shape=None, num_classes=None, weights=None, gamma=0.5, k=8, activation=None, c=None,
-                   force=False, fool_sign="none", seed: int | None = None, parts: int = 2) -> dict:
+                   force=False, key_law: str | None = None, seed: int | None = None, parts: int = 2) -> dict:
     """seed: initialise every random weight from it (variants converted with the same seed start from
     the same real weights); None draws them from torch's global generator as before.
-    parts: P in 2..4; P > 2 hides the image's feature among P-1 fools with an orthogonal key."""
+    parts: P in 2..4, the image's feature hidden among P-1 fools by an orthogonal key; key_law: how the
+    device draws it (cvconvert/device/keylaws.py; None: rotation, the paper's angle, for P = 2, else haar)."""
     if variant not in VARIANTS:
         raise CvError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
     parts = check_parts(parts)
-    if parts > 2 and variant != "complex":
-        raise CvError(f"--parts {parts} needs the complex variant (this one is {variant!r})")
+    if (parts > 2 or key_law) and variant != "complex":  # the baselines send one real feature, no key
+        raise CvError(f"--parts {parts} / --key-law need the complex variant (this one is {variant!r})")
     if k < 2:
         raise CvError("--k must be at least 2 (one real feature and at least one rotated negative)")
     output = Path(output)
@@ -71,7 +72,7 @@ def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", da
     if seed is not None and not 0 <= seed < 2 ** 63:
         raise CvError(f"--seed {seed}: must be between 0 and 2^63 - 1")
     spec = ModelSpec(arch, enc_end, dec_start, variant, classes, shape, mean, std, mode, float(cval), float(gamma),
-                     fool_sign, parts)
+                     key_law, parts)
     with torch.random.fork_rng(devices=[]):  # a seed never changes the caller's generator
         if seed is not None:
             torch.manual_seed(seed)
@@ -91,8 +92,7 @@ def convert_to_dir(arch: str, output: Path, *, split=None, variant="complex", da
         data={"name": data, "task": info.task, "multilabel": info.multilabel, "preprocess": spec_for(data, shape)},
         source_weights=str(weights) if weights else None, history={},
         **({"init_seed": seed} if seed is not None else {}),
-        **({"fool_sign": fool_sign} if fool_sign != "none" else {}),
-        **({"parts": parts} if variant == "complex" else {}))  # old readers never see the new key
+        **({"parts": parts, "key_law": spec.law.name} if variant == "complex" else {}))
     write_model_dir(output, model.state_dict(), manifest, force=force)
     return manifest
 

@@ -5,17 +5,18 @@ readings (a, b), (-b, a), (-a, -b), (b, -a). When the law of a is not sign-symme
 practice: Fashion-MNIST's constant background alone maps to a fixed non-zero feature), only the reading
 (a, b) looks natural, so a learned attacker finds theta exactly and the real part a, hence I.
 
-Defense ``exchange`` (structural, no extra loss; the default of `cvconvert train`). The encoder
-multiplies the fool's feature by s = quadrant_sign(theta) (+1 when theta is in the 1st/3rd quarter-circle,
--1 otherwise): x = e^{i theta}(a + i s b). For s = -1, x = e^{i(theta - pi/2)}(b + i a): the one natural
+Defense ``exchange`` (structural, no extra loss; the default of `cvconvert train`). A key law
+(cvconvert/device/keylaws.py): the key is R(theta) diag(1, s) with s = quadrant_sign(theta) (+1 when theta
+is in the 1st/3rd quarter-circle, -1 otherwise), so x = e^{i theta}(a + i s b). For s = -1, x = e^{i(theta - pi/2)}(b + i a): the one natural
 reading now holds the FOOL in its real part. The angle phi of the natural reading is uniform on the
 1st/3rd quarters whatever s is, and a, b are exchangeable (I' is drawn from the same data), so no
 attacker, however strong, can tell the two cases apart: it must bet between theta = phi and
 theta = phi - pi/2. Any estimator's mean circular error is then >= pi/4 = 0.785 rad, and an attacker
 that decodes the natural reading gets the real image only half of the time (the other half it gets I').
 What it does NOT hide: the pair {I, I'} (Re x, Im x span {a, b}) and anything rotation-invariant (|x|).
-s is a function of the secret theta, so the decoder and the exported graphs are unchanged; the model dir
-records ``"fool_sign": "quadrant"`` in its manifest (``ModelSpec.fool_sign``).
+s is a column sign of the secret key, so the decoder and the exported graphs are unchanged; the model dir
+records ``"key_law": "exchange"`` in its manifest (``ModelSpec.key_law``; format 1 wrote ``"fool_sign":
+"quadrant"``, which reads as the same law).
 
 Defense ``symmetric`` = ``exchange`` + a cheap in-the-loop sign critic C (a down-sampled, 3-layer CNN
 without batch-norm) trained to tell a from -a, the encoder being rewarded for confusing it (logits
@@ -38,17 +39,17 @@ docs/results.md: a learned regressor still recovers its angle to 0.03-0.05 rad.
 API (what the trainer calls, once per training step, for every defense):
 
     d = make_defense(name, model, cfg, dist)  # cfg: the class's config, a dict of its fields, or None
-    x = model.encoder.combine(a, b, theta)    # the encoder's own mixing (exchange changes it)
+    x = model.encoder.combine(a, b, key)      # key drawn by the model's key law (exchange sets it)
     stats = d.update(a, b, x, step)           # in-loop critic step(s); detaches its inputs itself
     loss, stats = d.extra_loss(a, b, x, step) # add `loss` (already weighted) to the task loss
-    d.manifest_updates()                      # merge into the manifest when saving ({"fool_sign": ...})
+    d.manifest_updates()                      # merge into the manifest when saving ({"key_law": ...})
     d.history()                               # the run's record for the manifest's history (or None)
     d.state_dict() / d.load_state_dict(sd)    # its optimizer (and own critic), for checkpoints
     d.parameters()                            # its own critic's parameters (not the model's)
     d.distributed                             # can it run under torchrun (critic gradients averaged)?
 
-A new defense is one class with a ``name`` and one entry in ``_CLASSES``. ``make_defense`` sets
-``model.encoder.fool_sign`` (and ``model.spec.fool_sign``) for exchange/symmetric.
+A new defense is one class with a ``name`` and one entry in ``_CLASSES``. exchange/symmetric set
+``model.spec.key_law`` to ``"exchange"``. The defenses see b, the one fool's feature [N, ...] (two parts).
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ class PaperDefense(Defense):
 
 
 class ExchangeDefense(Defense):
-    """The fool's sign follows theta's quarter-circle (see the module docstring); no extra loss."""
+    """The key law ``exchange``: the fool's sign follows theta's quarter-circle (module docstring); no extra loss."""
 
     name = "exchange"
 
@@ -275,11 +276,11 @@ class ExchangeDefense(Defense):
         super().__init__(model, cfg, dist)
         if not getattr(model, "is_complex", False):
             raise CvError(f"the {self.name} defense needs a complex model (this one is {model.spec.variant!r})")
-        model.encoder.fool_sign = "quadrant"
-        model.spec.fool_sign = "quadrant"
+        model.spec.key_law = "exchange"
+        _ = model.spec.law  # a one-line CvError unless the model has two parts
 
     def manifest_updates(self) -> dict:
-        return {**super().manifest_updates(), "fool_sign": "quadrant"}
+        return {**super().manifest_updates(), "key_law": "exchange"}
 
 
 class SymmetricDefense(ExchangeDefense):

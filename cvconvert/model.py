@@ -1,14 +1,15 @@
 """The split network: encoder (device) -> processing (cloud) -> decoder (device), in four variants.
 
-    complex     x = e^{i theta}(g(I) + i g(I')) -> Phi (equivariant) -> d(Re[h e^{-i theta}])
+    complex     x = Q [g(I); g(I'_1); ...] -> Phi (equivariant) -> d((Q^T h)[0]), Q an orthogonal key
+                (P = 2, key law rotation: the paper's x = e^{i theta}(g(I) + i g(I')))
     original    the source model cut at the same points (baseline 1)
     noisy       original with a + gamma * eps after the encoder (baseline 2)
     additional  original with the generator-shaped layers, no adversarial loss (baseline 3)
 
 ``model.encoder``, ``model.processing`` and ``model.decoder`` have exactly the signatures of the exported
-graphs, so export needs no wrappers: for the complex variant encoder(image, fool, theta) -> x,
-processing(x) -> h, decoder(h, theta) -> logits, with x and h in the real-pair layout [N, 2, C, H, W]
-(index 0 the real part, 1 the imaginary part); for the baselines encoder(image) -> a, processing(a) -> h,
+graphs, so export needs no wrappers: for the complex variant encoder(image, fool [N,P-1,...], key [N,P,P])
+-> x, processing(x) -> h, decoder(h, key) -> logits, with x and h in the part layout [N, P, C, H, W]
+(P = 2: index 0 the real part, 1 the imaginary part); for the baselines encoder(image) -> a, processing(a) -> h,
 decoder(h) -> logits.
 
 Architectures come from the registry ``cvconvert.archs``, into which the zoo (zoo/) registers; the zoo
@@ -24,11 +25,10 @@ from torch import nn
 
 from . import archs
 from . import split as splitlib
-from .complex.functional import encode, unrotate_real
 from .convert import LEAF_MODULES, to_complex
 from .errors import CvError
-from .device.keys import secure_angles
-from .parts import PartsDecoder, PartsEncoder, check_parts, random_key
+from .device.keylaws import law_of
+from .parts import KeyedDecoder, KeyedEncoder, check_parts, random_key
 from .gan import Discriminator, Generator, NoiseInjection
 
 VARIANTS = ("complex", "original", "noisy", "additional")
@@ -60,40 +60,6 @@ class FeatureEncoder(nn.Module):
         return a
 
 
-FOOL_SIGNS = ("none", "quadrant")
-
-
-def quadrant_sign(theta: torch.Tensor) -> torch.Tensor:
-    """+1 where theta lies in the 1st or 3rd quarter-circle, -1 in the 2nd or 4th (period pi)."""
-    # sin(2 theta) >= 0 exactly on those quarters; Sin/Where export to ONNX cleanly (float Mod does not)
-    return torch.where(torch.sin(2 * theta) >= 0, 1.0, -1.0).to(theta.dtype)
-
-
-class ComplexEncoder(nn.Module):
-    """(image, fool, theta) -> x = e^{i theta}(g(image) + i s g(fool)).
-
-    s = 1 (``fool_sign="none"``, the paper), or s = quadrant_sign(theta) (``"quadrant"``, the defense of
-    cvconvert/defense.py): the fool's sign then hides which of x's two natural-looking readings holds the
-    real image, and it is a function of the secret theta, so the decoder needs nothing new.
-    """
-
-    def __init__(self, features: FeatureEncoder, fool_sign: str = "none"):
-        super().__init__()
-        self.features = features
-        self.fool_sign = fool_sign
-
-    def combine(self, a, b, theta):
-        """x from the features a (image) and b (fool): what forward does after g (training calls it)."""
-        if self.fool_sign == "quadrant":
-            b = b * quadrant_sign(theta).reshape((-1,) + (1,) * (b.dim() - 1))
-        return encode(a, b, theta)
-
-    def forward(self, image, fool, theta):
-        # unflatten(0, (2, -1)), not chunk(2, 0): chunk makes torch.export freeze the batch at its example size.
-        ab = self.features(torch.cat((image, fool), 0)).unflatten(0, (2, -1))
-        return self.combine(ab[0], ab[1], theta)
-
-
 class Decoder(nn.Module):
     """h -> logits; ``bias`` is the last processing layer's bias, moved here because a bias is not
     rotation-equivariant but adding it after decoding gives back the source layer exactly."""
@@ -107,22 +73,6 @@ class Decoder(nn.Module):
         if self.bias is not None:
             h = h + self.bias
         return self.body(h)
-
-
-class ComplexDecoder(nn.Module):
-    """(h, theta) -> logits = d(Re[h e^{-i theta}])."""
-
-    def __init__(self, decoder: Decoder):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, h, theta):
-        return self.decoder(unrotate_real(h, theta))
-
-
-def random_theta(n: int, device=None) -> torch.Tensor:
-    """Secret angles in [0, 2 pi) from the OS's CSPRNG (never torch's seeded generator)."""
-    return torch.from_numpy(secure_angles(n)).to(device)
 
 
 @dataclass
@@ -140,8 +90,12 @@ class ModelSpec:
     activation_mode: str = "channel"
     activation_c: float = 1.0
     gamma: float = 0.0
-    fool_sign: str = "none"  # "quadrant": the fool's sign follows theta's quarter (see ComplexEncoder)
-    parts: int = 2  # P > 2: x = Q [a; b_1; ...; b_{P-1}] with an orthogonal key Q (cvconvert/parts.py)
+    key_law: str | None = None  # how keys are drawn (cvconvert/device/keylaws.py); None: the default for P
+    parts: int = 2  # x = Q [a; b_1; ...; b_{P-1}] with an orthogonal key Q (cvconvert/parts.py)
+
+    @property
+    def law(self):
+        return law_of({"parts": self.parts, "key_law": self.key_law})
 
 
 class SplitModel(nn.Module):
@@ -165,21 +119,19 @@ class SplitModel(nn.Module):
         return (self.encoder.features if self.is_complex else self.encoder)(image)
 
     def random_key(self, n: int, device=None) -> torch.Tensor:
-        """n secret keys: angles [n] for two parts, Haar orthogonal matrices [n, P, P] for P > 2."""
-        return random_theta(n, device) if self.parts == 2 else random_key(n, self.parts, device)
+        """n secret keys [n, P, P] drawn by the model's key law (os.urandom)."""
+        return random_key(n, self.parts, self.spec.law, device)
 
-    def forward(self, image, fool=None, theta=None):
-        """theta: the key (angles [N], or [N, P, P] for P > 2); fool: [N, C, H, W], or [N, P-1, C, H, W]."""
+    def forward(self, image, fool=None, key=None):
+        """key: [N, P, P] orthogonal (drawn by the key law if None); fool: [N, P-1, C, H, W]."""
         if not self.is_complex:
             return self.decoder(self.processing(self.encoder(image)))
         if fool is None:
-            fool = image.roll(1, 0) if image.shape[0] > 1 else image.flip(-1)
-            if self.parts > 2:
-                fool = torch.stack([image.roll(i, 0) if image.shape[0] > i else image.flip(-1)
-                                    for i in range(1, self.parts)], 1)
-        if theta is None:
-            theta = self.random_key(image.shape[0], image.device)
-        return self.decoder(self.processing(self.encoder(image, fool, theta)), theta)
+            fool = torch.stack([image.roll(i, 0) if image.shape[0] > i else image.flip(-1)
+                                for i in range(1, self.parts)], 1)
+        if key is None:
+            key = self.random_key(image.shape[0], image.device)
+        return self.decoder(self.processing(self.encoder(image, fool, key)), key)
 
 
 def _final_bias(gm) -> torch.Tensor | None:
@@ -196,11 +148,9 @@ def build_model(spec: ModelSpec, real: nn.Module | None = None) -> SplitModel:
     """Split (and for the complex variant, convert) a real model as the spec says."""
     if spec.variant not in VARIANTS:
         raise CvError(f"unknown variant {spec.variant!r} (choose from {', '.join(VARIANTS)})")
-    if spec.fool_sign not in FOOL_SIGNS:
-        raise CvError(f"unknown fool_sign {spec.fool_sign!r} (choose from {', '.join(FOOL_SIGNS)})")
     check_parts(spec.parts)
-    if spec.parts > 2 and spec.variant == "complex" and spec.fool_sign != "none":  # baselines ignore parts
-        raise CvError("--parts above 2 takes no fool sign (the key mixes every row)")
+    if spec.variant == "complex":
+        _ = spec.law  # an unknown law, or one for another P, is a one-line CvError here
     if real is None:
         real = archs.create_model(spec.arch, spec.num_classes, spec.input_shape)
     parts = splitlib.split_model(real, spec.encoder_end, spec.decoder_start, LEAF_MODULES)
@@ -221,10 +171,7 @@ def build_model(spec: ModelSpec, real: nn.Module | None = None) -> SplitModel:
         names = {n.name: q for n, q in parts.qualnames.items()}
         act = {"mode": spec.activation_mode, "c": spec.activation_c}
         processing = to_complex(processing, names, **act)
-        if spec.parts > 2:
-            encoder, decoder = PartsEncoder(features, spec.parts), PartsDecoder(Decoder(parts.decoder, bias))
-        else:
-            encoder, decoder = ComplexEncoder(features, spec.fool_sign), ComplexDecoder(Decoder(parts.decoder, bias))
+        encoder, decoder = KeyedEncoder(features, spec.parts), KeyedDecoder(Decoder(parts.decoder, bias))
     else:
         encoder, decoder = features, Decoder(parts.decoder)
     disc = Discriminator(feat[0]) if gan_shaped else None

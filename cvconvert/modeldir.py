@@ -65,12 +65,13 @@ def write_model_dir(path: Path | str, state_dict: dict, manifest: dict, force: b
 
 
 def spec_from_manifest(m: dict):
+    from .device.keylaws import law_of
     from .model import ModelSpec
     return ModelSpec(arch=m["arch"], encoder_end=m["encoder_end"], decoder_start=m["decoder_start"],
                      variant=m["variant"], num_classes=m["num_classes"], input_shape=tuple(m["input_shape"]),
                      mean=m["normalization"]["mean"], std=m["normalization"]["std"],
                      activation_mode=m["activation"]["mode"], activation_c=m["activation"]["c"],
-                     gamma=m.get("gamma", 0.0), fool_sign=m.get("fool_sign", "none"),
+                     gamma=m.get("gamma", 0.0), key_law=law_of(m).name if m["variant"] == "complex" else None,
                      parts=int(m.get("parts", 2)))
 
 

@@ -1,13 +1,13 @@
-"""P-part split networks (P > 2): the image's feature hidden among P-1 fools by an orthogonal key.
+"""Keyed split networks for every P >= 2: the image's feature hidden among P-1 fools by an orthogonal key.
 
-    device: x = Q [a; b_1; ...; b_{P-1}]          a = g(image), b_i = g(fool_i), Q [P, P] Haar, secret
-    cloud:  h = Phi(x)                            Phi(Q F) = Q Phi(F) (the same converted layers as P = 2)
+    device: x = Q [a; b_1; ...; b_{P-1}]          a = g(image), b_i = g(fool_i), Q [P, P] orthogonal, secret
+    cloud:  h = Phi(x)                            Phi(Q F) = Q Phi(F) (the converted layers commute with Q)
     device: logits = d((Q^T h)[0])
 
-Q is drawn uniformly from the orthogonal group (reflections included), fresh per image, so every row of
-[a; b_1; ...] is equally likely to be the one the image sits in: an attacker cannot name the image more
-often than 1/P. P = 2 is the complex model with its angle theta (see cvconvert/model.py) and is not
-built here.
+How Q is drawn is the model's key law (cvconvert/device/keylaws.py): Haar on O(P) by default, so every
+row of [a; b_1; ...] is equally likely to be the one the image sits in; for P = 2 the paper's angle is
+the law Q = R(theta), and the exchange defense's Q = R(theta) diag(1, s). The graphs are the same for
+every law: only the drawing differs.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .complex.functional import encode_parts, untransform_first
+from .device.keylaws import KeyLaw, draw_keys
 from .errors import CvError
-from .device.keys import haar_orthogonal
 
 MAX_PARTS = 4
 
@@ -33,9 +33,17 @@ def check_parts(parts) -> int:
     return p
 
 
-def random_key(n: int, parts: int, device=None) -> torch.Tensor:
-    """n secret keys [n, P, P], Haar on the orthogonal group, from the OS's CSPRNG."""
-    return torch.from_numpy(haar_orthogonal(n, parts)).to(device)
+def random_key(n: int, parts: int, law: KeyLaw, device=None) -> torch.Tensor:
+    """n secret keys [n, P, P] drawn by `law` from the OS's CSPRNG."""
+    return torch.from_numpy(draw_keys(law, n, parts)).to(device)
+
+
+def derangement(n: int, device=None) -> torch.Tensor:
+    """A random permutation with no fixed point (b must come from another sample)."""
+    p = torch.randperm(n, device=device)
+    out = torch.empty_like(p)
+    out[p] = p.roll(1)
+    return out
 
 
 def fool_indices(n: int, count: int, law: torch.Tensor | None = None, device=None) -> torch.Tensor:
@@ -47,19 +55,20 @@ def fool_indices(n: int, count: int, law: torch.Tensor | None = None, device=Non
     """
     if n < 2:
         return torch.zeros(n, count, dtype=torch.long, device=device)
+    if law is None and count == 1:  # one fool each: a derangement, exact and cheaper than sampling rows
+        return derangement(n, device)[:, None]
     off = torch.ones(n, n) - torch.eye(n)
     w = law.detach().float().cpu() * off if law is not None else off
     w = w + 1e-12 * off  # every row keeps some weight off the diagonal
     return torch.multinomial(w, count, replacement=n - 1 < count).to(device)
 
 
-class PartsEncoder(nn.Module):
+class KeyedEncoder(nn.Module):
     """(image [N,C,H,W], fool [N,P-1,C,H,W], key [N,P,P]) -> x = key @ [g(image); g(fool_1); ...]."""
 
     def __init__(self, features: nn.Module, parts: int):
         super().__init__()
         self.features, self.parts = features, parts
-        self.fool_sign = "none"  # the angle defenses do not apply: a Haar key already mixes every row
 
     def combine(self, a, b, key):
         """x from the features a [N, ...] (image) and b [N, P-1, ...] (fools): forward after g."""
@@ -72,7 +81,7 @@ class PartsEncoder(nn.Module):
         return self.combine(f[0], f[1:].transpose(0, 1), key)
 
 
-class PartsDecoder(nn.Module):
+class KeyedDecoder(nn.Module):
     """(h [N,P,...], key [N,P,P]) -> logits = d((key^T h)[0])."""
 
     def __init__(self, decoder: nn.Module):

@@ -37,6 +37,8 @@ from .datasets import dataset_info
 from .defense import make_defense
 from .dist import Dist, device_kind, pick_device
 from .errors import CvError
+from .device.artifacts import upgraded
+from .device.keylaws import law_of
 from .device.fools import check_rule, match_law
 from .parts import fool_indices
 from .modeldir import (MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_write, load_into, load_model,
@@ -115,9 +117,11 @@ def choose_defense(cfg: TrainConfig, manifest: dict) -> str | None:
         if cfg.defense not in (None, "paper"):  # "paper" on a real variant: task loss only, as always
             raise CvError(f"--defense {cfg.defense} needs a complex model (this one is {manifest['variant']!r})")
         return None
-    if int(manifest.get("parts", 2)) > 2:  # a Haar key already makes every row equally likely to be the image
+    law = law_of(manifest)
+    if law.of_angle is None:  # the defenses hide the angle; a Haar key already makes every row equally likely
         if cfg.defense is not None:
-            raise CvError(f"--defense {cfg.defense} is for two parts; a {manifest['parts']}-part model's key is its defense")
+            raise CvError(f"--defense {cfg.defense} is about the angle of a two-part key; this model's key law "
+                          f"({law.name}, {manifest.get('parts', 2)} parts) is its defense")
         return None
     return cfg.defense or (manifest.get("defense") or {}).get("name") or DEFAULT_DEFENSE
 
@@ -160,14 +164,6 @@ def _errors(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> tuple[fl
 
 # --- the step ----------------------------------------------------------------------------------------------
 
-def _derangement(n: int, device) -> torch.Tensor:
-    """A random permutation with no fixed point (b must come from another sample)."""
-    p = torch.randperm(n, device=device)
-    out = torch.empty_like(p)
-    out[p] = p.roll(1)
-    return out
-
-
 class SplitTrainer:
     """One optimiser step of a SplitModel: task loss plus the complex variant's defense."""
 
@@ -199,25 +195,21 @@ class SplitTrainer:
         if not m.is_complex:
             return m(image), None, None, None
         a = m.encoder.features(image)
-        b = a[self._fool_index(image)]  # [N, ...], or [N, P-1, ...]: P-1 distinct fools per image
-        theta = m.random_key(a.shape[0], a.device)  # training keys need no secrecy, but cost nothing
-        x = m.encoder.combine(a, b, theta)  # the encoder's own mixing (a defense may change it)
-        return m.decoder(m.processing(x), theta), a, b, x
+        b = a[self._fool_index(image)]  # [N, P-1, ...]: P-1 distinct fools per image
+        key = m.random_key(a.shape[0], a.device)  # by the model's key law (a defense may set it)
+        x = m.encoder.combine(a, b, key)
+        # the defenses are about the angle (two parts): they see the one fool's feature b [N, ...]
+        return m.decoder(m.processing(x), key), a, b[:, 0], x
 
     def _fool_index(self, image) -> torch.Tensor:
         """Which sample of the batch is each sample's fool: a derangement, or drawn by the match law.
         P parts: [N, P-1] distinct fools per sample, never the sample itself."""
-        n, parts = image.shape[0], self.model.parts
+        n, law = image.shape[0], None
         if self.fool_hook is not None:
-            return self.fool_hook(image)
-        law = None
+            return self.fool_hook(image).reshape(n, -1)  # [N] (one fool each) or [N, P-1]
         if self.fool_rule != "random" and n >= 2:
             law = torch.from_numpy(match_law(image.detach().flatten(1).cpu().numpy())).float()
-        if parts > 2:
-            return fool_indices(n, parts - 1, law, image.device)
-        if law is None:
-            return _derangement(n, image.device)
-        return torch.multinomial(law, 1).squeeze(1).to(image.device)
+        return fool_indices(n, self.model.parts - 1, law, image.device)
 
     def train_step(self, image, y) -> dict:
         logits, a, b, x = self._task(image)
@@ -572,13 +564,13 @@ def _save(run: _Run, epoch: int, improved: bool) -> None:
     current.setdefault("data", {})["preprocess"] = spec_for(run.name, current["input_shape"])
     if cfg.k is not None:
         current["k"] = cfg.k
-    if trainer.defense is not None:  # e.g. fool_sign: quadrant, so load_model rebuilds the same encoder
+    if trainer.defense is not None:  # e.g. key_law: exchange, so the device draws the keys it was trained for
         current.update(trainer.defense.manifest_updates())
     if trainer.fool_rule == "random":  # infer and attack pick the fools the way the model was trained
         current.pop("fool_rule", None)
     else:
         current["fool_rule"] = trainer.fool_rule
-    atomic_json(current, run.model_dir / MANIFEST)
+    atomic_json(upgraded(current), run.model_dir / MANIFEST)  # format 2: the manifest names its key law
 
 
 def eval_dir(model_dir, data=None, data_dir=None, task=None, batch_size=256, device="auto", workers=0,

@@ -38,7 +38,7 @@ from cvconvert.attacks.phase_support import PhaseSupport
 from cvconvert.attacks.regressor import LearnedRegressor
 from cvconvert.attacks.whitebox import WhiteBox
 from cvconvert.complex.functional import modulus, unrotate_real
-from cvconvert.model import random_theta
+from cvconvert.device.keylaws import key_angle
 from cvconvert.modeldir import atomic_json, load_model, read_manifest, MANIFEST
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per process is ~10x faster than two fighting
@@ -247,10 +247,11 @@ def _victim(model, data: dict, seed: int, fool_rule: str, pool_size: int, match_
         fool, part_fn = victim_match_fools(I_ev, data["pool"], match_lam, gen), match_partners(I_att, match_lam)
     else:
         fool, part_fn = I_ev[partners(torch.arange(len(I_ev)), len(I_ev), gen)], partners  # another test image
-    theta = random_theta(len(I_ev))  # the victim's secret keys (CSPRNG); only used to score
-    x_ev = batched(lambda i, f, t: model.encoder(i, f, t), I_ev, fool, theta)
+    key = model.random_key(len(I_ev))  # the victim's secret keys by the model's key law (CSPRNG); to score only
+    theta = torch.from_numpy(key_angle(key.numpy()))
+    x_ev = batched(lambda i, f, k: model.encoder(i, f[:, None], k), I_ev, fool, key)
     with torch.no_grad():  # utility with the deployment's fools (test_error: model(i)'s rolled fool)
-        logits = batched(lambda xb, t: model.decoder(model.processing(xb), t), x_ev, theta)
+        logits = batched(lambda xb, k: model.decoder(model.processing(xb), k), x_ev, key)
     out = {"test_error_deployed_fools": float((logits.argmax(1) != y_ev).float().mean()),
            "fool_dist_mean": float(per_sample_mae(fool, I_ev).mean())}
     return fool, theta, x_ev, part_fn, out

@@ -23,7 +23,6 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cvconvert.device.guard import DEFAULT_THRESHOLD, sketch  # noqa: E402
-from cvconvert.device.keys import secure_angles  # noqa: E402
 from cvconvert.device.pipeline import Pipeline  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -73,9 +72,9 @@ def span_pair(x1: np.ndarray, x2: np.ndarray) -> tuple[float, np.ndarray]:
 def attack_pairs(pipe, a1, a2, fools, mean) -> dict:
     """Send a1 and a2 with fresh fools and keys; what the span attack gets from each pair."""
     n = len(a1)
-    t1, t2 = secure_angles(n), secure_angles(n)
-    x1 = pipe.combine(a1, fools[:n], t1)
-    x2 = pipe.combine(a2, fools[n:2 * n], t2)
+    k1, k2 = pipe.new_keys(n), pipe.new_keys(n)  # by the model's key law (os.urandom)
+    x1 = pipe.combine(a1, fools[:n, None], k1)
+    x2 = pipe.combine(a2, fools[n:2 * n, None], k2)
     prin, rec = [], []
     for i in range(n):
         s, v = span_pair(x1[i], x2[i])

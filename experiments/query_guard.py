@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cvconvert.attacks.principal import angle_from, principal, which_is_real  # noqa: E402
 from cvconvert.attacks.queries import NEAR, lookalikes  # noqa: E402
 from cvconvert.device.fools import FoolPool  # noqa: E402
+from cvconvert.device.keylaws import rotation_key_np  # noqa: E402
 from cvconvert.device.guard import SentGuard  # noqa: E402
 from cvconvert.device.pipeline import Pipeline  # noqa: E402
 from cvconvert.errors import CvError  # noqa: E402
@@ -117,7 +118,7 @@ def score(cloud, pipe, mean) -> dict:
            "exposed": int((ua >= 0.999).sum())}
     if x.shape[1] == 2:
         theta = angle_from(u, x, mean)
-        guess = pipe.decode(pipe.process(x), theta).argmax(1)
+        guess = pipe.decode(pipe.process(x), rotation_key_np(theta)).argmax(1)
         out["answer_recovered"] = float((guess == np.concatenate(cloud.ans).argmax(1)).mean())
     return out
 

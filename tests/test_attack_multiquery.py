@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from cvconvert.cli.main import app
 from cvconvert.attacks import queries, span
 from cvconvert.attacks import runner as audit
+from cvconvert.attacks.common import combiner
 from cvconvert.build import convert_to_dir
 from cvconvert.modeldir import load_model
 
@@ -34,13 +35,13 @@ def encoder(tmp_path_factory):
     random images to feed it."""
     d = tmp_path_factory.mktemp("m") / "lenet"
     torch.manual_seed(0)
-    convert_to_dir("lenet", d, data="fashion-mnist", fool_sign="quadrant")
+    convert_to_dir("lenet", d, data="fashion-mnist", key_law="exchange")
     model, _ = load_model(d)
     g = torch.Generator().manual_seed(1)
     images = torch.nn.functional.avg_pool2d(torch.rand(64, 1, 32, 32, generator=g), 3, 1, 1)
     with torch.no_grad():
         feats = model.encoder.features(images)
-    return model.encoder.combine, feats
+    return combiner(model), feats  # (a, b, theta) -> x at the exchange law's key for theta
 
 
 def send(combine, a, b):
@@ -103,7 +104,7 @@ def test_near_duplicates_and_their_transforms():
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("exp") / "lenet"
     torch.manual_seed(0)
-    convert_to_dir("lenet", d, data="fashion-mnist", fool_sign="quadrant")
+    convert_to_dir("lenet", d, data="fashion-mnist", key_law="exchange")
     res = cli.invoke(app, ["export", str(d)])
     assert res.exit_code == 0, res.output
     return d

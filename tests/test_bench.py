@@ -81,12 +81,12 @@ def test_session_config_round_trip(tmp_path):
 def tiny(tmp_path_factory):
     """A LeNet split network on 16x16 inputs, exported by `cvconvert export` (processing has two
     max-modulus pools and four delta layers: the formulations above, inside the validated export);
-    the exchange defense's fool sign, so the online path's numpy combine runs the quadrant rule."""
+    the exchange key law, so the online path's numpy combine sees both fool signs in its keys."""
     from cvconvert.build import convert_to_dir
     from cvconvert.export import export_model_dir
 
     d = tmp_path_factory.mktemp("bench") / "lenet"
-    convert_to_dir("lenet", d, input_shape=(1, 16, 16), num_classes=3, fool_sign="quadrant")
+    convert_to_dir("lenet", d, input_shape=(1, 16, 16), num_classes=3, key_law="exchange")
     report = export_model_dir(d)
     return d, report
 
@@ -165,14 +165,16 @@ def test_bench_table_and_bad_inputs(tiny, tmp_path):
     assert res.exit_code == 2 and "not an original" in res.output
 
 
-def _quarter_angles(n):
+def _quarter_keys(n):
+    """Exchange-law keys at two angles in each quarter-circle: both fool signs occur."""
+    from cvconvert.device.keylaws import KEY_LAWS
     from cvconvert.device.keys import secure_angles
-    return (secure_angles(n) / 4 + (np.arange(n) % 4) * (np.pi / 2)).astype(np.float32)
+    return KEY_LAWS["exchange"].of_angle((secure_angles(n) / 4 + (np.arange(n) % 4) * (np.pi / 2)).astype(np.float32))
 
 
 def test_online_path_computes_what_the_encoder_path_does(tiny):
     """bench's online path (features.onnx + a precomputed fool feature + numpy combine + processing +
-    decoder) gives the logits of the full chain for the same image, fool and theta, in ONNX Runtime and
+    decoder) gives the logits of the full chain for the same image, fool and key, in ONNX Runtime and
     eager; with another fool's feature it does not, so the comparison can fail. (The sign rule is checked
     on x in test_export: with real weights Re[Phi(a - ib)] = Re[Phi(a + ib)], so logits cannot see it.)"""
     from cvconvert.bench import EagerPipeline, OrtPipeline, stage_feeds
@@ -180,13 +182,12 @@ def test_online_path_computes_what_the_encoder_path_does(tiny):
 
     d, _ = tiny
     model, manifest = load_model(d)
-    assert manifest["fool_sign"] == "quadrant"
+    assert manifest["key_law"] == "exchange"
     feeds = stage_feeds(model, 8)
-    theta = _quarter_angles(8)  # both signs of the quadrant rule
-    feeds["end_to_end"]["theta"] = feeds["online"]["theta"] = theta
+    feeds["end_to_end"]["key"] = feeds["online"]["key"] = _quarter_keys(8)  # both fool signs
     assert np.array_equal(feeds["online"]["image"], feeds["end_to_end"]["image"])
     paths = {p: d / "onnx" / f"{p}.onnx" for p in ("encoder", "features", "processing", "decoder")}
-    ort_pipe = OrtPipeline(paths, "cpu", 1, True, "quadrant")
+    ort_pipe = OrtPipeline(paths, "cpu", 1, True)
     assert ort_pipe.stages == ("encoder", "features", "processing", "decoder", "end_to_end", "online")
     want = ort_pipe.run("end_to_end", feeds["end_to_end"])
     eager = EagerPipeline(model, "cpu")

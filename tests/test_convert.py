@@ -14,6 +14,7 @@ from torch import nn
 from cvconvert import zoo
 from cvconvert.complex import CConv2d, CDelta, rotate
 from cvconvert.convert import LEAF_MODULES
+from cvconvert.complex.functional import rotation_key
 from cvconvert.complex.layers import max_pool_gaps
 from cvconvert.errors import ConversionError, CvError
 from cvconvert.export import compare_outside_ties
@@ -46,13 +47,17 @@ def test_zoo_processing_is_rotation_equivariant(arch, split):
         peak = float(h.abs().max())
         compare_outside_ties(f"{arch}-{split} train={train}", (h_rot / peak).detach().numpy(),
                              (rotate(h, t) / peak).detach().numpy(), pools.gaps, 1e-4, 0.0)
-    # The decoded prediction does not depend on the key: Re[Phi(e^{it}(a+ib)) e^{-it}] is the same for any t.
+    # The decoded prediction does not depend on the key: Re[Phi(e^{it}(a+ib)) e^{-it}] is the same for any t,
+    # and (Q^T Phi(Q [a; b]))[0] for any orthogonal Q (a reflection too)
     model.eval()
     img = torch.rand(2, 3, 32, 32)
+    reflection = torch.tensor([[[1.0, 0.0], [0.0, -1.0]], [[0.0, 1.0], [1.0, 0.0]]])
     with torch.no_grad():
-        l1 = model(img, img.flip(0), torch.tensor([0.3, 4.0]))
-        l2 = model(img, img.flip(0), torch.tensor([2.0, 1.1]))
+        l1 = model(img, img.flip(0)[:, None], rotation_key(torch.tensor([0.3, 4.0])))
+        l2 = model(img, img.flip(0)[:, None], rotation_key(torch.tensor([2.0, 1.1])))
+        l3 = model(img, img.flip(0)[:, None], reflection)
     torch.testing.assert_close(l1, l2, atol=1e-3 * l1.abs().max().item(), rtol=1e-4)
+    torch.testing.assert_close(l1, l3, atol=1e-3 * l1.abs().max().item(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["lenet", "resnet20", "alexnet"])

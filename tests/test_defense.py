@@ -1,68 +1,77 @@
-"""The phase-hiding defense (cvconvert/defense.py) and the fool-sign encoder option (model.py)."""
+"""The phase-hiding defenses (cvconvert/defense.py) and the exchange key law they train for (keylaws.py)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cvconvert.complex.functional import encode
+from cvconvert.complex.functional import encode, rotation_key
 from cvconvert.defense import DefenseConfig, PaperDefense, SignCritic, make_defense, negatives, odd_moments
+from cvconvert.device.keylaws import KEY_LAWS, quadrant_sign
 from cvconvert.errors import CvError
-from cvconvert.model import ModelSpec, build_model, quadrant_sign
+from cvconvert.model import ModelSpec, build_model
 
 
-def tiny(fool_sign="none", variant="complex"):
+def tiny(key_law=None, variant="complex"):
     torch.manual_seed(0)
-    spec = ModelSpec("lenet", "conv1", None, variant, 10, (1, 16, 16), [0.5], [0.5], fool_sign=fool_sign)
+    spec = ModelSpec("lenet", "conv1", None, variant, 10, (1, 16, 16), [0.5], [0.5], key_law=key_law)
     return build_model(spec).eval()  # eval: batch-norm must not mix the image and fool batches
+
+
+def _keys(law: str, theta: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(KEY_LAWS[law].of_angle(theta.numpy()))
 
 
 def test_quadrant_sign_follows_theta_quarter():
     q = math.pi / 2
-    theta = torch.tensor([0.1, q + 0.1, 2 * q + 0.1, 3 * q + 0.1, -0.1, 4 * q + 0.1])
+    theta = np.array([0.1, q + 0.1, 2 * q + 0.1, 3 * q + 0.1, -0.1, 4 * q + 0.1], np.float32)
     assert quadrant_sign(theta).tolist() == [1.0, -1.0, 1.0, -1.0, -1.0, 1.0]
 
 
-def test_quadrant_encoder_puts_the_fool_in_the_natural_reading_for_half_the_keys():
+def test_exchange_law_puts_the_fool_in_the_natural_reading_for_half_the_keys():
     # x = e^{it}(a + i s b); for s = -1 it equals e^{i(t - pi/2)}(b + i a): the fool becomes the real part
-    m = tiny("quadrant")
-    img, fool = torch.rand(4, 1, 16, 16), torch.rand(4, 1, 16, 16)
+    m = tiny("exchange")
+    img, fool = torch.rand(4, 1, 16, 16), torch.rand(4, 1, 1, 16, 16)
     theta = torch.tensor([0.3, 1.9, 3.5, 5.0])  # quarters 0, 1, 2, 3
+    key = _keys("exchange", theta)
     with torch.no_grad():
-        x = m.encoder(img, fool, theta)
-        a, b = m.encoder.features(img), m.encoder.features(fool)
+        x = m.encoder(img, fool, key)
+        a, b = m.encoder.features(img), m.encoder.features(fool[:, 0])
     s = torch.tensor([1.0, -1.0, 1.0, -1.0]).reshape(-1, 1, 1, 1)
     assert torch.allclose(x, encode(a, s * b, theta), atol=1e-5)
     swapped = encode(b, a, theta - math.pi / 2)
     assert torch.allclose(x[[1, 3]], swapped[[1, 3]], atol=1e-5)
     assert not torch.allclose(x[[0, 2]], swapped[[0, 2]], atol=1e-3)
-    # the decoder still decodes with theta alone: logits depend on theta only through the key
+    # the sign is the key's second column: the decoder reads the first, so the rotation key decodes too
     with torch.no_grad():
-        logits = m(img, fool, theta)
-        again = m.decoder(m.processing(m.encoder.combine(a, s * b * s, theta)), theta)  # s*s = 1: same x
+        logits = m(img, fool, key)
+        again = m.decoder(m.processing(x), rotation_key(theta))
     assert torch.allclose(logits, again, atol=1e-5)
 
 
-def test_default_encoder_is_unchanged():
+def test_rotation_law_gives_the_papers_x():
+    """The P = 2 key law `rotation` at angle t gives exactly the paper's x = e^{it}(a + ib)."""
     m = tiny()
-    img, fool, theta = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16), torch.tensor([2.0, 4.5])
+    assert m.spec.law.name == "rotation"
+    img, fool, theta = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 1, 16, 16), torch.tensor([2.0, 4.5])
     with torch.no_grad():
-        a, b = m.encoder.features(img), m.encoder.features(fool)
-        assert torch.allclose(m.encoder(img, fool, theta), encode(a, b, theta), atol=1e-6)
+        a, b = m.encoder.features(img), m.encoder.features(fool[:, 0])
+        assert torch.allclose(m.encoder(img, fool, _keys("rotation", theta)), encode(a, b, theta), atol=1e-6)
 
 
 def test_model_dir_round_trip(tmp_path):
     from cvconvert.build import convert_to_dir
     from cvconvert.modeldir import load_model, read_manifest
 
-    convert_to_dir("lenet", tmp_path / "q", input_shape=(1, 16, 16), num_classes=10, fool_sign="quadrant")
+    convert_to_dir("lenet", tmp_path / "q", input_shape=(1, 16, 16), num_classes=10, key_law="exchange")
     m, man = load_model(tmp_path / "q")
-    assert man["fool_sign"] == "quadrant" and m.encoder.fool_sign == "quadrant"
+    assert man["key_law"] == "exchange" and m.spec.law.name == "exchange" and man["format_version"] == 2
     convert_to_dir("lenet", tmp_path / "p", input_shape=(1, 16, 16), num_classes=10)
-    assert "fool_sign" not in read_manifest(tmp_path / "p")  # old manifests: the key is absent
-    assert load_model(tmp_path / "p")[0].encoder.fool_sign == "none"
-    with pytest.raises(CvError, match="fool_sign"):
+    assert read_manifest(tmp_path / "p")["key_law"] == "rotation"
+    assert load_model(tmp_path / "p")[0].spec.law.name == "rotation"
+    with pytest.raises(CvError, match="unknown key law 'sideways'"):
         tiny("sideways")
 
 
@@ -77,7 +86,7 @@ def test_make_defense_errors():
     with pytest.raises(CvError, match="weight"):
         make_defense("symmetric", tiny(), {"weight": -1})
     d = make_defense("exchange", m)
-    assert m.encoder.fool_sign == "quadrant" and d.manifest_updates()["fool_sign"] == "quadrant"
+    assert m.spec.law.name == "exchange" and d.manifest_updates()["key_law"] == "exchange"
     paper = make_defense("paper", tiny())
     assert isinstance(paper, PaperDefense) and paper.history()["k"] == 8 and d.history() is None
     with pytest.raises(CvError, match="complex model"):
@@ -96,11 +105,11 @@ def test_odd_moments_vanish_for_symmetric_data():
 def _step(m, d, opt, img, y, step):
     a = m.encoder.features(img)
     b = a.roll(1, 0)
-    theta = torch.rand(len(a)) * 2 * math.pi
-    x = m.encoder.combine(a, b, theta)
+    key = m.random_key(len(a))
+    x = m.encoder.combine(a, b[:, None], key)
     cstats = d.update(a, b, x)
     extra, estats = d.extra_loss(a, b, x, step)
-    loss = F.cross_entropy(m.decoder(m.processing(x), theta), y) + extra
+    loss = F.cross_entropy(m.decoder(m.processing(x), key), y) + extra
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

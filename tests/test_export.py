@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from cvconvert import zoo
@@ -23,10 +24,13 @@ from cvconvert.cli.main import app
 from cvconvert.build import convert_to_dir
 from cvconvert.complex.layers import CBatchNorm, max_pool_gaps
 from cvconvert.errors import CvError
-from cvconvert import export as export_mod
+from cvconvert.export import compare as compare_mod
+from cvconvert.export import onnx as onnx_mod
+from cvconvert.export import write as write_mod
 from cvconvert.export import (TIE_DRAWS, TIE_GAP, TieFlip, compare_outside_ties, export_model_dir,
                               fold_complex_batchnorm)
-from cvconvert.device.keys import secure_angles
+from cvconvert.device.keylaws import KEY_LAWS
+from cvconvert.device.keys import haar_orthogonal, secure_angles
 from cvconvert.modeldir import load_model, read_manifest, write_model_dir
 from cvconvert.device.pipeline import Pipeline
 
@@ -42,8 +46,8 @@ def _rotate_complex(x: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 def _check_contract(onnx_dir: Path, manifest: dict):
     cplx = manifest["variant"] == "complex"
-    want = {"encoder": (["image", "fool", "theta"] if cplx else ["image"], ["x"]),
-            "processing": (["x"], ["h"]), "decoder": (["h", "theta"] if cplx else ["h"], ["logits"]),
+    want = {"encoder": (["image", "fool", "key"] if cplx else ["image"], ["x"]),
+            "processing": (["x"], ["h"]), "decoder": (["h", "key"] if cplx else ["h"], ["logits"]),
             **({"features": (["image"], ["a"])} if cplx else {"original": (["image"], ["logits"])})}
     for part, (ins, outs) in want.items():
         m = onnx.load(str(onnx_dir / f"{part}.onnx"))
@@ -69,9 +73,9 @@ def _quarters(n: int) -> np.ndarray:
     return (secure_angles(n) / 4 + (np.arange(n) % 4) * (np.pi / 2)).astype(np.float32)
 
 
-def _combine_matches_encoder(onnx_dir: Path, fool_sign: str, n: int = 8):
-    """x formed in numpy from features.onnx's a and b equals encoder.onnx's x; with the other sign rule
-    it does not (so the check can fail)."""
+def _combine_matches_encoder(onnx_dir: Path, law: str, n: int = 8):
+    """x formed in numpy from features.onnx's a and b equals encoder.onnx's x at the keys of `law`; with
+    the fool's column sign flipped it does not (so the check can fail)."""
     import onnxruntime as ort
     from cvconvert.device.contracts import combine_np
 
@@ -79,14 +83,14 @@ def _combine_matches_encoder(onnx_dir: Path, fool_sign: str, n: int = 8):
     sess = {p: ort.InferenceSession(str(onnx_dir / f"{p}.onnx"), providers=["CPUExecutionProvider"])
             for p in ("encoder", "features")}
     img, fool = np.random.default_rng(3).random((2, n) + shape, dtype=np.float32)
-    theta = _quarters(n)
-    want = sess["encoder"].run(None, {"image": img, "fool": fool, "theta": theta})[0]
+    key = KEY_LAWS[law].of_angle(_quarters(n))
+    want = sess["encoder"].run(None, {"image": img, "fool": fool[:, None], "key": key})[0]
     a, b = (sess["features"].run(None, {"image": v})[0] for v in (img, fool))
-    got = combine_np(a, b, theta, fool_sign)
+    got = combine_np(a, b[:, None], key)
     peak = max(1.0, float(np.abs(want).max()))
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * peak)
-    other = combine_np(a, b, theta, {"none": "quadrant", "quadrant": "none"}[fool_sign])
-    assert np.abs(other - want).max() > 1e-2 * peak
+    flipped = key * np.array([1, -1], np.float32)  # the other fool sign
+    assert np.abs(combine_np(a, b[:, None], flipped) - want).max() > 1e-2 * peak
 
 
 def _chain_matches_torch(model_dir: Path, n: int = 5):
@@ -95,14 +99,14 @@ def _chain_matches_torch(model_dir: Path, n: int = 5):
     model.eval()
     pipe = Pipeline.from_model_dir(model_dir, provider="cpu")
     img = torch.rand((n,) + tuple(manifest["input_shape"]))
-    fool = torch.rand_like(img)
-    theta = secure_angles(n)
+    fool = torch.rand((n, 1) + tuple(manifest["input_shape"]))
+    key = pipe.new_keys(n) if pipe.complex else None  # by the model's key law; the baselines have none
     with torch.no_grad(), max_pool_gaps(model.processing) as pools:
-        want = model(img, fool, torch.from_numpy(theta)).numpy()
-    got = pipe.predict(img.numpy(), fool.numpy(), theta)
+        want = model(img, fool, None if key is None else torch.from_numpy(key)).numpy()
+    got = pipe.predict(img.numpy(), fool.numpy(), key)
     # A sample at a max-modulus pooling tie may flip (export.TIE_GAP); at most one of n is left out.
     compare_outside_ties("pipeline vs PyTorch", got, want, pools.gaps, 1e-4, 1e-3)
-    return pipe, model, img.numpy(), fool.numpy(), theta
+    return pipe, model, img.numpy(), fool.numpy(), key
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +115,7 @@ def lenet_export(tmp_path_factory):
     the failure tests can feed them back without paying for the exporter again."""
     out = tmp_path_factory.mktemp("lenet") / "lenet"
     convert_to_dir("lenet", out, input_shape=SHAPE)
-    cache, real = {}, export_mod._to_onnx
+    cache, real = {}, onnx_mod._to_onnx
 
     def recording(module, args, inputs, outputs, opset):
         proto = real(module, args, inputs, outputs, opset)
@@ -119,7 +123,7 @@ def lenet_export(tmp_path_factory):
         return proto
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(export_mod, "_to_onnx", recording)
+        mp.setattr(onnx_mod, "_to_onnx", recording)
         res = CliRunner().invoke(app, ["export", str(out), "--json"])
     assert res.exit_code == 0, res.stderr
     return out, json.loads(res.stdout), cache
@@ -132,13 +136,15 @@ def test_lenet_export_cli_report_contract_and_chain(lenet_export):
     assert all(set(g["max_abs_diff"]) == {"1", "3", "8"} for g in report["graphs"].values())
     assert report["graphs"]["processing"]["inputs"] == [{"name": "x", "shape": ["N", 2, 6, 28, 28]}]
     assert report["graphs"]["features"]["outputs"] == [{"name": "a", "shape": ["N", 6, 28, 28]}]
-    assert report["combine"]["fool_sign"] == "none" and report["combine"]["max_abs_diff"] < 1e-4
+    assert report["key_law"] == "rotation" and report["format_version"] == 2
+    assert report["rotation"]["parts"] == 2 and report["rotation"]["reflections"] > 0  # every orthogonal key
+    assert report["combine"]["max_abs_diff"] < 1e-4
     recorded = json.loads((out / "onnx" / "export.json").read_text())["graphs"]
     for part in report["graphs"]:  # export.json records every graph's sha256, features.onnx included
         assert recorded[part]["sha256"] == hashlib.sha256((out / "onnx" / f"{part}.onnx").read_bytes()).hexdigest()
     _check_contract(out / "onnx", read_manifest(out))
     _chain_matches_torch(out)
-    _combine_matches_encoder(out / "onnx", "none")
+    _combine_matches_encoder(out / "onnx", "rotation")
 
 
 def test_features_graph_is_the_encoders_feature_part(lenet_export):
@@ -155,22 +161,22 @@ def test_features_graph_is_the_encoders_feature_part(lenet_export):
     np.testing.assert_allclose(sess.run(None, {"image": img.numpy()})[0], want, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("fool_sign", ["none", "quadrant"])
-def test_combine_np_is_the_encoders_combine(fool_sign):
-    """The torch-free combine against ComplexEncoder.combine (PyTorch) for both sign rules."""
+@pytest.mark.parametrize("parts", [2, 3])
+def test_combine_np_is_the_encoders_combine(parts):
+    """The torch-free combine against KeyedEncoder.combine (PyTorch) for every P, reflections included."""
     from cvconvert.device.contracts import combine_np
     from cvconvert.model import ModelSpec, build_model
 
-    model = build_model(ModelSpec("lenet", "conv1", None, input_shape=SHAPE, fool_sign=fool_sign)).eval()
-    a, b = torch.randn(2, 8, *model.feature_shape)
-    theta = _quarters(8)
+    model = build_model(ModelSpec("lenet", "conv1", None, input_shape=SHAPE, parts=parts)).eval()
+    a, b = torch.randn(8, *model.feature_shape), torch.randn(8, parts - 1, *model.feature_shape)
+    key = haar_orthogonal(8, parts)
     with torch.no_grad():
-        want = model.encoder.combine(a, b, torch.from_numpy(theta)).numpy()
-    np.testing.assert_allclose(combine_np(a.numpy(), b.numpy(), theta, fool_sign), want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(CvError, match="unknown fool_sign"):
-        combine_np(a.numpy(), b.numpy(), theta, "octant")
+        want = model.encoder.combine(a, b, torch.from_numpy(key)).numpy()
+    np.testing.assert_allclose(combine_np(a.numpy(), b.numpy(), key), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(CvError, match="do not match"):
-        combine_np(a.numpy(), b.numpy()[:3], theta, fool_sign)
+        combine_np(a.numpy(), b.numpy()[:3], key)
+    with pytest.raises(CvError, match="do not match"):
+        combine_np(a.numpy(), b.numpy(), haar_orthogonal(8, parts + 1))
 
 
 def test_contracts_import_no_torch():
@@ -203,10 +209,10 @@ def test_zoo_default_split_exports_and_chain_matches(arch, tmp_path):
 
 
 def _trained_resnet20(tmp_path) -> Path:
-    """A 'trained' model dir (ResNet-20 alpha, the exchange defense's fool sign): a few SGD steps in
+    """A 'trained' model dir (ResNet-20 alpha, the exchange key law): a few SGD steps in
     train mode move weights and the norm's running stats."""
     src = tmp_path / "r20"
-    convert_to_dir("resnet20", src, input_shape=SHAPE, fool_sign="quadrant")
+    convert_to_dir("resnet20", src, input_shape=SHAPE, key_law="exchange")
     model, manifest = load_model(src)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -233,16 +239,16 @@ def test_trained_model_dir_exports_folds_and_keeps_rotation_property(tmp_path):
     # the fold worked on a copy: the weights on disk are untouched, the graph has no norm left
     assert hashlib.sha256((out / "model.pt").read_bytes()).hexdigest() == weights_before
     assert report["folded_batchnorms"] > 0
-    # features.onnx exported and validated, and the numpy combine with the quadrant rule is encoder.onnx
+    # features.onnx exported and validated, and the numpy combine at the exchange law's keys is encoder.onnx
     assert set(report["graphs"]) == {"encoder", "features", "processing", "decoder"}
-    assert report["combine"]["fool_sign"] == "quadrant" and set(report["graphs"]["features"]["max_abs_diff"]) == {"1", "3", "8"}
+    assert report["key_law"] == "exchange" and set(report["graphs"]["features"]["max_abs_diff"]) == {"1", "3", "8"}
     _check_contract(out / "onnx", read_manifest(out))
-    _combine_matches_encoder(out / "onnx", "quadrant")
-    pipe, model, img, fool, theta = _chain_matches_torch(out, n=6)
+    _combine_matches_encoder(out / "onnx", "exchange")
+    pipe, model, img, fool, key = _chain_matches_torch(out, n=6)
     assert any(isinstance(m, CBatchNorm) for m in model.processing.modules())
 
     # rotation property of processing.onnx for random theta (checked here independently)
-    x = pipe.encode(img, fool, theta)
+    x = pipe.encode(img, fool, key)
     t = secure_angles(len(x))
     lhs = pipe.process(_rotate_complex(x, t))
     rhs = _rotate_complex(pipe.process(x), t)
@@ -255,7 +261,7 @@ def test_trained_model_dir_exports_folds_and_keeps_rotation_property(tmp_path):
     name = report["triton"]["name"]
     assert name == "resnet20_processing"
     assert (repo / name / "1" / "model.onnx").read_bytes() == (out / "onnx" / "processing.onnx").read_bytes()
-    pb = export_mod._model_config_pb2()
+    pb = write_mod._model_config_pb2()
     from google.protobuf import text_format
     cfg = text_format.Parse((repo / name / "config.pbtxt").read_text(), pb.ModelConfig())
     assert cfg.backend == "onnxruntime" and cfg.max_batch_size == 64
@@ -296,7 +302,7 @@ def _frozen_export(module, args, inputs, outputs, opset):
 def test_frozen_batch_axis_fails_export_and_writes_nothing(lenet_export, monkeypatch):
     lenet_dir = lenet_export[0]
     before = _snapshot(lenet_dir)
-    monkeypatch.setattr(export_mod, "_to_onnx", _frozen_export)
+    monkeypatch.setattr(onnx_mod, "_to_onnx", _frozen_export)
     with pytest.raises(CvError, match="batch axis of image is frozen to 2"):
         export_model_dir(lenet_dir)
     assert _snapshot(lenet_dir) == before
@@ -314,7 +320,7 @@ def test_mismatch_fails_the_cli_with_one_line(lenet_export, monkeypatch):
         return proto
 
     before = _snapshot(lenet_dir)
-    monkeypatch.setattr(export_mod, "_to_onnx", perturbed)
+    monkeypatch.setattr(onnx_mod, "_to_onnx", perturbed)
     res = CliRunner().invoke(app, ["export", str(lenet_dir)])
     assert res.exit_code != 0
     lines = res.stderr.strip().splitlines()
@@ -418,17 +424,17 @@ def test_compare_tells_tie_flips_from_mismatches():
     got[2] += 0.3  # one sample jumps, as a flipped max-modulus choice makes it
     gaps = np.full(8, 1e-3, np.float32)
     with pytest.raises(CvError, match="nothing written") as exc:  # no tie there: a real mismatch
-        export_mod._compare("p", got, want, 1e-4, 1e-3, gaps)
+        compare_mod.compare("p", got, want, 1e-4, 1e-3, gaps)
     assert not isinstance(exc.value, TieFlip)
     gaps[2] = TIE_GAP / 10
     with pytest.raises(TieFlip) as tie:
-        export_mod._compare("p", got, want, 1e-4, 1e-3, gaps)
+        compare_mod.compare("p", got, want, 1e-4, 1e-3, gaps)
     assert tie.value.samples.tolist() == [i == 2 for i in range(8)]
     assert compare_outside_ties("p", got, want, gaps, 1e-4, 1e-3) == (0.0, 1)
     got[[3, 4]] += 0.3  # three of eight differ at ties: more than a quarter is no rounding accident
     gaps[:] = TIE_GAP / 10
     with pytest.raises(CvError) as many:
-        export_mod._compare("p", got, want, 1e-4, 1e-3, gaps)
+        compare_mod.compare("p", got, want, 1e-4, 1e-3, gaps)
     assert not isinstance(many.value, TieFlip)
 
 
@@ -441,10 +447,71 @@ def test_redraw_at_ties_draws_again_then_gives_up():
             raise TieFlip("p differs at a tie", np.array([True]))
         return "ok"
 
-    assert export_mod._redraw_at_ties(flips_once, redraws) == "ok" and seen == [0, 1] and len(redraws) == 1
+    assert compare_mod.redraw_at_ties(flips_once, redraws) == "ok" and seen == [0, 1] and len(redraws) == 1
 
     def always(draw):
         raise TieFlip("p differs at a tie", np.array([True]))
 
     with pytest.raises(CvError, match=f"in {TIE_DRAWS} draws in a row"):
-        export_mod._redraw_at_ties(always, [])
+        compare_mod.redraw_at_ties(always, [])
+
+
+def _as_format1(model_dir: Path) -> None:
+    """Turn a fresh export into what model-dir format 1 wrote for P = 2: encoder/decoder graphs that take
+    `theta`, export.json recording those very graphs (so only the form can refuse them), manifest v1."""
+    for part in ("encoder", "decoder"):
+        path = model_dir / "onnx" / f"{part}.onnx"
+        proto = onnx.load(str(path))
+        for v in proto.graph.input:
+            if v.name == "key":
+                v.name = "theta"
+        for node in proto.graph.node:
+            node.input[:] = ["theta" if i == "key" else i for i in node.input]
+        onnx.save(proto, str(path))
+    report = json.loads((model_dir / "onnx" / "export.json").read_text())
+    for part, g in report["graphs"].items():
+        g["sha256"] = hashlib.sha256((model_dir / "onnx" / f"{part}.onnx").read_bytes()).hexdigest()
+    (model_dir / "onnx" / "export.json").write_text(json.dumps(report))
+    man = read_manifest(model_dir)
+    man.pop("key_law")
+    (model_dir / "cvconvert.json").write_text(json.dumps({**man, "format_version": 1}))
+
+
+def test_format1_onnx_is_refused_in_one_line_and_export_rebuilds_it(lenet_export, tmp_path):
+    out = _copy_export(lenet_export[0], tmp_path / "lenet")
+    _as_format1(out)
+    png = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(png)
+    for args in (["infer", "--model-dir", str(out), str(png)], ["validate", str(out)]):
+        res = CliRunner().invoke(app, args)
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code != 0 and len(lines) == 1 and "Traceback" not in res.stderr + res.stdout, res.stderr
+        assert lines[0].startswith("error: ") and "takes `theta`" in lines[0], lines[0]
+        assert f"`cvconvert export {out}`" in lines[0], lines[0]
+    with pytest.raises(CvError, match="cvconvert export"):
+        Pipeline.from_model_dir(out)
+    from cvconvert.bench import OrtPipeline
+    with pytest.raises(CvError, match="takes `theta`"):  # bench times the graphs as they are: refused too
+        OrtPipeline({p: out / "onnx" / f"{p}.onnx" for p in ("encoder", "processing", "decoder")}, "cpu", 1, True)
+    # model.pt of format 1 still loads; `cvconvert export DIR` rebuilds the graphs and upgrades the manifest
+    assert load_model(out)[0].spec.law.name == "rotation"
+    res = CliRunner().invoke(app, ["export", str(out)])
+    assert res.exit_code == 0, res.stderr
+    man = read_manifest(out)
+    assert man["format_version"] == 2 and man["key_law"] == "rotation"
+    res = CliRunner().invoke(app, ["infer", "--model-dir", str(out), str(png), "--json"])
+    assert res.exit_code == 0, res.stderr
+
+
+def test_format1_exchange_manifest_reads_as_the_exchange_law(tmp_path):
+    """A format-1 manifest with the exchange defense's "fool_sign": "quadrant" loads with the exchange key law;
+    a newer format is refused."""
+    convert_to_dir("lenet", tmp_path / "m", input_shape=SHAPE)
+    man = read_manifest(tmp_path / "m")
+    man.pop("key_law")
+    (tmp_path / "m" / "cvconvert.json").write_text(json.dumps({**man, "format_version": 1, "fool_sign": "quadrant"}))
+    model, _ = load_model(tmp_path / "m")
+    assert model.spec.law.name == "exchange"
+    (tmp_path / "m" / "cvconvert.json").write_text(json.dumps({**man, "format_version": 3}))
+    with pytest.raises(CvError, match="format version 3"):
+        read_manifest(tmp_path / "m")

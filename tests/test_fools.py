@@ -132,8 +132,8 @@ def test_attack_victim_uses_the_rule(monkeypatch):
     torch.manual_seed(0)
     model = build_model(ModelSpec("lenet", "conv1", None, "complex", 10, (1, 16, 16), [0.5], [0.5])).eval()
     images = torch.rand(6, 1, 16, 16)
-    x, theta, logits = attack_runner._victim(model, images, torch.device("cpu"), "match")
-    assert seen == ["match"] and x.shape[:2] == (6, 2) and theta.shape == (6,) and logits.shape == (6, 10)
+    x, key, logits = attack_runner._victim(model, images, torch.device("cpu"), "match")
+    assert seen == ["match"] and x.shape[:2] == (6, 2) and key.shape == (6, 2, 2) and logits.shape == (6, 10)
     attack_runner._victim(model, images, torch.device("cpu"), "random")
     assert seen == ["match"]  # the paper's derangement does not go through the match law
 

@@ -21,6 +21,7 @@ import cvconvert.device.keys
 from cvconvert.build import convert_to_dir
 from cvconvert.errors import CvError
 from cvconvert.modeldir import load_model
+from cvconvert.device.keylaws import rotation_key_np
 from cvconvert.device.pipeline import Pipeline
 from cvconvert.device.fools import choose_fools, fallback_fool
 
@@ -45,7 +46,7 @@ def exported(lenet_exported):
 
 @pytest.fixture
 def record_keys(monkeypatch):
-    """Every theta sampled (cvconvert.device.keys.secure_angles is what infer and the Pipeline call)."""
+    """Every theta sampled (the rotation key law draws R(theta) with keys.secure_angles)."""
     seen = []
     real = cvconvert.device.keys.secure_angles
 
@@ -55,7 +56,7 @@ def record_keys(monkeypatch):
         return t
 
     monkeypatch.setattr(cvconvert.device.keys, "secure_angles", recording)
-    monkeypatch.setattr("cvconvert.device.pipeline.secure_angles", recording)
+    monkeypatch.setattr("cvconvert.device.keylaws.secure_angles", recording)
     return seen
 
 
@@ -123,14 +124,14 @@ def test_processing_receives_only_the_rotated_features(exported, record_keys, ca
 
     # the right key reproduces the logits; a wrong key changes the predictions
     h = local.process(x)
-    np.testing.assert_allclose(local.decode(h, theta), logits[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(local.decode(h, rotation_key_np(theta)), logits[0], rtol=1e-5, atol=1e-6)
     # Re[h e^{-i(t+pi)}] = -Re[h e^{-it}]: the logits mirrored about the decoder's bias, the same for every
     # image (an argmax check here depended on the random weights, hence on which tests ran first)
-    flipped = local.decode(h, theta + np.float32(math.pi))
+    flipped = local.decode(h, rotation_key_np(theta + np.float32(math.pi)))
     mirror = flipped + logits[0]
     np.testing.assert_allclose(mirror, np.broadcast_to(mirror[0], mirror.shape), rtol=1e-4, atol=1e-5)
     assert np.abs(flipped - logits[0]).max() > 1e-3
-    wrong = local.decode(h, cvconvert.device.keys.secure_angles(3))
+    wrong = local.decode(h, rotation_key_np(cvconvert.device.keys.secure_angles(3)))
     assert np.abs(wrong - logits[0]).max() > 1e-3 * max(1.0, np.abs(logits[0]).max())
 
 
@@ -188,22 +189,22 @@ def test_single_image_warns_and_fool_dir_is_used(exported, tmp_path):
 
 
 def test_exchange_model_refuses_a_noise_fool(exported, tmp_path):
-    """With the exchange defense a noise fool would give the real reading away, and the other images of a
+    """With the exchange key law a noise fool would give the real reading away, and the other images of a
     batch may not be fools: only a fool pool will do."""
     d = _copy_onnx(exported[0], tmp_path / "ex", keep_report=True)
     man = json.loads((d / "cvconvert.json").read_text())
-    (d / "cvconvert.json").write_text(json.dumps({**man, "fool_sign": "quadrant"}))
+    (d / "cvconvert.json").write_text(json.dumps({**man, "key_law": "exchange"}))
     images = exported[1]
-    _one_line_error(_invoke("infer", "--model-dir", d, images / "img0.png"), "exchange defense", "fools create")
-    _one_line_error(_invoke("infer", "--model-dir", d, images), "exchange defense", "fools create")  # a batch too
+    _one_line_error(_invoke("infer", "--model-dir", d, images / "img0.png"), "key law (exchange)", "fools create")
+    _one_line_error(_invoke("infer", "--model-dir", d, images), "key law (exchange)", "fools create")  # a batch too
     pool = _pool(d, tmp_path)
     res = _invoke("infer", "--model-dir", d, images, "--fool-dir", pool, "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["fools"] == "pool"
     # the library refuses it too
     pipe = Pipeline.from_model_dir(d, provider="cpu")
-    with pytest.raises(CvError, match="exchange defense"):
+    with pytest.raises(CvError, match=r"key law \(exchange\)"):
         pipe.predict(np.full((1, 1, 32, 32), 0.3, np.float32))
-    with pytest.raises(CvError, match="exchange defense"):
+    with pytest.raises(CvError, match=r"key law \(exchange\)"):
         pipe.predict(np.random.default_rng(5).random((2, 1, 32, 32), dtype=np.float32))
 
 

@@ -28,6 +28,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cvconvert.cli.main import app
+from cvconvert.device.keylaws import rotation_key_np
 from cvconvert.errors import CvError
 from cvconvert.device.remote import RemoteProcessing
 from conftest import one_line_error, png
@@ -214,8 +215,8 @@ def test_infer_server_on_kserve_matches_local_infer(model, servers):
     kserve_url, _ = servers
     manifest = json.loads((model / "lenet" / "cvconvert.json").read_text())
     x = np.stack([load_image(f, manifest, False) for f in collect_images([model / "images"])])
-    fools = np.roll(x, 1, axis=0)
-    theta = np.random.default_rng(0).uniform(0, 2 * np.pi, len(x)).astype(np.float32)
+    fools = np.roll(x, 1, axis=0)[:, None]
+    theta = rotation_key_np(np.random.default_rng(0).uniform(0, 2 * np.pi, len(x)))  # the paper's angles, as keys
     here = Pipeline.from_model_dir(model / "lenet", provider="cpu", guard=None)
     there = Pipeline.from_model_dir(model / "lenet", provider="cpu", guard=None,
                                     processing=RemoteProcessing(kserve_url, NAME))

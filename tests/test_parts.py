@@ -6,15 +6,18 @@ from torch import nn
 
 from cvconvert.complex.functional import transform
 from cvconvert.errors import CvError
-from cvconvert.parts import PartsDecoder, PartsEncoder, check_parts, fool_indices, random_key
+from cvconvert.device.keylaws import KEY_LAWS
+from cvconvert.parts import KeyedDecoder, KeyedEncoder, check_parts, fool_indices, random_key
+
+HAAR = KEY_LAWS["haar"]
 
 
-@pytest.mark.parametrize("parts", [3, 4])
-def test_parts_encoder_decoder_roundtrip(parts):
+@pytest.mark.parametrize("parts", [2, 3, 4])
+def test_keyed_encoder_decoder_roundtrip(parts):
     g = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU())
-    enc, dec = PartsEncoder(g, parts), PartsDecoder(nn.Flatten())
+    enc, dec = KeyedEncoder(g, parts), KeyedDecoder(nn.Flatten())
     image, fool = torch.rand(5, 1, 6, 6), torch.rand(5, parts - 1, 1, 6, 6)
-    key = random_key(5, parts)
+    key = random_key(5, parts, HAAR)
     x = enc(image, fool, key)
     assert x.shape == (5, parts, 3, 6, 6)
     f = torch.stack([g(image)] + [g(fool[:, i]) for i in range(parts - 1)], 1)
@@ -123,7 +126,7 @@ def test_p3_convert_train_export_serve_infer(served_p3):
     pipe = Pipeline.from_model_dir(out, processing=spy, guard=None)
     rng = np.random.default_rng(0)
     images, fools = rng.random((4, 1, 32, 32), dtype=np.float32), rng.random((4, 2, 1, 32, 32), dtype=np.float32)
-    key = random_key(4, 3).numpy()
+    key = random_key(4, 3, HAAR).numpy()
     logits = pipe.predict(images, fools, key)
     model, _ = load_model(out)
     with torch.no_grad(), max_pool_gaps(model.processing) as pools:

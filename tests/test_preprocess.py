@@ -16,6 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cvconvert.cli.main import app
+from cvconvert.device.keylaws import rotation_key_np
 from cvconvert.build import convert_to_dir
 from cvconvert.data import _image_transform, get_dataset
 from cvconvert.datasets import CELEBA_ATTRS
@@ -216,8 +217,8 @@ def test_infer_takes_a_28x28_fashion_png_like_its_padded_form(exported):
     x = np.stack([load_image(images / n, manifest, False) for n in ("a_native28.png", "b_padded32.png")])
     assert x.shape == (2, 1, 32, 32) and np.array_equal(x[0], x[1])
     pipe = Pipeline.from_model_dir(exported / "lenet", provider="cpu", guard=None)
-    fools = np.random.default_rng(4).random((2, 1, 32, 32), dtype=np.float32)[[0, 0]]
-    theta = np.full(2, 0.7, np.float32)
+    fools = np.random.default_rng(4).random((2, 1, 1, 32, 32), dtype=np.float32)[[0, 0]]
+    theta = rotation_key_np(np.full(2, 0.7, np.float32))
     logits = pipe.predict(x, fools, theta)
     assert np.array_equal(logits[0], logits[1]) and np.ptp(logits[0]) > 1e-4  # not a flat answer
 

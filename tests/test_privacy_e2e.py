@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cvconvert.cli.infer import load_image
+from cvconvert.device.keylaws import rotation_key_np
 from cvconvert.attacks import span
 from cvconvert.build import convert_to_dir
 from cvconvert.export import export_model_dir
@@ -86,8 +87,8 @@ def test_infer_and_predict_expose_nothing_across_queries(device, recorder, tmp_p
     assert _exposed(sent, b).max() < span.EXACT  # nor any fool (which would tell the image apart)
     # control: the same 8 images sent the old way, each fooled by the next image of its batch, are all exposed
     recorder.clear()
-    theta = np.random.default_rng(0).uniform(0, 2 * np.pi, N_IMAGES).astype(np.float32)
-    pipe.predict(pixels, np.roll(pixels, 1, axis=0), theta)
+    theta = rotation_key_np(np.random.default_rng(0).uniform(0, 2 * np.pi, N_IMAGES))  # the paper's angles, as keys
+    pipe.predict(pixels, np.roll(pixels, 1, axis=0)[:, None], theta)
     assert (_exposed(recorder[:], a) >= span.EXACT).all()
 
 

@@ -582,8 +582,7 @@ def test_cli_infer_server_end_to_end(exported, triton_folder_server):
 
 def test_pipeline_with_remote_processing_same_key_same_logits(exported, triton_folder_server):
     """Library level, one fixed key: the remote pipeline's logits equal the local one's, and the only
-    thing that crossed the wire is x (header + x's bytes), never theta, images or fools."""
-    from cvconvert.device.keys import secure_angles
+    thing that crossed the wire is x (header + x's bytes), never the key, images or fools."""
     from cvconvert.device.pipeline import Pipeline
 
     _Capture.seen, _Capture.upstream = [], (triton_folder_server.host, triton_folder_server.port)
@@ -596,12 +595,12 @@ def test_pipeline_with_remote_processing_same_key_same_logits(exported, triton_f
         remote_pipe = Pipeline.from_model_dir(exported / "lenet", provider="cpu", processing=remote)
         rng = np.random.default_rng(1)
         images = rng.uniform(0, 1, (4, 1, 32, 32)).astype(np.float32)
-        fools = rng.uniform(0, 1, (4, 1, 32, 32)).astype(np.float32)
-        theta = secure_angles(4)
-        want = local_pipe.predict(images, fools, theta)
-        got = remote_pipe.predict(images, fools, theta)
+        fools = rng.uniform(0, 1, (4, 1, 1, 32, 32)).astype(np.float32)
+        key = local_pipe.new_keys(4)
+        want = local_pipe.predict(images, fools, key)
+        got = remote_pipe.predict(images, fools, key)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-        x = local_pipe.encode(images, fools, theta)
+        x = local_pipe.encode(images, fools, key)
     finally:
         proxy.shutdown()
         proxy.server_close()
@@ -610,7 +609,7 @@ def test_pipeline_with_remote_processing_same_key_same_logits(exported, triton_f
     n = int(headers[HEADER_LENGTH])
     assert [i["name"] for i in json.loads(body[:n])["inputs"]] == ["x"]
     assert body[n:] == x.tobytes()
-    assert theta.tobytes() not in body and images.tobytes()[:256] not in body
+    assert key.tobytes() not in body and images.tobytes()[:256] not in body
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -218,9 +218,9 @@ def test_torchrun_two_gloo_processes_end_identical(tmp_path, fm):
 
 
 def test_train_defense_option_persists_and_keeps_decoding(tmp_path, fm):
-    """`--defense exchange` trains, records fool_sign in the manifest, and the reloaded model still decodes."""
+    """`--defense exchange` trains, records its key law in the manifest, and the reloaded model still decodes."""
     from cvconvert.complex.functional import unrotate_real
-    from cvconvert.model import quadrant_sign
+    from cvconvert.device.keylaws import KEY_LAWS, quadrant_sign
 
     d = tmp_path / "ex"
     convert_to_dir("lenet", d)
@@ -231,16 +231,16 @@ def test_train_defense_option_persists_and_keeps_decoding(tmp_path, fm):
     after = model.state_dict()
     for k in ("encoder.features.body.conv1.weight", "processing.conv2.weight", "decoder.decoder.bias"):
         assert k in after and not torch.equal(before[k], after[k]), k  # the three parts all trained
-    assert manifest["fool_sign"] == "quadrant" and manifest["defense"]["name"] == "exchange"
-    assert model.encoder.fool_sign == "quadrant"
-    img, fool = torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32)
+    assert manifest["key_law"] == "exchange" and manifest["defense"]["name"] == "exchange"
+    assert model.spec.law.name == "exchange" and manifest["format_version"] == 2
+    img, fool = torch.rand(4, 1, 32, 32), torch.rand(4, 1, 1, 32, 32)
     theta = torch.tensor([0.3, 2.0, 3.5, 5.0])  # one angle in each quarter-circle
     model.eval()
     with torch.no_grad():
-        x = model.encoder(img, fool, theta)
-        a, b = model.features(img), model.features(fool)
+        x = model.encoder(img, fool, torch.from_numpy(KEY_LAWS["exchange"].of_angle(theta.numpy())))
+        a, b = model.features(img), model.features(fool[:, 0])
     torch.testing.assert_close(unrotate_real(x, theta), a, atol=1e-5, rtol=1e-4)
-    s = quadrant_sign(theta).view(-1, 1, 1, 1)
+    s = torch.from_numpy(quadrant_sign(theta.numpy())).view(-1, 1, 1, 1)
     torch.testing.assert_close(unrotate_real(x, theta + torch.pi / 2), s * b, atol=1e-5, rtol=1e-4)
     assert s.flatten().tolist() == [1.0, -1.0, 1.0, -1.0]
     code, out = _cli(*_train_args(tmp_path / "ex", fm, "--max-steps", 1, "--defense", "nope"))
@@ -259,7 +259,7 @@ def test_private_defaults_and_a_trained_model_keeps_its_own(tmp_path, fm):
     code, out = _cli(*_train_args(d, fm, "--max-steps", 2))
     assert code == 0, out
     manifest = json.loads((d / "cvconvert.json").read_text())
-    assert manifest["defense"]["name"] == "exchange" and manifest["fool_sign"] == "quadrant"
+    assert manifest["defense"]["name"] == "exchange" and manifest["key_law"] == "exchange"
     assert manifest["fool_rule"] == "match" and manifest["history"]["gan"] is None
     rec = json.loads((d / "metrics.jsonl").read_text())
     assert "train_wdist" not in rec and "train_loss" in rec
@@ -270,7 +270,7 @@ def test_private_defaults_and_a_trained_model_keeps_its_own(tmp_path, fm):
     assert code == 0, out
     manifest = json.loads((p / "cvconvert.json").read_text())
     assert manifest["defense"]["name"] == "paper" and manifest["history"]["gan"]["k"] == 8
-    assert "fool_rule" not in manifest and "fool_sign" not in manifest
+    assert "fool_rule" not in manifest and manifest["key_law"] == "rotation"
     assert "train_wdist" in json.loads((p / "metrics.jsonl").read_text())
 
 

@@ -68,7 +68,14 @@ def uniform_angles(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def combiner(model):
-    """x from (a, b, theta) exactly as the public encoder forms it (the attacker reads the released code:
-    with fool_sign="quadrant" the fool's sign follows theta), falling back to the paper's encode."""
-    from ..complex.functional import encode
-    return getattr(model.encoder, "combine", encode)
+    """x from (a, b [N, ...], theta) exactly as the public encoder forms it at the key its key law draws for
+    that angle (the attacker reads the released code: with the exchange law the fool's sign follows theta);
+    None for a law without an angle (Haar keys: the attacks then fall back to the paper's encode)."""
+    law = model.spec.law
+    if law.of_angle is None:
+        return None
+
+    def combine(a, b, theta):
+        key = torch.from_numpy(law.of_angle(theta.detach().cpu().numpy())).to(a.device)
+        return model.encoder.combine(a, b.unsqueeze(1), key)
+    return combine

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..device.keylaws import rotation_key_np
 from . import queries, span
 
 
@@ -57,7 +58,7 @@ def measure(model_dir, run, sizes: dict) -> tuple[list, dict]:
     setup = {"victims": len(victims), "private_fools": len(private), "public_images": len(public),
              "sizes": sizes, "detect_cosine": span.DETECT, "exact_cosine": span.EXACT,
              "guard_threshold": _guard_threshold(), "fool_rule": local.fool_rule,
-             "defense": "exchange" if local.fool_sign == "quadrant" else "paper"}
+             "defense": local.law.name}  # the key law: rotation (the paper's angle) or exchange
     return rows, setup
 
 
@@ -118,7 +119,7 @@ def principal_attack(seen: queries.Seen, x: torch.Tensor, kit: Kit) -> dict:
     shared = np.cos(theta)[:, None] * re + np.sin(theta)[:, None] * im  # u read as the image, at true scale
     rec = kit.inverter.reconstruct(torch.from_numpy(shared.astype(np.float32)).reshape(len(xs), *kit.truth.shape[1:]))
     mae = float((rec.clamp(0, 1) - torch.from_numpy(pixels)).abs().mean())
-    guess = kit.local.decode(kit.local.process(xs), theta).argmax(1)
+    guess = kit.local.decode(kit.local.process(xs), rotation_key_np(theta)).argmax(1)
     answer = float((guess == np.stack(seen.answers).argmax(1)).mean())
     return {"principal_real": float(real.mean()), "principal_recon_mae": mae, "principal_answer": answer}
 
@@ -166,7 +167,7 @@ def readback(rec: span.Recovery, ids: list, idx: torch.Tensor, seen: queries.See
         coef = torch.linalg.lstsq(torch.stack((re, im), 2), vec[keep].unsqueeze(2)).solution.squeeze(2)
         theta = torch.atan2(coef[:, 1], coef[:, 0]).to(torch.float32).numpy()
         xs = x[t].numpy()
-        guess = kit.local.decode(kit.local.process(xs), theta).argmax(1)
+        guess = kit.local.decode(kit.local.process(xs), rotation_key_np(theta)).argmax(1)
         truth = np.stack([seen.answers[int(i)] for i in t]).argmax(1)
         out["answer_recovered"] = float((guess == truth).mean())
     return out

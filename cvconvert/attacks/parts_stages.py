@@ -15,7 +15,7 @@ from . import stages
 from .inference import Classifier, n_outputs
 from .metrics import chance_error, error_rate
 from .registry import PARTS_PROPERTY_ATTACKS, PARTS_RECONSTRUCTION_ATTACKS, PARTS_SEARCH, PARTS_WHICH_ROW
-from .rowsearch import cosines, key_matrix, random_recovery, rows, simulate
+from .rowsearch import cosines, random_recovery, rows, simulate
 from .whichrow import shuffled, take
 
 FOUND = 0.95  # |cos| with the image's feature at which a candidate counts as the image
@@ -44,7 +44,7 @@ def rotation(run) -> None:
     search = run.shared["search"] = PARTS_SEARCH(run).fit(pub)
     run.R["history"].update(search.history)
     cand = run.shared["cand_ev"] = search.candidates(run.x_ev)
-    keys = run.theta_ev if run.theta_ev.dim() == 3 else key_matrix(pub.combine, run.theta_ev)
+    keys = run.key_ev
     true_rows = run.shared["rows_ev"] = rows(keys.transpose(1, 2), run.x_ev)  # F = Q^T x (scoring only)
     cos = run.shared["cos_ev"] = cosines(cand, run.a_ev)
     gen = torch.Generator().manual_seed(pub.seed + 23)

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import CvError
 from ..device.fools import FoolPool, choose_fools
-from ..device.keys import secure_angles
+from ..device.keylaws import draw_keys
 
 # Sizes per audit budget: requests of single images, the batch, the two fool folders, the repeats and
 # the near-duplicates (images, each sent as itself and as its variant).
@@ -160,11 +160,11 @@ def modes(sizes: dict, victims: np.ndarray, seed: int) -> list[Mode]:
 @dataclass
 class Seen:
     """What the cloud received (x per transmission) and, for scoring only, which image each carried and
-    the device's answer; ``theta`` only where the simulation knows it (the "before" device)."""
+    the device's answer; ``keys`` only where the simulation knows them (the "before" device)."""
     x: list = field(default_factory=list)
     ids: list = field(default_factory=list)
     answers: list = field(default_factory=list)
-    theta: list = field(default_factory=list)
+    keys: list = field(default_factory=list)
     pixels: list = field(default_factory=list)  # what each transmission carried (scoring only)
     held_back: int = 0      # images answered from the device's cache instead of being sent
     refused: int = 0        # requests the device refused
@@ -195,13 +195,13 @@ def run_before(pipe, mode: Mode, fools: dict, rule: str) -> Seen:
             if used + len(images) > len(pool):
                 raise CvError(f"the multi-query audit needs more test images ({used + len(images)} fresh fools)")
             f, used = pool[used:used + len(images)], used + len(images)
-        theta = secure_angles(len(images))
-        x = pipe.encode(images, f, theta)
+        key = draw_keys(pipe.law, len(images), pipe.parts)  # the model's key law, from os.urandom
+        x = pipe.encode(images, f[:, None], key)
         seen.x += list(x)
         seen.ids += ids
         seen.pixels += list(images)
-        seen.theta += list(theta)
-        seen.answers += list(pipe.decode(pipe.process(x), theta))
+        seen.keys += list(key)
+        seen.answers += list(pipe.decode(pipe.process(x), key))
     return seen
 
 

@@ -204,7 +204,7 @@ def multi_query_md(R: dict) -> list:
          "feature lies in span(x). \"exposed\" = the attacker holds the image's feature to |cos| >= 0.999.", ""]
     if mq.get("skipped"):
         return L + [f"Skipped: {mq['skipped']}.", ""]
-    L += [f"Devices built with the runtime on the exported graphs ({mq['defense']} defense, fool rule "
+    L += [f"Devices built with the runtime on the exported graphs (key law {mq['defense']}, fool rule "
           f"`{mq['fool_rule']}`): before = the old device (fools from the request or a folder drawn with "
           "replacement, repeats re-sent with a fresh key and fool, no guard); after = the shipped one (a "
           f"device-private fool pool, each fool used once; the near-duplicate guard at cosine "

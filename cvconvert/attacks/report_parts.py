@@ -37,7 +37,8 @@ def markdown(R: dict) -> str:
     p = m["parts"]
     L = [f"# Privacy audit: {m['arch']} ({p} parts, split {m['split']}) on {m['data']} (task {m['task']})", "",
          f"Model dir `{m['model_dir']}`; feature a: {m['feature_shape']}. The device sends x = Q "
-         f"[{'; '.join(['a'] + [f'b_{i}' for i in range(1, p)])}] with a secret orthogonal {p}x{p} key Q " + ("(Haar). " if p > 2 else "(the complex encoder's angle, read as a matrix). ") + f"Attacker: the public weights, "
+         f"[{'; '.join(['a'] + [f'b_{i}' for i in range(1, p)])}] with a secret orthogonal {p}x{p} key Q "
+         f"(key law {m.get('key_law', 'haar')}). Attacker: the public weights, "
          f"{m['n_attacker_train']} public training images (its own simulated transmissions with its own keys and "
          f"fools), and the victims' x for {m['n_eval']} test images. Budget `{m['budget']['name']}`, device "
          f"{m['device']}, seed {m['seed']}, {m['elapsed_s']} s. Fool rule `{m.get('fool_rule', 'random')}`.", ""]

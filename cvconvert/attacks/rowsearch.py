@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from ..gan import Discriminator
 from .base import Memo, _FitsOnPublic
-from ..complex.functional import encode
 from .common import Standardize, uniform_angles
 
 STARTS = 3        # random starts of the search per transmission
@@ -54,9 +53,9 @@ def key_matrix(combine, theta: torch.Tensor) -> torch.Tensor:
 
 def simulate(public, idx: torch.Tensor, parts: int, gen: torch.Generator, bank=None):
     """(x, F, Q) for the attacker's images idx: F = [a; b_1; ...] [n, P, ...], x = Q F with Q drawn by the
-    deployment's law (Haar for P > 2; for two parts, the public encoder's key at uniform angles)."""
+    deployment's key law (Haar; for an angle law, the public encoder's key at uniform angles)."""
     f = torch.cat((public.tr["a"][idx].unsqueeze(1), fool_rows(public, idx, parts - 1, gen, bank)), 1)
-    q = haar(len(idx), parts, gen) if parts > 2 else key_matrix(public.combine or encode, uniform_angles(len(idx), gen))
+    q = haar(len(idx), parts, gen) if public.combine is None else key_matrix(public.combine, uniform_angles(len(idx), gen))
     return torch.matmul(q, f.flatten(2)).reshape(f.shape), f, q
 
 

@@ -23,8 +23,6 @@ import torch
 from ..datasets import dataset_info
 from ..errors import CvError
 from ..modeldir import load_model
-from ..model import random_theta
-from ..parts import random_key
 from ..dist import pick_device
 from ..device.fools import choose_fools
 from . import stages
@@ -101,12 +99,13 @@ def run_audit(model_dir, data: str, out, data_dir=None, task: str | None = None,
                  fool_rule=manifest.get("fool_rule", "random"))
     victim, provenance = deployed_victim(model_dir)
     R: dict = {"tables": {}, "history": {}, "figures": {}}
+    rows = rows or model.spec.law.of_angle is None  # the angle audit needs a key law with an angle
     with progress:
-        _audit(pub, model, base, tr, ev, with_prop, R, victim, model_dir, multi_query, rows or model.parts > 2)
+        _audit(pub, model, base, tr, ev, with_prop, R, victim, model_dir, multi_query, rows)
     R["meta"] = {"model_dir": str(model_dir), "arch": model.spec.arch, "variant": model.spec.variant,
                  "exported_graphs": provenance["weights_vs_graphs"], "victim_encoder": provenance,
-                 "fool_rule": pub.fool_rule, "parts": model.parts,
-                 "audit": "rows" if rows or model.parts > 2 else "angle",
+                 "fool_rule": pub.fool_rule, "parts": model.parts, "key_law": model.spec.law.name,
+                 "audit": "rows" if rows else "angle",
                  "split": manifest.get("split"), "feature_shape": list(model.feature_shape),
                  "baselines": {name: str(p) for (name, _, _), p in zip(base, baselines)},
                  "data": data, "task": task, "n_attacker_train": len(tr["images"]), "n_eval": len(ev["images"]),
@@ -139,14 +138,12 @@ def _fingerprint(path) -> str:
 
 
 def _victim_fools(images: torch.Tensor, rule: str, count: int = 1) -> torch.Tensor:
-    """The fooling image of each victim image: another victim image, as in the paper, chosen by the model's
-    fool rule exactly as the device's simulation rule chooses it (CSPRNG). count > 1 (P parts): [N, count,
-    ...], the image's fools all distinct and never the image itself."""
+    """The fooling images of each victim image, [N, count, ...]: other victim images, as in the paper, chosen
+    by the model's fool rule exactly as the device's simulation rule chooses them (CSPRNG), the image's
+    fools all distinct and never the image itself."""
     n = len(images)
-    if rule == "match" and count == 1:
-        return torch.from_numpy(choose_fools(images.numpy(), None, "match")[0])
-    if rule == "match":  # P parts: one match draw per fool (a rare repeat is possible, as on the device's batch path)
-        return torch.stack([_victim_fools(images, rule) for _ in range(count)], 1)
+    if rule == "match":  # one match draw per fool (a rare repeat is possible, as on the device's batch path)
+        return torch.stack([torch.from_numpy(choose_fools(images.numpy(), None, "match")[0]) for _ in range(count)], 1)
     if n <= count:
         raise CvError(f"the audit needs more than {count} victim images for {count} distinct fools each")
     rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
@@ -157,25 +154,23 @@ def _victim_fools(images: torch.Tensor, rule: str, count: int = 1) -> torch.Tens
         fool_idx = torch.empty_like(perm)
         fool_idx[perm] = perm.roll(-int(shift))  # a random derangement: every image gets another image
         out.append(images[fool_idx])
-    return out[0] if count == 1 else torch.stack(out, 1)
+    return torch.stack(out, 1)
 
 
-def _victim_inputs(model_parts: int, images: torch.Tensor, rule: str):
-    """(fools, secret keys) for the victims: one fool and an angle, or P-1 fools and a Haar key."""
-    if model_parts == 2:
-        return _victim_fools(images, rule), random_theta(len(images))
-    return _victim_fools(images, rule, model_parts - 1), random_key(len(images), model_parts)
+def _victim_inputs(model, images: torch.Tensor, rule: str):
+    """(fools [N, P-1, ...], secret keys [N, P, P] drawn by the model's key law) for the victims."""
+    return _victim_fools(images, rule, model.parts - 1), model.random_key(len(images))
 
 
 @torch.no_grad()
 def _victim(model, images: torch.Tensor, dev, rule: str = "random") -> tuple:
     """The victim's transmitted x (secret key and fooling images from the CSPRNG) and its utility error
     input (logits with the right key), with the torch model (when no graphs are exported)."""
-    fool, theta = _victim_inputs(model.parts, images, rule)
-    enc = lambda i, f, t: model.encoder(i, f, t)  # noqa: E731
-    x = batched(enc, images, fool, theta, batch_size=256, device=dev)
-    logits = batched(lambda xb, t: model.decoder(model.processing(xb), t), x, theta, batch_size=256, device=dev)
-    return x, theta, logits
+    fool, key = _victim_inputs(model, images, rule)
+    enc = lambda i, f, k: model.encoder(i, f, k)  # noqa: E731
+    x = batched(enc, images, fool, key, batch_size=256, device=dev)
+    logits = batched(lambda xb, k: model.decoder(model.processing(xb), k), x, key, batch_size=256, device=dev)
+    return x, key, logits
 
 
 def deployed_victim(model_dir):
@@ -191,19 +186,19 @@ def deployed_victim(model_dir):
     pipe = Pipeline.from_model_dir(model_dir, guard=None)  # refuses graphs modified after export
 
     def victim(model, images: torch.Tensor, dev, rule: str = "random") -> tuple:
-        fool, theta = _victim_inputs(model.parts, images, rule)
-        x = np.concatenate([pipe.encode(images[i:i + 256].numpy(), fool[i:i + 256].numpy(), theta[i:i + 256].numpy())
+        fool, key = _victim_inputs(model, images, rule)
+        x = np.concatenate([pipe.encode(images[i:i + 256].numpy(), fool[i:i + 256].numpy(), key[i:i + 256].numpy())
                             for i in range(0, len(images), 256)])
-        logits = np.concatenate([pipe.decode(pipe.process(x[i:i + 256]), theta[i:i + 256].numpy())
+        logits = np.concatenate([pipe.decode(pipe.process(x[i:i + 256]), key[i:i + 256].numpy())
                                  for i in range(0, len(x), 256)])
-        return torch.from_numpy(x), theta, torch.from_numpy(logits)
+        return torch.from_numpy(x), key, torch.from_numpy(logits)
     return victim, {"source": f"{ONNX_DIR}/encoder.onnx", "graph_sha256": sha256(graph), "weights_vs_graphs": weights}
 
 
 def _audit(pub: Public, model, base, tr, ev, with_prop: bool, R: dict, victim=None, model_dir=None,
            multi_query: bool = True, rows: bool = False):
     """Every stage in turn; each is one loop over its list of attacks (attacks/registry.py). ``rows``: the
-    row audit (attacks/parts_stages.py), the only one for P > 2 parts."""
+    row audit (attacks/parts_stages.py), the only one for key laws without an angle (Haar, any P)."""
     pub.combine, pub.encoder = combiner(model), model.encoder
     R["timings"] = {}
     run = stages.Run(pub, model, base, tr, ev, R, victim or _victim, stages.Clock(R["timings"]))

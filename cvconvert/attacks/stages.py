@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..complex.functional import unrotate_real
+from ..device.keylaws import key_angle
 from ..registry import put
 from .base import Public
 from .common import batched, make_partners
@@ -43,7 +44,7 @@ class Run:
     tr: dict                        # the attacker's images (and targets, props)
     ev: dict                        # the victims'
     R: dict
-    victim: object                  # (model, images, device, rule) -> (x, theta, logits)
+    victim: object                  # (model, images, device, rule) -> (x, key, logits)
     clock: Clock = None
     angle: dict = field(default_factory=dict)     # id -> fitted angle attack
     recon: dict = field(default_factory=dict)     # id -> fitted reconstruction attack (complex model)
@@ -53,7 +54,7 @@ class Run:
     inverter: FeatureInverter = None
     raw_classifier: Classifier = None
     x_ev: torch.Tensor = None       # what the victims transmitted
-    theta_ev: torch.Tensor = None   # their secret keys: used to score only
+    key_ev: torch.Tensor = None     # their secret keys [N, P, P]: used to score only
     a_ev: torch.Tensor = None       # their true features: a reference only
     reference: torch.Tensor = None  # dec(a) with the true key
     angle_errors: dict = None       # angle attack label -> per-victim error
@@ -62,6 +63,11 @@ class Run:
     @property
     def parts(self) -> int:
         return self.model.parts
+
+    @property
+    def theta_ev(self) -> torch.Tensor:
+        """The victims' angles, read from their two-part keys R(theta) diag(1, s) (angle audit only)."""
+        return torch.from_numpy(key_angle(self.key_ev.numpy()))
 
     @property
     def monitor(self):
@@ -77,7 +83,7 @@ def utility(run: Run) -> None:
     pub.tr = {"images": I_tr, "a": batched(feat(model), I_tr, device=dev)}
     run.a_ev = batched(feat(model), I_ev, device=dev)  # the victim's real feature: a reference only
     pub.partners = make_partners(pub.fool_rule, I_tr, torch.Generator().manual_seed(pub.seed + 11))
-    run.x_ev, run.theta_ev, logits = run.victim(model, I_ev, dev, pub.fool_rule)
+    run.x_ev, run.key_ev, logits = run.victim(model, I_ev, dev, pub.fool_rule)
     rows = [{"model": "complex", "error": error_rate(logits, run.ev["targets"]),
              "chance": chance_error(run.tr["targets"], run.ev["targets"])}]
     for name, bm, _ in run.base:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .. import FORMAT_VERSION, __version__
 from ..errors import CvError
+from .keylaws import law_of
 
 MANIFEST = "cvconvert.json"
 WEIGHTS = "model.pt"
@@ -75,6 +76,9 @@ def new_manifest(**fields) -> dict:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "cvconvert_version": __version__, **fields}
 
 
+READABLE_VERSIONS = (1, FORMAT_VERSION)  # format 1: P = 2 graphs took theta; its model.pt still loads
+
+
 def read_manifest(path: Path | str) -> dict:
     path = Path(path)
     file = path / MANIFEST if path.is_dir() or not path.suffix else path
@@ -89,9 +93,20 @@ def read_manifest(path: Path | str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CvError(f"{file} is not a cvconvert manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CvError(f"{file} has manifest format version {version!r}; this cvconvert reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise CvError(f"{file} has manifest format version {version!r}; this cvconvert reads versions "
+                      f"{', '.join(map(str, READABLE_VERSIONS))}")
     return manifest
+
+
+def upgraded(manifest: dict) -> dict:
+    """The manifest at this cvconvert's format version: format 2 names the key law ("key_law") where
+    format 1 had "fool_sign" ("quadrant": the exchange law). Export and train write it back."""
+    out = dict(manifest, format_version=FORMAT_VERSION)
+    if out.get("variant", "complex") == "complex":
+        out["key_law"] = law_of(manifest).name
+    out.pop("fool_sign", None)
+    return out
 
 
 def sha256(path: Path) -> str:

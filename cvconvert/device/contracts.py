@@ -2,18 +2,17 @@
 
 numpy only, never torch: the device runtime imports this module.
 
-Graphs of a complex model (float32, batch axis symbolic "N", opset >= 17):
-
-    encoder     image [N,C,H,W], fool [N,C,H,W], theta [N]  ->  x [N,2,C',H',W']
-    features    image [N,C,H,W]                              ->  a [N,C',H',W']   the encoder's g
-    processing  x                                            ->  h [N,2,...]      runs in the cloud
-    decoder     h, theta [N]                                 ->  logits [N,K]
-
-P-part models (manifest "parts" P > 2) take an orthogonal key in place of theta:
+Graphs of a keyed (complex) model with P parts, P >= 2 (float32, batch axis symbolic "N", opset >= 17):
 
     encoder     image [N,C,H,W], fool [N,P-1,C,H,W], key [N,P,P]  ->  x [N,P,C',H',W']   x = key @ [a; b_1; ...]
-    processing  x -> h [N,P,...]                                       unchanged: h(Q x) = Q h(x)
-    decoder     h, key [N,P,P]                                     ->  logits              d((key^T h)[0])
+    features    image [N,C,H,W]                                    ->  a [N,C',H',W']     the encoder's g
+    processing  x                                                  ->  h [N,P,...]        cloud: h(Q x) = Q h(x)
+    decoder     h, key [N,P,P]                                     ->  logits [N,K]       d((key^T h)[0])
+
+The key is orthogonal; how it is drawn is the model's key law (keylaws.py): for P = 2 the paper's angle
+is the key R(theta), the exchange defense's R(theta) diag(1, s). Model dirs of format 1 exported P = 2 with
+`theta` [N] and `fool` [N,C,H,W]; such an onnx/ is refused (`check_key_form`): `cvconvert export DIR`
+rebuilds it from model.pt. processing.onnx is the same in both formats.
 
 The baselines (variants original, noisy, additional) have encoder ``image -> x [N,C',H',W']``,
 processing ``x -> h``, decoder ``h -> logits`` (the same names, so one server and one pipeline take
@@ -30,7 +29,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from ..errors import CvError
-from .keys import combine_parts_np, haar_orthogonal, secure_angles
+from .keys import haar_orthogonal, transform_np
 
 
 class Signature(NamedTuple):
@@ -38,15 +37,13 @@ class Signature(NamedTuple):
     outputs: tuple[str, ...]
 
 
-# Per variant kind (is it complex?), each graph's names, in an order where a graph's inputs are the
-# outputs of graphs before it (or sources: image, fool, theta).
+# Per variant kind (is it keyed, i.e. complex?), each graph's names, in an order where a graph's inputs are
+# the outputs of graphs before it (or sources: image, fool, key).
 SIGNATURES: dict[bool, dict[str, Signature]] = {
-    True: {"encoder": Signature(("image", "fool", "theta"), ("x",)), "features": Signature(("image",), ("a",)),
-           "processing": Signature(("x",), ("h",)), "decoder": Signature(("h", "theta"), ("logits",))},
+    True: {"encoder": Signature(("image", "fool", "key"), ("x",)), "features": Signature(("image",), ("a",)),
+           "processing": Signature(("x",), ("h",)), "decoder": Signature(("h", "key"), ("logits",))},
     False: {"encoder": Signature(("image",), ("x",)), "processing": Signature(("x",), ("h",)),
             "decoder": Signature(("h",), ("logits",)), "original": Signature(("image",), ("logits",))},
-    "parts": {"encoder": Signature(("image", "fool", "key"), ("x",)), "features": Signature(("image",), ("a",)),
-              "processing": Signature(("x",), ("h",)), "decoder": Signature(("h", "key"), ("logits",))},
 }
 CHAIN = ("encoder", "processing", "decoder")  # the split network, device -> cloud -> device
 OPTIONAL = frozenset({"features"})  # graphs that exports made before they existed lack
@@ -57,27 +54,29 @@ def is_complex(manifest: dict) -> bool:
 
 
 def parts_of(manifest: dict) -> int:
-    """P: the number of parts of x (2 for complex models without the key, and for the baselines)."""
+    """P: the number of parts of x (2 for the baselines, whose x is one real feature)."""
     return int(manifest.get("parts", 2)) if is_complex(manifest) else 2
 
 
-def kind(complex_: bool, parts: int = 2):
-    """The SIGNATURES key of a model: True (complex, two parts), False (a baseline) or "parts" (P > 2)."""
-    return "parts" if complex_ and parts > 2 else bool(complex_)
-
-
 def model_signatures(model) -> dict[str, Signature]:
-    """The graphs of a SplitModel (anything with ``is_complex`` and ``parts``), by name."""
-    return SIGNATURES[kind(model.is_complex, getattr(model, "parts", 2))]
+    """The graphs of a SplitModel (anything with ``is_complex``), by name."""
+    return SIGNATURES[bool(model.is_complex)]
 
 
 def signatures(manifest: dict) -> dict[str, Signature]:
     """The graphs a model dir's onnx/ folder holds, by name (encoder, processing, ...)."""
-    return SIGNATURES[kind(is_complex(manifest), parts_of(manifest))]
+    return SIGNATURES[is_complex(manifest)]
+
+
+def check_key_form(label: str, input_names, model_dir) -> None:
+    """Refuse a graph exported in model-dir format 1's theta form (P = 2 encoder/decoder took `theta`)."""
+    if "theta" in tuple(input_names):
+        raise CvError(f"{label} takes `theta` (model-dir format 1); this cvconvert feeds an orthogonal `key`: "
+                      f"rebuild the graphs from model.pt with `cvconvert export {model_dir}`")
 
 
 def sources(sigs: dict[str, Signature], parts=CHAIN) -> tuple[str, ...]:
-    """The inputs of `parts` that no earlier part produces (complex: image, fool, theta)."""
+    """The inputs of `parts` that no earlier part produces (complex: image, fool, key)."""
     made, out = set(), []
     for part in parts:
         out += [n for n in sigs[part].inputs if n not in made and n not in out]
@@ -88,7 +87,7 @@ def sources(sigs: dict[str, Signature], parts=CHAIN) -> tuple[str, ...]:
 def expected_shapes(manifest: dict, h_shape=None) -> dict[str, tuple | None]:
     """Per tensor name, its shape without the batch axis (None where the manifest does not say)."""
     feat, p, image = tuple(manifest["feature_shape"]), parts_of(manifest), tuple(manifest["input_shape"])
-    return {"image": image, "fool": ((p - 1,) if p > 2 else ()) + image, "theta": (), "key": (p, p),
+    return {"image": image, "fool": (p - 1,) + image, "key": (p, p),
             "x": ((p,) if is_complex(manifest) else ()) + feat, "a": feat,
             "h": tuple(h_shape) if h_shape is not None else None, "logits": (int(manifest["num_classes"]),)}
 
@@ -118,18 +117,16 @@ def check_signature(label: str, inputs, outputs, names: tuple, shapes: dict) -> 
 
 
 def example_inputs(names, input_shape, n: int, rng: np.random.Generator, parts: int = 2) -> dict[str, np.ndarray]:
-    """Random source tensors at batch n: pixels in [0, 1) for image/fool (P-1 fools per image for P > 2),
-    theta or the key from the OS's CSPRNG (even for tests and timing, so no code path ever draws a key
-    from a seeded generator)."""
+    """Random source tensors at batch n: pixels in [0, 1) for image and the P-1 fools per image, Haar
+    keys from the OS's CSPRNG (even for tests and timing, so no code path ever draws a key from a seeded
+    generator; Haar covers every law's keys, reflections included)."""
     out = {}
     for name in names:
-        if name == "theta":
-            out[name] = secure_angles(n)
-        elif name == "key":
+        if name == "key":
             out[name] = haar_orthogonal(n, parts)
-        elif name == "fool" and parts > 2:
+        elif name == "fool":
             out[name] = rng.random((n, parts - 1) + tuple(input_shape), dtype=np.float32)
-        elif name in ("image", "fool"):
+        elif name == "image":
             out[name] = rng.random((n,) + tuple(input_shape), dtype=np.float32)
         else:
             raise CvError(f"no example input for {name!r}: it is computed by another graph")
@@ -152,51 +149,17 @@ def run_chain(run: Callable, sigs: dict[str, Signature], parts, values: dict) ->
 
 # ---------------------------------------------------------------- forming x on the device
 
-def rotate_np(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """e^{i theta} x on the [N, 2, ...] layout: real' = re cos t - im sin t, imag' = re sin t + im cos t."""
-    t = np.asarray(theta, dtype=np.float32).reshape((-1,) + (1,) * (x.ndim - 2))
-    re, im = x[:, 0], x[:, 1]
-    c, s = np.cos(t), np.sin(t)
-    return np.stack((re * c - im * s, re * s + im * c), axis=1).astype(np.float32, copy=False)
+def combine_np(a: np.ndarray, b: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """x = Q [a; b_1; ...; b_{P-1}] as [N, P, ...] float32: what encoder.onnx computes after g.
 
-
-# The fool's sign per angle (manifest key "fool_sign"). "quadrant": +1 where theta lies in the 1st or 3rd
-# quarter-circle, -1 in the 2nd or 4th; it depends on the secret theta only, so it hides which of x's two
-# readings holds the image while the decoder needs nothing new. float32, as the encoder graph computes it.
-FOOL_SIGN_RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "none": lambda t: np.ones_like(t),
-    "quadrant": lambda t: np.where(np.sin(2 * t) >= 0, np.float32(1), np.float32(-1)),
-}
-
-
-def combine_np(a: np.ndarray, b: np.ndarray, theta: np.ndarray, fool_sign: str = "none") -> np.ndarray:
-    """x = e^{i theta}(a + i s b) as [N, 2, C', H', W'] float32: what encoder.onnx computes after g.
-
-    a: the image's features (features.onnx), b: the fooling image's (precomputed), theta [N]: the secret
-    angles, fool_sign: the model's rule for s (manifest "fool_sign": "none" or "quadrant").
+    a [N, ...]: the image's features (features.onnx), b [N, P-1, ...]: its fools' features (precomputed),
+    key [N, P, P]: the secret orthogonal keys (drawn by the model's key law).
     """
-    rule = FOOL_SIGN_RULES.get(fool_sign)
-    if rule is None:
-        raise CvError(f"unknown fool_sign {fool_sign!r} (choose from {', '.join(FOOL_SIGN_RULES)})")
-    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
-    theta = np.asarray(theta, dtype=np.float32).reshape(-1)
-    if a.shape != b.shape or a.ndim < 2 or len(theta) != a.shape[0]:
-        raise CvError(f"features a {list(a.shape)}, b {list(b.shape)} and theta [{len(theta)}] do not match: "
-                      "a and b need the same [N, ...] shape and theta one angle per sample")
-    shape = (-1,) + (1,) * (a.ndim - 1)
-    s, c, sn = rule(theta).reshape(shape), np.cos(theta).reshape(shape), np.sin(theta).reshape(shape)
-    # rotate([a, s b], theta) written out so the sign folds into the per-sample factors: two passes over
-    # a and two over b into the preallocated x, instead of stacking [a, s b] and rotating the copy.
-    x = np.empty((a.shape[0], 2) + a.shape[1:], dtype=np.float32)
-    tmp = np.multiply(b, s * sn)
-    np.subtract(np.multiply(a, c, out=x[:, 0]), tmp, out=x[:, 0])
-    np.multiply(b, s * c, out=tmp)
-    np.add(np.multiply(a, sn, out=x[:, 1]), tmp, out=x[:, 1])
-    return x
-
-
-def combine_key_np(a: np.ndarray, b: np.ndarray, key: np.ndarray, parts: int = 2,
-                   fool_sign: str = "none") -> np.ndarray:
-    """x as encoder.onnx forms it after g, for any number of parts: `combine_np` with the angles theta
-    [N] for two parts, else Q [a; b_1; ...] with b [N, P-1, ...] and the orthogonal keys [N, P, P]."""
-    return combine_np(a, b, key, fool_sign) if parts == 2 else combine_parts_np(a, b, key)
+    a, b, key = (np.asarray(v, dtype=np.float32) for v in (a, b, key))
+    n, p = a.shape[0], key.shape[-1] if key.ndim == 3 else 0
+    if b.shape != (n, p - 1) + a.shape[1:] or key.shape != (n, p, p):
+        raise CvError(f"features a {list(a.shape)}, fools b {list(b.shape)} and key {list(key.shape)} do not "
+                      "match: b must be [N, P-1, ...] with a's [N, ...] and the key [N, P, P]")
+    x = np.empty((n, p) + a.shape[1:], dtype=np.float32)
+    x[:, 0], x[:, 1:] = a, b  # one copy into x, then Q in place of it
+    return transform_np(x, key)

@@ -3,10 +3,10 @@
 No torch on this path, not even transitively (numpy + onnxruntime + cvconvert.device + cvconvert.errors),
 so a device starts fast and needs no PyTorch install. The processing step is pluggable: any callable
 ``x -> h`` on numpy arrays (e.g. ``cvconvert.device.remote.RemoteProcessing``) replaces the local session,
-and it receives only x, the rotated features; theta stays in this process.
+and it receives only x, the keyed features; the key stays in this process.
 
     pipe = Pipeline.from_model_dir("out/lenet", provider="auto")
-    logits = pipe.predict(images)                  # theta sampled from os.urandom per image
+    logits = pipe.predict(images)                  # a key drawn by the model's key law per image (os.urandom)
     pipe = Pipeline.from_model_dir("out/lenet", processing=RemoteProcessing(url, "lenet"))
 """
 
@@ -19,7 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from .contracts import check_signature, combine_key_np, expected_shapes, parts_of, signatures
+from .contracts import check_key_form, check_signature, combine_np, expected_shapes, parts_of, signatures
+from .keylaws import law_of
 from ..errors import CvError, one_line
 from .artifacts import REPORT, sha256
 from .sessions import make_session
@@ -55,10 +56,9 @@ class GraphRunner:
         self.class_names = list(manifest.get("class_names") or range(int(manifest["num_classes"])))
         self.input_shape = tuple(manifest["input_shape"])
         self.multilabel = bool((manifest.get("data") or {}).get("multilabel"))
-        self.fool_sign = manifest.get("fool_sign", "none")
         self.fool_rule = manifest.get("fool_rule", "random")
-        self.parts = parts_of(manifest)  # P > 2: P-1 fools per image and an orthogonal key in place of theta
-        self.key_name = "key" if self.parts > 2 else "theta"
+        self.parts = parts_of(manifest)  # P-1 fools per image and an orthogonal key [P, P]
+        self.law = law_of(manifest) if self.complex else None  # how the device draws keys
         paths = {"encoder": Path(encoder), "decoder": Path(decoder)}
         if not callable(processing):
             paths["processing"] = Path(processing)
@@ -83,6 +83,7 @@ class GraphRunner:
             shapes["h"] = tuple(h_shape) if all(isinstance(d, int) for d in h_shape) else None
         for part, sess in self.sessions.items():
             ins, outs = session_signature(sess)
+            check_key_form(f"{part} graph {paths[part]}", [n for n, _ in ins], paths[part].parent.parent)
             check_signature(f"{part} graph {paths[part]}", ins, outs, names[part], shapes)
 
     @staticmethod
@@ -118,44 +119,37 @@ class GraphRunner:
 
     # -- the parts -------------------------------------------------------------------------------------
     def features(self, images: np.ndarray) -> np.ndarray:
-        """a = g(image) [N, C', H', W'] (features.onnx; else the encoder's real part at theta = 0, b = a)."""
+        """a = g(image) [N, C', H', W'] (features.onnx; else the encoder's first part under the identity key)."""
         images = self._check_images(images)
         if "features" in self.sessions:
             return self._run("features", {"image": images})
-        if self.parts > 2:  # the identity key leaves a in the first part
-            fools = np.repeat(images[:, None], self.parts - 1, 1)
-            eye = np.broadcast_to(np.eye(self.parts, dtype=np.float32), (len(images), self.parts, self.parts))
-            return self._run("encoder", {"image": images, "fool": fools, "key": np.ascontiguousarray(eye)})[:, 0]
-        zero = np.zeros(len(images), np.float32)
-        return self._run("encoder", {"image": images, "fool": images, "theta": zero})[:, 0]
+        fools = np.repeat(images[:, None], self.parts - 1, 1)
+        eye = np.broadcast_to(np.eye(self.parts, dtype=np.float32), (len(images), self.parts, self.parts))
+        return self._run("encoder", {"image": images, "fool": fools, "key": np.ascontiguousarray(eye)})[:, 0]
 
-    def combine(self, a: np.ndarray, b: np.ndarray, theta: np.ndarray) -> np.ndarray:
-        """x from the features a (images) and b (fools; [N, P-1, ...] for P parts), exactly as encoder.onnx
-        forms it; theta: the angles, or the keys [N, P, P]."""
-        return combine_key_np(a, b, theta, self.parts, self.fool_sign)
+    def combine(self, a: np.ndarray, b: np.ndarray, key: np.ndarray) -> np.ndarray:
+        """x from the features a [N, ...] (images) and b [N, P-1, ...] (fools) and the keys [N, P, P],
+        exactly as encoder.onnx forms it."""
+        return combine_np(a, b, key)
 
-    def _key(self, theta, n: int) -> np.ndarray:
-        shape = (-1,) if self.parts == 2 else (-1, self.parts, self.parts)
-        key = np.ascontiguousarray(theta, dtype=np.float32).reshape(shape)
-        if len(key) != n:
-            raise CvError(f"{n} inputs but {len(key)} {self.key_name} value(s): one per sample")
-        return key
+    def _key(self, key, n: int) -> np.ndarray:
+        key = np.asarray(key, dtype=np.float32)
+        if key.size != n * self.parts ** 2:
+            raise CvError(f"{n} inputs need {n} keys [{self.parts}, {self.parts}], got shape {list(key.shape)}")
+        return np.ascontiguousarray(key.reshape(n, self.parts, self.parts))
 
-    def encode(self, images: np.ndarray, fools: np.ndarray | None = None, theta: np.ndarray | None = None):
+    def encode(self, images: np.ndarray, fools: np.ndarray | None = None, key: np.ndarray | None = None):
         """The encoder graph as exported (low level: no fool rules; `predict` applies them)."""
         images = self._check_images(images)
         if not self.complex:
             return self._run("encoder", {"image": images})
-        if self.parts > 2:  # fools [N, P-1, C, H, W]: checked as P-1 images each
-            f = np.asarray(fools, dtype=np.float32)
-            if f.ndim != 5 or f.shape[:2] != (len(images), self.parts - 1):
-                raise CvError(f"fools have shape {list(f.shape)}, the model takes [N, {self.parts - 1}, C, H, W]")
-            fools = self._check_images(f.reshape((-1,) + f.shape[2:]), "fools").reshape(f.shape)
-        else:
-            fools = self._check_images(fools, "fools")
-        if len(fools) != len(images):
-            raise CvError("images and fools must have the same batch size")
-        return self._run("encoder", {"image": images, "fool": fools, self.key_name: self._key(theta, len(images))})
+        if fools is None:
+            raise CvError("fools missing")
+        f = np.asarray(fools, dtype=np.float32)  # [N, P-1, C, H, W]: checked as P-1 images each
+        if f.ndim != 5 or f.shape[:2] != (len(images), self.parts - 1):
+            raise CvError(f"fools have shape {list(f.shape)}, the model takes [N, {self.parts - 1}, C, H, W]")
+        fools = self._check_images(f.reshape((-1,) + f.shape[2:]), "fools").reshape(f.shape)
+        return self._run("encoder", {"image": images, "fool": fools, "key": self._key(key, len(images))})
 
     def process(self, x: np.ndarray) -> np.ndarray:
         h = np.asarray(self._processing(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float32)
@@ -163,11 +157,10 @@ class GraphRunner:
             raise CvError(f"processing returned a batch of {h.shape[0]} for {x.shape[0]} inputs")
         return h
 
-    def decode(self, h: np.ndarray, theta: np.ndarray | None = None) -> np.ndarray:
+    def decode(self, h: np.ndarray, key: np.ndarray | None = None) -> np.ndarray:
         if not self.complex:
             return self._run("decoder", {"h": np.ascontiguousarray(h, dtype=np.float32)})
-        return self._run("decoder", {"h": np.ascontiguousarray(h, dtype=np.float32),
-                                     self.key_name: self._key(theta, len(h))})
+        return self._run("decoder", {"h": np.ascontiguousarray(h, dtype=np.float32), "key": self._key(key, len(h))})
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-logits)) if self.multilabel else softmax(logits)

@@ -1,4 +1,4 @@
-"""Secret keys for the device side: angles (two parts) and orthogonal matrices (P parts).
+"""Secret randomness for the device side: angles, normals and Haar orthogonal matrices (keylaws.py draws keys with them).
 
 Torch-free: the ONNX Runtime inference path imports it too. Every draw comes from the OS's CSPRNG
 (os.urandom), never from a seeded generator.
@@ -11,7 +11,6 @@ import os
 
 import numpy as np
 
-from ..errors import CvError
 
 
 def _bits53(n: int) -> np.ndarray:
@@ -53,16 +52,3 @@ def transform_np(x: np.ndarray, key: np.ndarray) -> np.ndarray:
     """Q x on the part axis in numpy: x [N, P, ...], key [N, P, P] -> [N, P, ...] float32."""
     x = np.asarray(x, dtype=np.float32)
     return np.matmul(np.asarray(key, dtype=np.float32), x.reshape(x.shape[:2] + (-1,))).reshape(x.shape)
-
-
-def combine_parts_np(a: np.ndarray, b: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """x = Q [a; b_1; ...; b_{P-1}] as [N, P, ...] float32: what a P-part encoder.onnx computes after g.
-
-    a [N, ...]: the image's features, b [N, P-1, ...]: its fools' features, key [N, P, P] orthogonal.
-    """
-    a, b, key = (np.asarray(v, dtype=np.float32) for v in (a, b, key))
-    n, p = a.shape[0], key.shape[-1] if key.ndim == 3 else 0
-    if b.shape != (n, p - 1) + a.shape[1:] or key.shape != (n, p, p):
-        raise CvError(f"features a {list(a.shape)}, fools b {list(b.shape)} and key {list(key.shape)} do not "
-                         "match: b must be [N, P-1, ...] with a's [N, ...] and the key [N, P, P]")
-    return transform_np(np.concatenate((a[:, None], b), axis=1), key)

@@ -18,7 +18,7 @@ from .fools import FoolPool, fallback_fool, low_water
 from .graphs import GraphRunner
 from .guard import GUARD_FILE, NoGuard, SentGuard, default_guard_path  # noqa: F401 (GUARD_FILE: its file name)
 from .journal import Journal, NoJournal
-from .keys import haar_orthogonal, secure_angles
+from .keylaws import draw_keys
 from .remote import NotSent
 from .state import DeviceState
 
@@ -75,30 +75,30 @@ class Pipeline(GraphRunner):
 
     def new_keys(self, n: int) -> np.ndarray:
         """n fresh secret keys from os.urandom: angles, or Haar orthogonal [n, P, P] for P parts."""
-        return secure_angles(n) if self.parts == 2 else haar_orthogonal(n, self.parts)
+        return draw_keys(self.law, n, self.parts)
 
     # -- the device's rules ----------------------------------------------------------------------------
-    def predict(self, images: np.ndarray, fools: np.ndarray | None = None, theta: np.ndarray | None = None, *,
+    def predict(self, images: np.ndarray, fools: np.ndarray | None = None, key: np.ndarray | None = None, *,
                 names=None) -> np.ndarray:
         """Logits for a batch of images (pixels in [0, 1], [N, C, H, W]).
 
         Complex models follow the device's rule that no feature vector appears in two transmissions: each
         image's fool comes from the pool and is never used again (no pool: a fresh noise fool, which the
-        exchange defense refuses); the key is fresh per image (os.urandom); an image whose feature lies
+        exchange and Haar key laws refuse); the key is fresh per image (os.urandom); an image whose feature lies
         within the guard's threshold of one already sent is not sent again (its cached answer is returned,
         it is refused when it matches a fool, and one whose answer never came is sent again with the very x
         and key of the first time, from the journal). `self.last` says what happened. Passing
-        `fools`/`theta` is the low-level path with none of these rules (tests and audits). names: a label
-        per image, kept in the journal for `cvconvert fools status`.
+        `fools` [N, P-1, C, H, W] / `key` [N, P, P] is the low-level path with none of these rules (tests and
+        audits). names: a label per image, kept in the journal for `cvconvert fools status`.
         """
         images = self._check_images(images)
         self.last = {}
         if not self.complex:
             return self.decode(self.process(self.encode(images)))
-        if fools is not None or theta is not None:
-            if fools is None or theta is None:
-                raise CvError("pass both fools and theta, or neither (then the device's rules pick them)")
-            return self.decode(self.process(self.encode(images, fools, theta)), theta)
+        if fools is not None or key is not None:
+            if fools is None or key is None:
+                raise CvError("pass both fools and key, or neither (then the device's rules pick them)")
+            return self.decode(self.process(self.encode(images, fools, key)), key)
         a = self.features(images)
         names = [str(i) for i in range(len(images))] if names is None else [str(n) for n in names]
         with self.journal.transaction() as st:
@@ -128,8 +128,7 @@ class Pipeline(GraphRunner):
         req = _Request(verdict, send, resend)
         if send.any():
             req.key = self.new_keys(int(send.sum()))  # one secret key per image; stays on this device
-            b = np.stack(fools_b)  # [n, P-1, ...]
-            b = b[:, 0] if self.parts == 2 else b
+            b = np.stack(fools_b)  # [n, P-1, ...] (every key law takes P-1 fools per image)
             req.x, req.seq = self.combine(a[send], b, req.key), np.asarray(seq, np.int64)
             req.rid = self.journal.record(st, req.x, req.key, req.seq, verdict.fool_keys, self._taken_index,
                                           [n for n, s in zip(names, send) if s])
@@ -254,9 +253,8 @@ class Pipeline(GraphRunner):
         symmetric (the guard then answers from a related earlier image, or refuses)."""
         images = np.repeat(image[None], self.parts - 1, 0)
         if self.pool is None:
-            if self.fool_sign == "quadrant" or self.parts > 2:
-                what = "the exchange defense" if self.parts == 2 else f"{self.parts} parts"
-                raise CvError(f"this model uses {what}, which needs a device-private fool pool (a noise "
+            if self.law.private_fools:
+                raise CvError(f"this model's key law ({self.law.name}) needs a device-private fool pool (a noise "
                               "fool would show which reading is the image): create one with `cvconvert fools create "
                               "POOL --model-dir DIR IMAGES...` and pass --fool-dir POOL")
             self.last["fools"] = "noise"
