@@ -168,8 +168,11 @@ def _fool_pictures(cloud, photos, model):
     """The pictures of the fools a cloud log carries (matched back to the photos by feature)."""
     probe = Pipeline.from_model_dir(model, guard=None)
     f = probe.features(photos).reshape(len(photos), -1)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
     b = np.concatenate(cloud.b).reshape(-1, f.shape[1])
-    return [photos[[int(np.argmax(f @ v))]] for v in b]
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    assert (np.abs(b @ f.T).max(1) >= 0.999).all()  # each fool is one of the photos
+    return [photos[[int(np.argmax(np.abs(f @ v)))]] for v in b]  # by cosine: the photo each fool is
 
 
 def test_the_guard_says_similar_in_json_and_text(setup, tmp_path, monkeypatch):
