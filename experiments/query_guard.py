@@ -83,9 +83,11 @@ def make_pool(model, path, pics):
     return path
 
 
-def run(stages, new: bool, tmp: Path, photos, cloud) -> dict:
-    """stages: [(model dir, pool name, [request images])]; a pool name seen before is reused."""
+def run(stages, new: bool, tmp: Path, photos, cloud, answers: list | None = None) -> dict:
+    """stages: [(model dir, pool name, [request images])]; a pool name seen before is reused. answers: if
+    given, gets (top-1 class or -1, how: sent / similar / cached / refused) per request."""
     cost = {"requests": 0, "sent": 0, "similar": 0, "cached": 0, "refused": 0, "pool_fools": 0}
+    answers = [] if answers is None else answers
     pools = {}
     for model, name, reqs in stages:
         key = (str(model), name)
@@ -95,15 +97,34 @@ def run(stages, new: bool, tmp: Path, photos, cloud) -> dict:
         for img in reqs:
             cost["requests"] += 1
             try:
-                pipe.predict(img[None])
+                logits = pipe.predict(img[None])
             except CvError:
                 cost["refused"] += 1
+                answers.append((-1, "refused"))
                 continue
+            how = "sent" if pipe.last["sent"] else "similar" if pipe.last.get("similar") else "cached"
+            answers.append((int(logits[0].argmax()), how))
             cost["sent"] += pipe.last["sent"]
             cost["similar"] += len(pipe.last.get("similar", []))
             cost["cached"] += pipe.last["cached"] - len(pipe.last.get("similar", []))
             cost["pool_fools"] += pipe.last.get("pool_fools", 0)
     return cost
+
+
+def accuracy(answers, truth) -> dict:
+    """Top-1 against the labels: of the images sent, of those answered from a similar earlier image, of those
+    answered as exact repeats, and of all requests (a refusal counts as wrong there; also without them)."""
+    pred = np.array([p for p, _ in answers])
+    how = np.array([h for _, h in answers])
+    right = pred == np.asarray(truth)[:len(pred)]
+    out = {}
+    for k in ("sent", "similar", "cached"):
+        m = how == k
+        out[f"acc_{k}"] = float(right[m].mean()) if m.any() else None
+        out[f"n_{k}"] = int(m.sum())
+    out["acc_all"] = float(right.mean())
+    out["acc_answered"] = float(right[how != "refused"].mean()) if (how != "refused").any() else None
+    return out
 
 
 def score(cloud, pipe, mean) -> dict:
@@ -142,6 +163,7 @@ def main() -> int:
     look = imgs[lookalikes(victims, imgs[:5000])]
     foot = imgs[1000:5000][np.isin(labs[1000:5000], [5, 7, 9])][:2 * n]
     modes = {"distinct": [(m, "A", list(imgs[1000:1000 + 3 * n]))]}
+    truth = {"distinct": labs[1000:1000 + 3 * n]}  # accuracy is reported for the modes with labels here
     for key, (label, f) in NEAR.items():
         modes[key] = [(m, "A", [r for v in victims for r in (v, f(v))])]
     modes["lookalike"] = [(m, "A", [r for v, w in zip(victims, look) for r in (v, w)])]
@@ -155,13 +177,21 @@ def main() -> int:
     mean = probe.features(imgs[9000:9500]).reshape(500, -1).mean(0).astype(np.float64)
     results = {}
     for name, stages in modes.items():
-        results[name] = {}
+        results[name], got = {}, {}
         for new in (False, True):
             with tempfile.TemporaryDirectory() as tmp:
                 os.environ["CVCONVERT_STATE_DIR"] = str(Path(tmp) / "state")
-                cloud = Cloud()
-                cost = run(stages, new, Path(tmp), photos, cloud)
+                cloud, answers = Cloud(), []
+                cost = run(stages, new, Path(tmp), photos, cloud, answers)
                 res = {**cost, **score(cloud, probe, mean)}
+                if name in truth:
+                    res.update(accuracy(answers, truth[name]))
+                    got[new] = answers
+            if new and name in truth:  # the same images as the old device (all sent) answered them
+                (po, ho), (pn, hn) = (np.array([list(t) for t in got[k]], object).T for k in (False, True))
+                y, sim = np.asarray(truth[name])[:len(pn)], hn == "similar"
+                res["old_acc_on_similar"] = float((po[sim] == y[sim]).mean()) if sim.any() else None
+                res["similar_agrees_old"] = float((pn[sim] == po[sim]).mean()) if sim.any() else None
             results[name]["new" if new else "old"] = res
             print(name, "new" if new else "old", json.dumps(res), flush=True)
     if args.out:
