@@ -40,6 +40,7 @@ demo: install data
 	$(VENV)/bin/cvconvert fools create $(DEMO_DIR)-pool $(DEMO_DIR)-private --model-dir $(DEMO_DIR)
 	$(VENV)/bin/cvconvert infer --model-dir $(DEMO_DIR) $(DEMO_DIR)-images --fool-dir $(DEMO_DIR)-pool
 	@echo "demo files: $(DEMO_DIR) (model dir, onnx/), $(DEMO_DIR)-images (8 test images), $(DEMO_DIR)-pool (the device's fool pool)"
+	@echo "note: $(DEMO_DIR)-pool is a stand-in made from altered PUBLIC Fashion-MNIST test images, not private: a real device makes its pool from its own photos (docs/privacy.md)"
 	@echo "next: $(VENV)/bin/cvconvert infer --model-dir $(DEMO_DIR) $(DEMO_DIR)-images --fool-dir $(DEMO_DIR)-pool   (a repeat: answered from the device's cache, nothing sent)"
 
 clean:

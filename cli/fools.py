@@ -32,23 +32,27 @@ def _load(paths: list[Path], manifest: dict, resize: bool):
     return np.stack([load_image(f, manifest, resize) for f in files]), files
 
 
-def _public_overlap(images, manifest: dict, check: bool) -> int | None:
-    """How many of `images` are pictures of the model's own data set (which an attacker holds too):
-    None when the data set is not on this machine or the check is off."""
+def _public_overlap(images, manifest: dict, check: bool) -> dict | None:
+    """How many of `images` are pictures of the model's own data set (which an attacker holds too): exact
+    copies, and near-duplicates (shifted, cropped, mirrored, re-encoded; ``pool_audit.near_public``). None
+    when the data set is not on this machine or the check is off."""
     if not check:
         return None
     name = (manifest.get("data") or {}).get("name")
     if not name:
         return None
     try:
+        import numpy as np
+
         from cvconvert.data import get_dataset
         from cvconvert.errors import CvError
     except ImportError:
         return None
     from cvconvert.device.fools import image_digests
+    from cvconvert.device.pool_audit import near_public
 
     mine = set(image_digests(images))
-    hits = 0
+    public = []
     for train in (True, False):
         try:
             ds = get_dataset(name, train=train)
@@ -57,9 +61,10 @@ def _public_overlap(images, manifest: dict, check: bool) -> int | None:
         pics = getattr(ds, "images", None)
         if pics is None:  # a data set decoded per item: too slow to scan here
             return None
-        public = set(image_digests(pics.numpy().astype("float32") / 255))
-        hits += len(mine & public)
-    return hits
+        public.append(pics.numpy().astype("float32") / 255)
+    public = np.concatenate(public)
+    exact = len(mine & set(image_digests(public)))
+    return {"exact": exact, "near": int(near_public(images, public).sum())}
 
 
 def _report(pool, stats: dict | None, overlap: int | None, as_json: bool) -> None:
@@ -67,10 +72,14 @@ def _report(pool, stats: dict | None, overlap: int | None, as_json: bool) -> Non
     if stats:
         status.update(stats)
     if overlap is not None:
-        status["public_images"] = overlap
-    if overlap:
-        info(f"warning: {overlap} of these images belong to the model's public data set, which the cloud may hold: "
-             "it can find such a fool by testing which public feature lies in span(x). Use device-private images.")
+        status["public_images"], status["public_near_duplicates"] = overlap["exact"], overlap["near"]
+    if overlap and overlap["exact"]:
+        info(f"warning: {overlap['exact']} of these images belong to the model's public data set, which the cloud may "
+             "hold: it can find such a fool by testing which public feature lies in span(x). Use device-private images.")
+    if overlap and overlap["near"] > overlap["exact"]:
+        info(f"warning: {overlap['near']} of these images are (near-)copies of pictures of the model's public data set "
+             "(shifted, cropped, mirrored or re-encoded): a cloud that holds the public set can undo such changes "
+             "and name the fool. Use pictures of your own (docs/privacy.md).")
     if stats and (stats.get("duplicates") or stats.get("near_duplicates")):
         info(f"skipped {stats['duplicates']} duplicate and {stats['near_duplicates']} near-duplicate image(s): "
              "two fools that are (nearly) one picture would expose each other")
@@ -197,3 +206,40 @@ def resolve(
                  "or fool would let the cloud intersect two transmissions of them)")
         for p in r.get("predictions", []):
             print(f"{p['image']}: {p['class']}")
+
+
+@command("audit", on=fools_app)
+def audit(
+    pool: Path = typer.Argument(..., help="A fool pool."),
+    model_dir: Path = _MODEL,
+    warn_auc: float = typer.Option(None, help="Warn when the classifier's AUC exceeds this (default: measured, "
+                                              "see docs/privacy.md)."),
+    as_json: bool = _JSON,
+):
+    """Can POOL's unused fools be told from the images this device has sent? (cross-validated AUC; 0.5: no)."""
+    import numpy as np
+
+    from cvconvert.device.fools import FoolPool, POOL_FILES
+    from cvconvert.device.guard import SentGuard, default_guard_path
+    from cvconvert.device.pool_audit import DEFAULT_WARN_AUC, separability
+
+    pipe = _pipeline(model_dir)
+    target = FoolPool.open(pool, pipe.features_sha256)
+    sent = SentGuard(default_guard_path()).sent_images(pipe.features_sha256[:16], pipe._embed)
+    free = np.load(target.path / POOL_FILES["ledger"]) == 0
+    fools = np.load(target.path / POOL_FILES["sketches"]).astype(np.float32)[free]
+    res = separability(sent, fools) if len(sent) and sent.shape[1] == fools.shape[1] else \
+        {"auc": None, "sent": int(len(sent)), "pool": int(len(fools)), "why": "this device has sent no images yet"}
+    limit = DEFAULT_WARN_AUC if warn_auc is None else warn_auc
+    res.update(pool=str(target.path), warn_auc=limit, warning=res["auc"] is not None and res["auc"] > limit)
+    if res["warning"]:
+        info(f"warning: the pool's fools can be told from the images this device sent (AUC {res['auc']:.2f} > "
+             f"{limit}): the cloud can learn to name fools. Refill the pool with pictures like the ones you "
+             "classify (same kinds, same camera), or keep requests to the kinds the pool holds (docs/privacy.md)")
+    if as_json:
+        emit_json(res)
+    elif res["auc"] is None:
+        print(f"{target.path}: not measured ({res['why']})")
+    else:
+        print(f"{target.path}: AUC {res['auc']:.3f} telling {res['compared']} sent images from as many unused fools "
+              f"({'WARN' if res['warning'] else 'ok'}, threshold {limit})")

@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from cvconvert.device.guard import DEFAULT_CAPACITY, DEFAULT_THRESHOLD
+from cvconvert.device.screen import DEFAULT_FLOOR, DEFAULT_MARGIN
 
 from ._app import command, emit_json, info
 
@@ -98,12 +99,12 @@ def _graphs(model_dir, encoder, processing, decoder, manifest, server):
     return encoder, processing, decoder, features if features.is_file() else None, man
 
 
-def _guard(features_sha256: str, threshold: float, size: int):
-    """The near-duplicate guard in the device state folder (cvconvert.device.state), with or without a pool."""
-    from cvconvert.device.guard import SentGuard
-    from cvconvert.device.state import guard_path
+def _guard(threshold: float, size: int, floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN):
+    """The query guard: one memory per device, in its state folder (cvconvert.device.state), shared by every
+    pool and model version."""
+    from cvconvert.device.guard import SentGuard, default_guard_path
 
-    return SentGuard(guard_path(features_sha256), threshold, size)
+    return SentGuard(default_guard_path(), threshold, size, floor, margin)
 
 
 def _exported_sha256(encoder: Path, part: str = "processing") -> str | None:
@@ -118,7 +119,7 @@ def _exported_sha256(encoder: Path, part: str = "processing") -> str | None:
 
 def build_pipeline(model_dir, encoder, processing, decoder, manifest, *, fool_dir, server, model_name,
                    provider="auto", guard_threshold=DEFAULT_THRESHOLD, guard_size=DEFAULT_CAPACITY,
-                   timeout=30.0, retries=2):
+                   timeout=30.0, retries=2, guard_floor=DEFAULT_FLOOR, guard_margin=DEFAULT_MARGIN):
     """The device's Pipeline as infer and `fools resolve` use it: graphs, pool, guard, journal, and the
     server checked to serve this export's model before anything is sent."""
     from cvconvert.errors import CvError
@@ -137,7 +138,7 @@ def build_pipeline(model_dir, encoder, processing, decoder, manifest, *, fool_di
     pool = FoolPool.open(fool_dir, pipe.features_sha256) if fool_dir is not None and pipe.complex else None
     if pipe.complex:
         pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, pool=pool,
-                        guard=_guard(pipe.features_sha256, guard_threshold, guard_size))
+                        guard=_guard(guard_threshold, guard_size, guard_floor, guard_margin))
         pipe.on_warning = lambda msg: info(f"warning: {msg}")
     if server is not None:
         x_shape = ([pipe.parts] if pipe.complex else []) + list(man["feature_shape"]) if "feature_shape" in man else None
@@ -159,6 +160,11 @@ def infer(
     guard_threshold: float = typer.Option(DEFAULT_THRESHOLD, help="Near-duplicate guard: an image whose feature has "
                                           "this cosine to one already sent is answered from the cache, not sent."),
     guard_size: int = typer.Option(DEFAULT_CAPACITY, help="Sent features the guard remembers (oldest forgotten)."),
+    guard_floor: float = typer.Option(DEFAULT_FLOOR, help="Query guard: the first principal cosine with an earlier "
+                                      "transmission from which on the vector it names must be the one the device's "
+                                      "secret coin chose (docs/privacy.md)."),
+    guard_margin: float = typer.Option(DEFAULT_MARGIN, help="Query guard: the lead (in |cos|) the named vector "
+                                       "must have over the next one."),
     provider: str = typer.Option("auto", help="auto | cpu | cuda (ONNX Runtime execution provider)."),
     server: Optional[str] = typer.Option(None, help="Run processing on a KServe v2 / Triton server at this URL."),
     model_name: Optional[str] = typer.Option(None, help="Model name on --server (default ARCH_processing)."),
@@ -181,7 +187,8 @@ def infer(
         raise CvError("--top-k and --batch-size must be at least 1, --retries at least 0, --timeout positive")
     pipe, man = build_pipeline(model_dir, encoder, processing, decoder, manifest, fool_dir=fool_dir, server=server,
                                model_name=model_name, provider=provider, guard_threshold=guard_threshold,
-                               guard_size=guard_size, timeout=timeout, retries=retries)
+                               guard_size=guard_size, timeout=timeout, retries=retries, guard_floor=guard_floor,
+                               guard_margin=guard_margin)
     files = collect_images(images)
     x = np.stack([load_image(f, man, resize) for f in files])
     logits, sent, how, resent = [], [], None, 0
@@ -194,7 +201,8 @@ def infer(
             raise CvError(f"images 1-{i} were answered (and cached: a retry shows them); image {i + 1} on: {exc}") from None
         how = pipe.last.get("fools", how)
         resent += len(pipe.last.get("resent", []))
-        sent += [j not in pipe.last.get("repeats", []) or j in pipe.last.get("resent", [])
+        sent += ["similar" if j in pipe.last.get("similar", []) else
+                 j not in pipe.last.get("repeats", []) or j in pipe.last.get("resent", [])
                  for j in range(len(x[i:i + batch_size]))]
     if resent:
         info(f"{resent} image(s) of an earlier request whose answer never came were sent again with the same x and key")
@@ -207,7 +215,7 @@ def _print(files, probs, pipe, man, server, how, sent, top_k, as_json) -> None:
 
     k = min(top_k, probs.shape[1])
     where = f"remote {server}" if server else pipe.providers["processing"]
-    cached = sum(not s for s in sent)
+    cached = sum(s is not True for s in sent)
     sent_any = pipe.complex and cached < len(sent)
     info(f"ran on {pipe.providers['encoder']} (device side), processing on {where}"
          + (f"; fooling inputs from {how}" if sent_any and how else "")
@@ -219,7 +227,8 @@ def _print(files, probs, pipe, man, server, how, sent, top_k, as_json) -> None:
     results = []
     for f, p, s in zip(files, probs, sent):
         top = np.argsort(-p, kind="stable")[:k]
-        results.append({"image": str(f), "sent": bool(s),
+        results.append({"image": str(f), "sent": s is True,
+                        **({} if s is True else {"cached": "similar" if s == "similar" else "repeat"}),
                         "top": [{"class": str(pipe.class_names[j]), "index": int(j), "prob": float(p[j])} for j in top]})
     if as_json:
         emit_json({"providers": pipe.providers, "processing": server or "local", "predictions": results,
@@ -227,4 +236,5 @@ def _print(files, probs, pipe, man, server, how, sent, top_k, as_json) -> None:
         return
     for r in results:
         tops = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"])
-        print(f"{r['image']}: {tops}" + ("" if r["sent"] else "  (cached)"))
+        note = {"similar": "  (cached, similar to an earlier image)", "repeat": "  (cached)"}.get(r.get("cached"), "")
+        print(f"{r['image']}: {tops}{note}")

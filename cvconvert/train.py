@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,8 +40,10 @@ from .device.artifacts import upgraded
 from .device.keylaws import law_of
 from .device.fools import check_rule, match_law
 from .parts import fool_indices
-from .modeldir import (MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_write, load_into, load_model,
-                       read_manifest, torch_load)
+from .checkpoints import load_checkpoint, restore, rng_state
+from .progress import Reporter, fmt
+from .modeldir import (MANIFEST, WEIGHTS, atomic_json, atomic_torch_save, atomic_write, load_model,
+                       read_manifest)
 from .device.preprocess import spec_for
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -310,97 +311,6 @@ def _load_data(name: str, task: str, cfg: TrainConfig, dist: Dist, device, train
     return _Data(train_set, loader, sampler, order, val_loader)
 
 
-def _rng_state(device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_pos": random.getstate()[2]}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise CvError(f"--resume: no checkpoint at {path} (train without --resume first)")
-    ckpt = torch_load(path, f"checkpoint {path} does not load")
-    if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch"} <= set(ckpt):
-        raise CvError(f"checkpoint {path} is not a cvconvert training checkpoint")
-    return ckpt
-
-
-def _restore(trainer: SplitTrainer, ckpt: dict, path: Path, cfg: TrainConfig, device) -> tuple[int, list, dict]:
-    """Load a checkpoint into the trainer and the RNGs; returns (first epoch to run, records, best)."""
-    load_into(trainer.model, ckpt["model"], f"checkpoint {path}")
-    try:
-        trainer.opt.load_state_dict(ckpt["optimizer"])
-        # checkpoints written before the paper's WGAN became a defense keep its optimizer on its own
-        state = ckpt.get("defense") or ({"opt": ckpt["critic_optimizer"]} if ckpt.get("critic_optimizer") else None)
-        if trainer.defense is not None and state:
-            trainer.defense.load_state_dict(state)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise CvError(f"checkpoint {path}: optimizer state does not match: {str(exc)[:200]}") from None
-    trainer.step = int(ckpt.get("step", 0))
-    _set_rng_state(ckpt["rng"], device)
-    if ckpt.get("epochs_planned") and cfg.epochs <= ckpt["epoch"]:
-        raise CvError(f"--resume: the checkpoint already holds {ckpt['epoch']} epochs; "
-                      f"pass --epochs greater than that to train on")
-    return ckpt["epoch"] + 1, list(json.loads(ckpt.get("metrics", "[]"))), ckpt.get("best")
-
-
-class _Reporter:
-    """A rich progress bar on a terminal, plain log lines otherwise (stderr; rank 0 only)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.progress = None
-        if self.tty:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
-                                     console=Console(stderr=True), transient=False)
-            self.progress.start()
-        self.task = None
-
-    def epoch(self, epoch: int, epochs: int, steps: int):
-        if self.progress is not None:
-            if self.task is not None:
-                self.progress.remove_task(self.task)
-            self.task = self.progress.add_task(f"epoch {epoch}/{epochs}", total=steps, stats="")
-
-    def step(self, text: str, line: str | None):
-        if self.progress is not None:
-            self.progress.update(self.task, advance=1, stats=text)
-        elif self.enabled and line:
-            print(line, file=sys.stderr, flush=True)
-
-    def log(self, msg: str):
-        if not self.enabled:
-            return
-        if self.progress is not None:
-            self.progress.console.print(msg)
-        else:
-            print(msg, file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.progress is not None:
-            self.progress.stop()
-
-
-def _fmt(stats: dict) -> str:
-    out = f"loss {stats['loss']:.4f} acc {1 - stats['error']:.3f}"
-    if "wdist" in stats:
-        out += f" W {stats['wdist']:.3f}"
-    return out
-
-
 # --- the run -------------------------------------------------------------------------------------------------
 
 Callback = Callable[[SplitTrainer, dict], None]
@@ -420,7 +330,7 @@ class _Run:
     multilabel: bool
     trainer: SplitTrainer
     data: _Data
-    rep: _Reporter
+    rep: Reporter
     records: list
     best: dict | None
     last_good: Path
@@ -457,9 +367,9 @@ def _train(model_dir: Path, cfg: TrainConfig, device, dist: Dist, log: bool, cal
     model.to(device)
     # a critic's init draws from the seed
     trainer = SplitTrainer(model, manifest, cfg, device, dist, info.multilabel, hooks["fool_index"])
-    start_epoch, records, best = _restore(trainer, ckpt, ckpt_path, cfg, device) if ckpt else (1, [], None)
+    start_epoch, records, best = restore(trainer, ckpt, ckpt_path, cfg, device) if ckpt else (1, [], None)
     run = _Run(model_dir, cfg, device, dist, manifest, name, task, info.multilabel, trainer, data,
-               _Reporter(log and dist.main), records, best,
+               Reporter(log and dist.main), records, best,
                ckpt_path if ckpt_path.exists() else model_dir / WEIGHTS)
     run.rep.log(f"training {manifest['variant']} {manifest['arch']} on {name} ({len(data.train_set)} images, "
                 f"{dist.world} process{'es' if dist.world > 1 else ''}, {device.type}) from epoch {start_epoch}"
@@ -502,7 +412,7 @@ def _run_epoch(run: _Run, epoch: int) -> tuple[dict, str | None]:
         count += 1
         for key, v in stats.items():
             sums[key] = sums.get(key, 0.0) + v
-        run.rep.step(_fmt(stats), f"epoch {epoch} step {i + 1}/{steps} {_fmt(stats)}" if (i + 1) % every == 0 else None)
+        run.rep.step(fmt(stats), f"epoch {epoch} step {i + 1}/{steps} {fmt(stats)}" if (i + 1) % every == 0 else None)
         if cfg.max_steps is not None and trainer.step >= cfg.max_steps:
             stopped = "max_steps"
             break
@@ -544,7 +454,7 @@ def _save(run: _Run, epoch: int, improved: bool) -> None:
     state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
     ckpt = {"model": state, "optimizer": trainer.opt.state_dict(),
             "defense": trainer.defense.state_dict() if trainer.defense is not None else None,
-            "epoch": epoch, "step": trainer.step, "best": run.best, "rng": _rng_state(run.device),
+            "epoch": epoch, "step": trainer.step, "best": run.best, "rng": rng_state(run.device),
             "metrics": json.dumps(records), "epochs_planned": cfg.epochs, "config": json.dumps(asdict(cfg))}
     atomic_torch_save(ckpt, run.model_dir / CHECKPOINT)
     if improved:

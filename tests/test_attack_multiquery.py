@@ -146,7 +146,7 @@ def test_multi_query_audit_end_to_end(exported, small, batch_cycle, tmp_path):
     assert v["weights_vs_graphs"] == "current"
     rows = {r["id"]: r for r in R["tables"]["multi_query"]}
     assert set(rows) == {"batch", "small_pool", "large_pool", "repeat", "public_fool", "noise1", "noise4", "shift1",
-                         "jpeg90", "bright5", "control"}
+                         "jpeg90", "bright5", "crop1", "rot3", "jpeg70", "lookalike", "control"}
     before = {k: r["before"] for k, r in rows.items()}
     after = {k: r["after"] for k, r in rows.items()}
     # the old device: a batch, a one-fool folder and a repeat expose every image exactly
@@ -162,8 +162,11 @@ def test_multi_query_audit_end_to_end(exported, small, batch_cycle, tmp_path):
     # a fool from public data stays exposed by design, and the verdict says why
     assert after["public_fool"]["share"] == 1.0 and "public" in after["public_fool"]["verdict"]
     assert before["batch"]["answer_recovered"] == 1.0
+    # the cross-transmission attack's columns are filled (P = 2)
+    assert 0.0 <= before["rot3"]["principal_real"] <= 1.0 and before["rot3"]["principal_answer"] is not None
     md = (out / "report.md").read_text()
     assert "## Privacy across queries" in md and "refused" in md and v["graph_sha256"] in md
+    assert "first principal vector" in md
 
 
 def test_multi_query_is_skipped_with_the_command_to_run_without_graphs(exported, small, tmp_path):

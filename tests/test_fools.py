@@ -184,7 +184,7 @@ def test_pool_burns_fools_the_caller_rejects(tmp_path):
     from cvconvert.device.guard import sketch
 
     banned = sketch(feats[:6])
-    t = pool.take(4, reject=lambda sk: (sk @ banned.T).max(1) > 0.999)
+    t = pool.take(4, reject=lambda sk, pics: (sk @ banned.T).max(1) > 0.999)
     assert sorted(t.index.tolist()) == [6, 7, 8, 9] and t.remaining == 0
     assert pool.status()["used"] == 10  # the six rejected ones are burned, never handed out later
 
@@ -221,19 +221,19 @@ def test_guard_answers_repeats_from_the_cache_and_refuses_a_fool_sent_back(tmp_p
     a = rng.normal(size=(4, 3, 4, 4)).astype(np.float32)
     b = rng.normal(size=(4, 3, 4, 4)).astype(np.float32)
     g = SentGuard(tmp_path / "g.npz", threshold=0.995, capacity=100)
-    verdict, fools, keys = g.screen_and_reserve(a[:2], lambda m: b[:2][m])
+    verdict, fools, keys = g.screen_and_reserve(a[:2], lambda i, accept, burn: b[i:i + 1])
     assert verdict.action == ["send", "send"] and len(keys) == 2
     g.store_logits(keys, np.eye(2, 10, dtype=np.float32))
     g2 = SentGuard(tmp_path / "g.npz", threshold=0.995)  # another process: the index is on disk
     near = a[1] + 0.01 * rng.normal(size=a[1].shape).astype(np.float32)
-    verdict, _, _ = g2.screen_and_reserve(np.stack([a[0], near, a[2], a[2] * 1.0001, b[0]]), lambda m: b[2:3])
+    verdict, _, _ = g2.screen_and_reserve(np.stack([a[0], near, a[2], a[2] * 1.0001, b[0]]), lambda i, accept, burn: b[2:3])
     assert verdict.action == ["cached", "cached", "send", "same", "refuse"]
     np.testing.assert_array_equal(verdict.logits[1], np.eye(2, 10)[1])
     assert verdict.ref[3] == 2
     assert oct((tmp_path / "g.npz").stat().st_mode & 0o777) == "0o600"
-    small = SentGuard(tmp_path / "s.npz", capacity=2)  # bounded: the oldest are forgotten
+    small = SentGuard(tmp_path / "s.npz", capacity=2, floor=1.0)  # bounded: the oldest are forgotten
     for i in range(4):
-        small.screen_and_reserve(a[i:i + 1], lambda m: b[i:i + 1])
-    assert len(small) == 2
+        small.screen_and_reserve(a[i:i + 1], lambda j, accept, burn: b[i:i + 1])
+    assert len(small) == 2  # two transmissions of an image and a fool: the newest one kept whole
     with pytest.raises(CvError, match="threshold"):
         SentGuard(None, threshold=1.5)

@@ -93,7 +93,35 @@ def score(seen: queries.Seen, ids: list, kit: Kit) -> dict:
                median_cos=float(best[exposed].median()) if exposed.any() else None, tell=tell(rec, seen, kit.truth))
     if exposed.any():
         out.update(readback(rec, [i for i, e in zip(ids, exposed) if e], idx[exposed], seen, x, kit))
+    out.update(principal_attack(seen, x, kit))
     return out
+
+
+def principal_attack(seen: queries.Seen, x: torch.Tensor, kit: Kit) -> dict:
+    """The cross-transmission attack on related transmissions (P = 2): each transmission's best partner, its
+    first principal vector u; which-is-real (u nearer the image than the fool, chance 0.5), the inverter on
+    u at true scale, and the public decoder's top-1 at u's angle against the device's answer."""
+    from .principal import angle_from, principal, which_is_real
+
+    if len(seen.x) < 2 or x.shape[1] != 2 or len(seen.pixels) != len(seen.x):
+        return {"principal_real": None, "principal_recon_mae": None, "principal_answer": None}
+    xs = x.numpy()
+    _, _, u = principal(xs)
+    pixels = np.stack(seen.pixels)
+    a = kit.local.features(pixels).reshape(len(xs), -1).astype(np.float64)
+    re, im = (xs[:, k].reshape(len(xs), -1).astype(np.float64) for k in (0, 1))
+    cs = np.stack([np.linalg.lstsq(np.stack([r, i], 1), v, rcond=None)[0] for r, i, v in zip(re, im, a)])
+    cs /= np.linalg.norm(cs, axis=1, keepdims=True)
+    b = -cs[:, 1:] * re + cs[:, :1] * im  # the fool's direction: x = e^{i t}(a + i s b)
+    real = which_is_real(u, a, b[:, None])
+    mean = kit.mean.numpy()
+    theta = angle_from(u, xs, mean)
+    shared = np.cos(theta)[:, None] * re + np.sin(theta)[:, None] * im  # u read as the image, at true scale
+    rec = kit.inverter.reconstruct(torch.from_numpy(shared.astype(np.float32)).reshape(len(xs), *kit.truth.shape[1:]))
+    mae = float((rec.clamp(0, 1) - torch.from_numpy(pixels)).abs().mean())
+    guess = kit.local.decode(kit.local.process(xs), rotation_key_np(theta)).argmax(1)
+    answer = float((guess == np.stack(seen.answers).argmax(1)).mean())
+    return {"principal_real": float(real.mean()), "principal_recon_mae": mae, "principal_answer": answer}
 
 
 def tell(rec: span.Recovery, seen: queries.Seen, truth: torch.Tensor) -> float | None:

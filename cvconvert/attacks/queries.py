@@ -62,6 +62,43 @@ def jpeg(quality: int):
     return f
 
 
+def _pil(op):
+    """An operation on a PIL picture, applied to a [C, H, W] image in [0, 1] (8-bit, as a camera saves it)."""
+    def f(image: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        pixels = np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)
+        pics = [Image.fromarray(ch) for ch in pixels]
+        return np.stack([np.asarray(op(p), np.float32) / 255 for p in pics]).astype(np.float32)
+    return f
+
+
+def crop1(image: np.ndarray) -> np.ndarray:
+    """One pixel cropped off every side, resized back (bilinear)."""
+    h, w = image.shape[-2:]
+    from PIL import Image
+    return _pil(lambda p: p.crop((1, 1, w - 1, h - 1)).resize((w, h), Image.BILINEAR))(image)
+
+
+def rotate(degrees: float):
+    from PIL import Image
+    return _pil(lambda p: p.rotate(degrees, Image.BILINEAR))
+
+
+NEAR = {"shift1": ("one-pixel shift", shift), "crop1": ("1-px crop", crop1), "rot3": ("3-degree rotation", rotate(3)),
+        "jpeg70": ("JPEG quality 70", jpeg(70))}
+
+
+def lookalikes(images: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """For each image, the index of its nearest picture in `pool` (mean squared pixel distance), itself excluded
+    where the pool holds it: the look-alike a second, different photo of the same thing would be."""
+    a = images.reshape(len(images), -1).astype(np.float32)
+    b = pool.reshape(len(pool), -1).astype(np.float32)
+    d = (a ** 2).sum(1)[:, None] - 2 * a @ b.T + (b ** 2).sum(1)[None]
+    d[d < 1e-9] = np.inf
+    return d.argmin(1)
+
+
 def brightness(factor: float):
     return lambda image: np.clip(image * factor, 0, 1).astype(np.float32)
 
@@ -92,6 +129,9 @@ def modes(sizes: dict, victims: np.ndarray, seed: int) -> list[Mode]:
             ("noise4", "near-duplicate: pixel noise 4/255", noise(4, seed)),
             ("shift1", "near-duplicate: one-pixel shift", shift),
             ("jpeg90", "near-duplicate: JPEG quality 90", jpeg(90)),
+            ("crop1", "near-duplicate: 1-px crop", crop1),
+            ("rot3", "near-duplicate: 3-degree rotation", rotate(3)),
+            ("jpeg70", "near-duplicate: JPEG quality 70", jpeg(70)),
             ("bright5", "near-duplicate: brightness +5%", brightness(1.05))]
     k = min(s["near_images"], len(victims))
     out = [Mode("batch", f"one request with a batch of {min(s['batch'], len(victims))} images",
@@ -106,6 +146,10 @@ def modes(sizes: dict, victims: np.ndarray, seed: int) -> list[Mode]:
     for mid, label, f in near:
         reqs = [r for i in range(k) for r in (([i], victims[i:i + 1]), ([i], f(victims[i])[None]))]
         out.append(Mode(mid, label, reqs, ("private", False), "private"))
+    look = lookalikes(victims[:k], victims)
+    out.append(Mode("lookalike", "look-alikes: an image, then the victims' nearest other image",
+                    [r for i in range(k) for r in (([i], victims[i:i + 1]), ([int(look[i])], victims[look[i]][None]))],
+                    ("private", False), "private"))
     out.append(Mode("control", f"control: {n_req} distinct images, each with a never-reused fool", single,
                     ("private", False), "private"))
     return out
@@ -121,6 +165,7 @@ class Seen:
     ids: list = field(default_factory=list)
     answers: list = field(default_factory=list)
     keys: list = field(default_factory=list)
+    pixels: list = field(default_factory=list)  # what each transmission carried (scoring only)
     held_back: int = 0      # images answered from the device's cache instead of being sent
     refused: int = 0        # requests the device refused
     messages: list = field(default_factory=list)
@@ -154,6 +199,7 @@ def run_before(pipe, mode: Mode, fools: dict, rule: str) -> Seen:
         x = pipe.encode(images, f[:, None], key)
         seen.x += list(x)
         seen.ids += ids
+        seen.pixels += list(images)
         seen.keys += list(key)
         seen.answers += list(pipe.decode(pipe.process(x), key))
     return seen
@@ -167,7 +213,10 @@ def after_device(model_dir, pool_images: np.ndarray, workdir: Path, processing, 
     feats = probe.features(pool_images)
     pool = FoolPool.create(workdir / "pool", pool_images, feats, features_sha256=probe.features_sha256,
                            input_shape=probe.input_shape, feature_shape=feats.shape[1:])
-    pipe = Pipeline.from_model_dir(model_dir, processing=processing, pool=pool, guard=True)
+    from ..device.guard import SentGuard
+
+    # a device of its own per mode (the guard is one memory per device: modes must not share it)
+    pipe = Pipeline.from_model_dir(model_dir, processing=processing, pool=pool, guard=SentGuard(workdir / "guard.npz"))
     pipe.on_warning = lambda msg: None  # "running low" is expected here
     return pipe
 
@@ -191,5 +240,6 @@ def run_after(model_dir, local, mode: Mode, fools: dict) -> Seen:
             x = np.concatenate(rec.received[before:]) if len(rec.received) > before else np.zeros((0,))
             seen.x += list(x)
             seen.ids += [ids[i] for i in sent]
+            seen.pixels += [images[i] for i in sent]
             seen.answers += [logits[i] for i in sent]
     return seen

@@ -224,6 +224,16 @@ def multi_query_md(R: dict) -> list:
                 [[r["mode"], side, r[side]["median_cos"], r[side]["recon_mae"], r[side]["recon_mae_true_key"],
                   r[side]["answer_recovered"]] for r in rows for side in ("before", "after")
                  if r[side]["exposed"]])
+    f2 = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    L += ["The cross-transmission attack on related transmissions (each transmission's best partner, its first "
+          "principal vector u): which-is-real = u nearer the image than the fool (chance 0.5), the inverter on u "
+          "(mean abs pixel error), the public decoder at u's angle vs the device's answer.", ""]
+    L += _table(["mode", "sent before / after", "u is the image: before", "after", "inverter on u: before", "after",
+                 "answer read: before", "after"],
+                [[r["mode"], f"{r['before']['transmissions']} / {r['after']['transmissions']}",
+                  f2(r["before"].get("principal_real")), f2(r["after"].get("principal_real")),
+                  f2(r["before"].get("principal_recon_mae")), f2(r["after"].get("principal_recon_mae")),
+                  f2(r["before"].get("principal_answer")), f2(r["after"].get("principal_answer"))] for r in rows])
     L += ["\"which is real\": how often the rule \"the vector that recurs elsewhere is the fool\" names the image "
           "(1 = a sure tell, 0.5 = a coin, 0 = backwards: the image is what recurs). Refusals and near-duplicates "
           "answered on the device are the shipped rules at work, not failures of the audit.", ""]

@@ -408,13 +408,18 @@ class FoolPool:
             self.meta = meta
         return {"added": len(keep), "duplicates": dup, "near_duplicates": near}
 
-    def take(self, n: int, images: np.ndarray | None = None, rule: str = "random", reject=None) -> Taken:
+    def take(self, n: int, images: np.ndarray | None = None, rule: str = "random", reject=None, accept=None,
+             tries: int = 4) -> Taken | None:
         """n fools, never used before and never again (marked in the ledger before they are returned).
 
         images: the request's images ([n, C, H, W]), which the ``match`` rule pairs against. reject: an
-        optional ``sketches [k, d] -> bool [k]`` (see cvconvert.guard.sketch) that burns candidates the
-        caller must not send, e.g. a fool too close to something already sent; burned fools are marked
-        used too. CvError when the pool cannot supply n fools.
+        optional ``(sketches [k, d], pictures [k, C, H, W]) -> bool [k]`` (see cvconvert.device.guard) that
+        burns candidates never to be sent, e.g. a fool too close to something already sent; burned fools are
+        marked used too. accept: an optional ``(sketches [k, d], chosen [j, d]) -> bool [k]``: which
+        candidates may be the next fool, given the sketches of those chosen so far (the guard's geometric
+        screen); candidates it turns down stay unused. Returns None when, after `tries` draws of candidates,
+        no candidate passes `accept` for some fool (nothing is taken then). CvError when the pool cannot
+        supply n fools.
         """
         check_rule(rule)
         with self._locked():
@@ -423,21 +428,41 @@ class FoolPool:
             pool_images, pool_feats = self._arrays()
             sketches = self._read("sketches", mmap=True)
             free = set(int(i) for i in np.flatnonzero(ledger == 0))
-            if len(free) < n:  # refuse before anything is taken
-                self._candidates(free, ledger, sketches, reject, 0, n)
-            chosen = []
             try:
-                for i in range(n):
-                    cands = self._candidates(free, ledger, sketches, reject, i, n)
-                    image = images[i] if images is not None else None
-                    j = cands[pick(image, np.asarray(pool_images[cands]), rule)] if image is not None else cands[0]
-                    chosen.append(j)
-                    free.discard(j)
+                chosen = self._choose(n, images, rule, reject, accept, tries, free, ledger, pool_images, sketches)
+                for j in chosen or []:
                     ledger[j] = 1
             finally:  # taken and burned fools are marked even when the request fails half-way
                 _save_npy(self.path / POOL_FILES["ledger"], ledger)
+            if chosen is None:
+                return None
             return Taken(np.asarray(chosen), np.array(pool_images[chosen], dtype=np.float32),
                          np.array(pool_feats[chosen], dtype=np.float32), len(free))
+
+    def _choose(self, n, images, rule, reject, accept, tries, free, ledger, pool_images, sketches):
+        if len(free) < n:  # refuse before anything is taken
+            self._candidates(free, ledger, sketches, pool_images, reject, 0, n)
+        chosen = []
+        for i in range(n):
+            seen, good = set(), []
+            for _ in range(tries if accept is not None else 1):
+                cands = self._candidates(free - seen, ledger, sketches, pool_images, reject, i, n, free)
+                seen.update(cands)
+                if accept is None:
+                    good = cands
+                    break
+                picked = np.asarray(sketches[chosen], np.float32) if chosen else np.zeros((0, sketches.shape[1]), np.float32)
+                ok = np.asarray(accept(np.asarray(sketches[cands], np.float32), picked), dtype=bool)
+                good = [j for j, k in zip(cands, ok) if k]
+                if good or len(seen) >= len(free):
+                    break
+            if not good:
+                return None
+            image = images[i] if images is not None else None
+            j = good[pick(image, np.asarray(pool_images[good]), rule)] if image is not None else good[0]
+            chosen.append(j)
+            free.discard(j)
+        return chosen
 
     def release(self, index) -> None:
         """Give fools back (a request that provably never left the device): only the journal calls this."""
@@ -446,22 +471,28 @@ class FoolPool:
             ledger[np.asarray(index, dtype=np.int64)] = 0
             _save_npy(self.path / POOL_FILES["ledger"], ledger)
 
-    def _candidates(self, free: set, ledger, sketches, reject, i: int, n: int) -> list:
-        """Up to MATCH_SET - 1 unused fools drawn with the CSPRNG; those `reject` refuses are burned."""
+    def _candidates(self, free: set, ledger, sketches, pool_images, reject, i: int, n: int, every: set | None = None) -> list:
+        """Up to MATCH_SET - 1 unused fools drawn with the CSPRNG; those `reject` refuses are burned
+        (taken out of `every`, the pool's free set, too)."""
         from ..errors import CvError
 
         rand = secrets.SystemRandom()
+        every = free if every is None else every
         while True:
-            if len(free) < n - i:
-                raise CvError(f"fool pool {self.path} has {len(free)} unused fool(s), this request needs {n - i} more: "
+            if len(every) < n - i:
+                raise CvError(f"fool pool {self.path} has {len(every)} unused fool(s), this request needs {n - i} more: "
                               f"refill it with `cvconvert fools refill {self.path} IMAGES...` (device-private images, "
                               "never used elsewhere)")
+            if not free:
+                return []
             cands = rand.sample(sorted(free), min(len(free), MATCH_SET - 1))
             if reject is None:
                 return cands
-            bad = np.asarray(reject(np.asarray(sketches[cands], dtype=np.float32)), dtype=bool)
+            bad = np.asarray(reject(np.asarray(sketches[cands], dtype=np.float32), np.asarray(pool_images[cands])),
+                             dtype=bool)
             for j in np.asarray(cands)[bad]:
                 free.discard(int(j))
+                every.discard(int(j))
                 ledger[int(j)] = 1
             good = [j for j, b in zip(cands, bad) if not b]
             if good:

@@ -1,36 +1,62 @@
-"""The near-duplicate guard: the device's private memory of the features it has sent (torch-free).
+"""The query guard: the device's private memory of what it has sent, and the checks it runs on it before
+anything leaves (torch-free). One memory per device, shared by every pool and model version.
 
-Two transmissions that carry the same feature vector are exposed exactly by intersecting their spans,
-and two that carry nearly the same one almost exactly: measured on a Fashion-MNIST LeNet, an image sent
-twice after pixel noise of 4/255, JPEG quality 90 or +5% brightness gives its feature back to |cos| =
-1.000. So before an image is sent, its feature a is compared with every feature this device has sent
-(images' a and fools' b). At cosine >= ``threshold`` it is not sent again: an image that matches an
-earlier image is answered with that image's cached logits, one that matches a fool is refused. The same
-test burns pool fools that lie too close to something already sent.
+Two transmissions that carry the same feature vector are exposed exactly by intersecting their spans;
+two that carry related ones (a near-duplicate or a look-alike of an earlier image, with unrelated fools)
+share a direction that is the image's. So for each image the device
 
-The index lives on the device only (a 0600 file, never sent, never logged) and is bounded: it keeps
-the ``capacity`` most recent features and forgets the oldest, so a repeat of something forgotten is
-no longer caught. Features are stored as a fixed count sketch of at most ``SKETCH_DIM`` numbers: for
-unit vectors it keeps cosines near 1 to within about (1 - cos^2) / sqrt(SKETCH_DIM), far below the gap
-the threshold decides on, at 2-4 KB per entry.
+1. answers an exact repeat (feature cosine >= ``threshold`` with an image sent before) from its cache, and
+   refuses one that matches a fool it sent;
+2. runs the cloud's attack on the transmission it would send (``screen.History``: principal directions
+   against every past span) and picks the fools from the pool so that the geometry stays symmetric;
+3. when no pool fool does, answers from the earlier related image's answer (``similar``), else refuses.
+
+What is kept (a 0600 npz in ``state_dir()``, never sent, never logged), per vector sent (images and
+fools): its feature as a fixed count sketch of at most ``SKETCH_DIM`` numbers (a count sketch keeps inner
+products, and with them principal cosines, to about 1/sqrt(SKETCH_DIM)), its transmission, its current
+best match, which model computed it, the image's answer, and a model-independent picture (grey, at most
+32 x 32, 8-bit). A new model version re-embeds the pictures with its own features graph, so what was sent
+under another version is screened too, and no fool whose picture was sent before (in any pool) is sent.
+Bounded: the ``capacity`` most recent vectors (whole transmissions) are kept, the oldest forgotten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CvError
-from .artifacts import locked
+from .artifacts import atomic_write, locked
+from .screen import DEFAULT_FLOOR, DEFAULT_MARGIN, History, unit
 
 DEFAULT_THRESHOLD = 0.995  # measured: distinct Fashion-MNIST test images reach 0.993, near-duplicates 0.998+
 DEFAULT_CAPACITY = 10000
 SKETCH_DIM = 1024
 SKETCH_SEED = 20200214  # public and fixed: the sketch only has to be the same on every call
+PICTURE = 32            # side of the kept pictures
+PICTURE_THRESHOLD = 0.995  # 16 x 16 pixel cosine: a copy or re-encoding of a picture (measured: JPEG 70 0.997+)
 IMAGE, FOOL = 0, 1
+GUARD_FILE = "guard.npz"
+FIELDS = ("sketch", "kind", "group", "seq", "logits", "best", "model", "picture", "top")
+
+
+def state_dir() -> Path:
+    """The device's private state folder (cvconvert.device.state)."""
+    from .state import state_dir as root
+
+    return root()
+
+
+def default_guard_path(features_sha256: str | None = None) -> Path:
+    """The one guard file of this device, in its state folder (every pool and model version share it)."""
+    from .state import guard_path
+
+    return guard_path(features_sha256)
 
 
 def sketch(features: np.ndarray) -> np.ndarray:
@@ -45,23 +71,52 @@ def sketch(features: np.ndarray) -> np.ndarray:
         order = np.argsort(bucket, kind="stable")
         starts = np.searchsorted(bucket[order], np.arange(SKETCH_DIM))
         flat = np.add.reduceat((flat * sign)[:, order], starts, axis=1)  # every bucket is non-empty for d >> k
-    norm = np.linalg.norm(flat, axis=1, keepdims=True)
-    return (flat / np.maximum(norm, 1e-12)).astype(np.float32)
+    return unit(flat)
+
+
+def picture(images: np.ndarray) -> np.ndarray:
+    """[n, C, H, W] in [0, 1] -> [n, 32, 32] uint8 grey pictures (the model-independent record)."""
+    from PIL import Image
+
+    grey = np.asarray(images, np.float32).mean(1)
+    out = [np.asarray(Image.fromarray(np.rint(np.clip(g, 0, 1) * 255).astype(np.uint8)).resize(
+        (PICTURE, PICTURE), Image.BILINEAR)) if g.shape != (PICTURE, PICTURE) else np.rint(np.clip(g, 0, 1) * 255)
+        for g in grey]
+    return np.stack(out).astype(np.uint8) if out else np.zeros((0, PICTURE, PICTURE), np.uint8)
+
+
+def unpicture(pics: np.ndarray, input_shape) -> np.ndarray:
+    """Kept pictures back to model inputs [n, C, H, W] (grey in every channel), for a new model's features."""
+    from PIL import Image
+
+    c, h, w = input_shape
+    out = [np.asarray(Image.fromarray(p).resize((w, h), Image.BILINEAR)) if (h, w) != p.shape else p for p in pics]
+    grey = np.stack(out).astype(np.float32) / 255
+    return np.repeat(grey[:, None], c, 1)
+
+
+def picture_sketch(pics: np.ndarray) -> np.ndarray:
+    """[n, 32, 32] uint8 -> [n, 256] zero-mean unit vectors of the 16 x 16 block means."""
+    x = np.asarray(pics, np.float32).reshape(len(pics), 16, 2, 16, 2).mean((2, 4)).reshape(len(pics), -1)
+    return unit(x - x.mean(1, keepdims=True))
 
 
 @dataclass
 class Verdict:
-    """What the guard says about each image of a request: "send", "cached" (logits from an earlier
-    send), "same" (a near-duplicate of image `ref` of this request) or "refuse" (too close to a fool)."""
+    """Per image: "send"; "cached" (an exact repeat: logits from an earlier send, ``ref`` its entry);
+    "same" (a repeat of image ``ref`` of this request); "similar" (its transmission would tell it from its
+    fools: answered from the related earlier image ``ref``); "refuse" (matches a fool sent before);
+    "tells" (would tell, and nothing to answer from); "busy" (repeat of a send whose answer is missing)."""
     action: list
     ref: list
     cosine: np.ndarray
     logits: list
+    why: list
     fool_keys: np.ndarray | None = None  # the index keys of the fools reserved for the images to send
 
 
 class SentGuard:
-    """The bounded index of sent features; ``path`` None keeps it in memory for this process only.
+    """The device's memory of what it sent; ``path`` None keeps it in memory for this process only.
 
     What the journal (cvconvert/device/journal.py, state.py) relies on, whatever the index keeps: ``stamp``
     written into the file as ``generation`` and read back by ``stored_generation()``; ``forget(keys)`` and
@@ -69,32 +124,38 @@ class SentGuard:
     damaged file raising one CvError line (never an empty index: an emptied guard reads as a deleted one).
     """
 
-    def __init__(self, path=None, threshold: float = DEFAULT_THRESHOLD, capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, path=None, threshold: float = DEFAULT_THRESHOLD, capacity: int = DEFAULT_CAPACITY,
+                 floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN):
         if not 0.0 < threshold <= 1.0:
             raise CvError(f"guard threshold {threshold} must lie in (0, 1] (a cosine; 1 catches exact repeats only)")
         if capacity < 1:
             raise CvError(f"guard size {capacity} must be at least 1")
+        if not 0.0 < floor <= 1.0 or not 0.0 <= margin < 1.0:
+            raise CvError(f"guard floor {floor} must lie in (0, 1] and margin {margin} in [0, 1)")
         self.path = Path(path) if path is not None else None
-        self.threshold, self.capacity = float(threshold), int(capacity)
+        self.threshold, self.capacity, self.floor, self.margin = float(threshold), int(capacity), float(floor), float(margin)
         self._mem = None  # in-memory state when path is None
         self.stamp = 0  # the device state's generation, written with the index (cvconvert.device.state)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # -- storage -----------------------------------------------------------------------------------
-    def _empty(self, classes: int = 0) -> dict:
-        return {"sketch": np.zeros((0, 0), np.float16), "kind": np.zeros(0, np.uint8),
-                "logits": np.zeros((0, classes), np.float32), "seq": np.zeros(0, np.int64)}
+    @staticmethod
+    def _empty(k: int = 0, classes: int = 0) -> dict:
+        return {"sketch": np.zeros((0, k), np.float16), "kind": np.zeros(0, np.uint8), "group": np.zeros(0, np.int64),
+                "seq": np.zeros(0, np.int64), "logits": np.zeros((0, classes), np.float32),
+                "best": np.zeros(0, np.float32), "model": np.zeros(0, "<U16"),
+                "picture": np.zeros((0, PICTURE, PICTURE), np.uint8), "top": np.zeros(0, bool)}
 
     def _load(self) -> dict:
         if self.path is None:
-            return self._mem if self._mem is not None else self._empty()
+            return dict(self._mem) if self._mem is not None else self._empty()
         if not self.path.is_file():
             return self._empty()
         try:
             with np.load(self.path) as z:
-                return {k: z[k] for k in ("sketch", "kind", "logits", "seq")}
-        except Exception:  # BadZipFile, EOFError, OSError, ...: any damage reads the same to the user
+                return {k: z[k] for k in FIELDS}
+        except Exception:  # BadZipFile, EOFError, OSError, KeyError ...: any damage reads the same to the user
             raise CvError(f"the guard index {self.path} is damaged or unreadable: restore it from a backup taken "
                           "after the last request (do not delete it: without it this device would send earlier "
                           "images again, which exposes them); cvconvert refuses to send meanwhile") from None
@@ -111,12 +172,14 @@ class SentGuard:
             return 0
 
     def _save(self, state: dict) -> None:
-        keep = np.argsort(state["seq"])[-self.capacity:]  # the most recent `capacity` entries
-        state = {k: v[keep] if len(v) else v for k, v in state.items() if k != "generation"}
+        if len(state["seq"]) > self.capacity:  # forget the oldest transmissions, whole
+            cutoff = np.sort(state["seq"])[-self.capacity]
+            keep = np.isin(state["group"], state["group"][state["seq"] >= cutoff])
+            state = {k: v[keep] for k, v in state.items()}
+        state = {k: v for k, v in state.items() if k != "generation"}
         if self.path is None:
             self._mem = state
             return
-        from .artifacts import atomic_write
         from .state import disk_error
 
         def write(tmp):
@@ -131,81 +194,168 @@ class SentGuard:
 
     def _lock(self):
         if self.path is None:
-            import contextlib
             return contextlib.nullcontext()
         return locked(self.path.parent, self.path.name + ".lock")
 
     def __len__(self) -> int:
         return len(self._load()["seq"])
 
+    def _current(self, state: dict, model: str, embed, width: int) -> np.ndarray:
+        """Bring every entry to `model`'s feature space: entries of another model version are re-embedded from
+        their pictures with `embed` (images -> features), or dropped from the feature checks when it is None."""
+        other = state["model"] != model
+        if other.any() and embed is not None:
+            feats = sketch(embed(state["picture"][other]))
+            if state["sketch"].shape[1] != feats.shape[1]:
+                state["sketch"] = np.zeros((len(state["seq"]), feats.shape[1]), np.float16)
+            state["sketch"][other] = feats.astype(np.float16)
+            state["model"] = np.where(other, model, state["model"])
+            state["best"] = History(state["sketch"], state["group"], None, self.floor, self.margin).best.astype(np.float32)
+            return np.ones(len(other), dtype=bool)
+        if state["sketch"].shape[1] != width:  # another feature width and nothing to re-embed with
+            state["sketch"] = np.zeros((len(other), width), np.float16)
+            return np.zeros(len(other), dtype=bool)
+        return ~other
+
+    def sent_images(self, model: str, embed=None) -> np.ndarray:
+        """Sketches of the images this device has sent, in `model`'s feature space (`fools audit`)."""
+        with self._lock():
+            state = self._load()
+            if not len(state["seq"]):
+                return np.zeros((0, 0), np.float32)
+            width = state["sketch"].shape[1]
+            mine = self._current(state, model, embed, width)
+        return state["sketch"][mine & (state["kind"] == IMAGE)].astype(np.float32)
+
     # -- the checks --------------------------------------------------------------------------------
-    @staticmethod
-    def _best(sk: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if len(index) == 0 or index.shape[1] != sk.shape[1]:
-            return np.full(len(sk), -1), np.full(len(sk), -1.0)
-        sims = sk @ index.astype(np.float32).T
-        best = sims.argmax(1)
-        return best, sims[np.arange(len(sk)), best]
+    def burn(self, sketches: np.ndarray, pics: np.ndarray | None, state: dict, mine: np.ndarray,
+             own: np.ndarray) -> np.ndarray:
+        """bool [k]: candidate fools never to send: within the threshold of a vector sent (or of this
+        request's images `own`), or a copy of a picture sent before under any model."""
+        limit = min(self.threshold, 1.0 - 1e-5)
+        sent = state["sketch"][mine].astype(np.float32)
+        out = np.zeros(len(sketches), dtype=bool)
+        for ref in (sent, own):
+            if len(ref) and ref.shape[1] == sketches.shape[1]:
+                out |= (sketches @ ref.T).max(1) >= limit
+        if pics is not None and len(state["picture"]):
+            out |= (picture_sketch(pics) @ picture_sketch(state["picture"]).T).max(1) >= PICTURE_THRESHOLD
+        return out
 
-    def too_close(self, sketches: np.ndarray) -> np.ndarray:
-        """bool [n]: which sketched features (see `sketch`) lie within the threshold of something sent."""
-        return self._best(sketches, self._load()["sketch"])[1] >= self._limit
-
-    @property
-    def _limit(self) -> float:
-        return min(self.threshold, 1.0 - 1e-5)  # exact repeats pass 1 - 1e-5 despite float rounding
-
-    def screen_and_reserve(self, features: np.ndarray, send_fools) -> tuple[Verdict, object, np.ndarray]:
-        """Decide per image (see Verdict), then record every image to be sent and its fool before
-        anything leaves the device. send_fools(mask) -> fools (an object with .features, or an array
-        [k, ...]) for the images to send, called under the lock so that the fools' check and the images'
-        check see one state. Returns the verdict, the fools and the index keys of the images to send
-        (verdict.fool_keys: those of the fools, so that a caller can `forget` a reservation never sent)."""
+    def screen_and_reserve(self, features: np.ndarray, send_fools, images: np.ndarray | None = None,
+                           model: str = "", parts: int = 2, embed=None):
+        """Decide per image (see Verdict) and record every image to be sent with its fools before anything
+        leaves the device. send_fools(i, accept, burn) -> the fools of image i (an object with .features
+        [P-1, ...] and .images, or an array of features), or None when no pool fool passes; ``accept(cands,
+        chosen)`` says which candidate fool sketches keep the geometry symmetric, ``burn(cands, pictures)``
+        which may never be sent. Runs under the lock. Returns (verdict, [fools per sent image], keys)."""
         with self._lock():
             state = self._load()
             sk = sketch(features)
-            best, cos = self._best(sk, state["sketch"])
-            action, ref, logits = [], [], []
+            mine = self._current(state, model, embed, sk.shape[1])
+            pics = picture(images) if images is not None else np.zeros((len(sk), PICTURE, PICTURE), np.uint8)
+            hist = History(state["sketch"][mine], state["group"][mine], state["best"][mine], self.floor, self.margin,
+                           state["top"][mine])
+            verdict = Verdict([], [], np.full(len(sk), -1.0), [], [])
+            fools, keys, here, fool_keys = [], [], {}, []  # here: entry seq -> index of this request's images sent
             for i in range(len(sk)):
-                earlier = [j for j in range(i) if action[j] == "send"]
-                inner = sk[earlier] @ sk[i] if earlier else np.zeros(0)
-                if len(inner) and inner.max() >= self._limit and inner.max() >= cos[i]:
-                    action.append("same"), ref.append(earlier[int(inner.argmax())]), logits.append(None)
-                    cos[i] = inner.max()
-                elif cos[i] >= self._limit:
-                    self._known(state, best[i], action, ref, logits)
-                else:
-                    action.append("send"), ref.append(None), logits.append(None)
-            send = np.array([a == "send" for a in action])
-            fools, keys, fool_keys = None, np.zeros(0, np.int64), np.zeros(0, np.int64)
-            if send.any():
-                fools = send_fools(send)
-                keys = self._append(state, sk[send], IMAGE)
-                fool_keys = self._append(state, sketch(getattr(fools, "features", fools)), FOOL)
-                self._save(state)
-        return Verdict(action, ref, cos, logits, fool_keys), fools, keys
+                if self._repeat(state, mine, sk, i, verdict):
+                    continue
+                taken, top = self._choose(send_fools, i, sk, hist, state, mine, parts)
+                if taken is None and self._related(state, mine, sk[i]):
+                    self._similar(state, mine, sk[i], verdict, here)
+                    continue
+                if taken is None:  # no related earlier image: what the best pair names is the geometry of
+                    # unrelated pictures (a coin in a stream of one distribution, measured 0.50-0.57); send, and
+                    # record the vector it names as this transmission's coin
+                    taken = send_fools(i, None, lambda c, p=None: self.burn(np.asarray(c, np.float32), p, state, mine, sk))
+                    top = hist.named(np.concatenate([sk[i:i + 1], sketch(getattr(taken, "features", taken))]))
+                b = getattr(taken, "features", taken)
+                fool_pics = getattr(taken, "images", None)
+                vecs = np.concatenate([sk[i:i + 1], sketch(b)])
+                group = int(state["group"].max()) + 1 if len(state["group"]) else 0
+                hist.add(vecs, group, top)
+                mine = self._append(state, vecs, group, model, hist, mine,
+                                    np.concatenate([pics[i:i + 1], picture(fool_pics) if fool_pics is not None
+                                                    else np.zeros((len(b), PICTURE, PICTURE), np.uint8)]))
+                keys.append(int(state["seq"][-len(vecs)]))
+                fool_keys += [int(k) for k in state["seq"][-len(vecs) + 1:]]
+                here[keys[-1]] = i
+                fools.append(b)
+                verdict.action.append("send"), verdict.ref.append(None), verdict.logits.append(None)
+                verdict.why.append("")
+            self._save(state)
+        verdict.fool_keys = np.asarray(fool_keys, np.int64)
+        return verdict, fools, np.asarray(keys, np.int64)
 
-    def _known(self, state, j, action, ref, logits) -> None:
+    def _repeat(self, state, mine, sk, i, verdict) -> bool:
+        """An exact repeat of this request's earlier image, or of something sent: decided here."""
+        limit = min(self.threshold, 1.0 - 1e-5)  # exact repeats pass 1 - 1e-5 despite float rounding
+        earlier = [j for j in range(i) if verdict.action[j] == "send"]
+        inner = sk[earlier] @ sk[i] if earlier else np.zeros(0)
+        sent = state["sketch"][mine].astype(np.float32)
+        cos = sent @ sk[i] if len(sent) else np.zeros(0)
+        if len(inner) and inner.max() >= limit and (not len(cos) or inner.max() >= cos.max()):
+            self._say(verdict, "same", earlier[int(inner.argmax())], None, float(inner.max()))
+            return True
+        if not len(cos) or cos.max() < limit:
+            return False
+        j = np.flatnonzero(mine)[int(cos.argmax())]
         if state["kind"][j] == FOOL:
-            action.append("refuse"), ref.append(None), logits.append(None)
+            self._say(verdict, "refuse", None, None, float(cos.max()))
         elif state["logits"].shape[1] == 0 or np.isnan(state["logits"][j]).any():  # no answer recorded yet
-            action.append("busy"), ref.append(int(state["seq"][j])), logits.append(None)
+            self._say(verdict, "busy", int(state["seq"][j]), None, float(cos.max()))
         else:
-            action.append("cached"), ref.append(int(state["seq"][j])), logits.append(state["logits"][j].copy())
+            self._say(verdict, "cached", int(state["seq"][j]), state["logits"][j].copy(), float(cos.max()))
+        return True
 
-    def _append(self, state: dict, sk: np.ndarray, kind: int) -> np.ndarray:
-        if state["sketch"].shape[1] != sk.shape[1]:  # a first entry (or another model's features)
-            state.update(self._empty(state["logits"].shape[1]))
-            state["sketch"] = np.zeros((0, sk.shape[1]), np.float16)
-        n = len(sk)
+    def _choose(self, send_fools, i, sk, hist, state, mine, parts):
+        top = secrets.randbelow(parts)  # the secret coin: which vector may be the best matched one
+
+        def accept(cands, chosen):
+            chosen = np.concatenate([sk[i:i + 1], np.asarray(chosen, np.float32).reshape(-1, sk.shape[1])])
+            return hist.accept(chosen, cands, top, final=len(chosen) == parts - 1)
+
+        def burn(cands, pics=None):
+            return self.burn(np.asarray(cands, np.float32), pics, state, mine, sk)
+        return send_fools(i, accept, burn), top
+
+    def _related(self, state, mine, a) -> bool:
+        """Whether an image sent before (or earlier in this request) is within the floor of `a`."""
+        imgs = np.flatnonzero(mine & (state["kind"] == IMAGE))
+        return bool(len(imgs)) and float((state["sketch"][imgs].astype(np.float32) @ a).max()) >= self.floor
+
+    def _similar(self, state, mine, a, verdict, here: dict) -> None:
+        """No fool keeps the geometry symmetric: the earlier image it is related to answers, if any (``ref``:
+        its guard entry; or, with logits None, the index of an image of this request)."""
+        imgs = np.flatnonzero(mine & (state["kind"] == IMAGE))
+        cos = state["sketch"][imgs].astype(np.float32) @ a if len(imgs) else np.zeros(0)
+        j = imgs[int(cos.argmax())] if len(cos) else -1
+        if len(cos) and cos.max() >= self.floor and int(state["seq"][j]) in here:
+            self._say(verdict, "similar", here[int(state["seq"][j])], None, float(cos.max()))
+        elif len(cos) and cos.max() >= self.floor and state["logits"].shape[1] and \
+                not np.isnan(state["logits"][j]).any():
+            self._say(verdict, "similar", int(state["seq"][j]), state["logits"][j].copy(), float(cos.max()))
+        else:
+            self._say(verdict, "tells", None, None, float(cos.max()) if len(cos) else -1.0)
+
+    @staticmethod
+    def _say(verdict, action, ref, logits, cos) -> None:
+        verdict.cosine[len(verdict.action)] = cos
+        verdict.action.append(action), verdict.ref.append(ref), verdict.logits.append(logits), verdict.why.append("")
+
+    def _append(self, state, vecs, group, model, hist, mine, pics) -> np.ndarray:
+        n = len(vecs)
         start = int(state["seq"].max()) + 1 if len(state["seq"]) else 0
-        keys = np.arange(start, start + n, dtype=np.int64)
-        state["sketch"] = np.concatenate([state["sketch"], sk.astype(np.float16)])
-        state["kind"] = np.concatenate([state["kind"], np.full(n, kind, np.uint8)])
-        state["seq"] = np.concatenate([state["seq"], keys])
         width = state["logits"].shape[1]
-        state["logits"] = np.concatenate([state["logits"], np.full((n, width), np.nan, np.float32)])
-        return keys
+        new = {"sketch": vecs.astype(np.float16), "kind": np.array([IMAGE] + [FOOL] * (n - 1), np.uint8),
+               "group": np.full(n, group, np.int64), "seq": np.arange(start, start + n, dtype=np.int64),
+               "logits": np.full((n, width), np.nan, np.float32), "best": np.zeros(n, np.float32),
+               "model": np.full(n, model, "<U16"), "picture": pics, "top": hist.top[-n:]}
+        for k, v in new.items():
+            state[k] = np.concatenate([state[k], v])
+        state["best"][np.flatnonzero(np.append(mine, np.ones(n, bool)))] = hist.best  # the raised best matches
+        return np.append(mine, np.ones(n, dtype=bool))
 
     def pending_keys(self) -> set:
         """Index keys of the images whose answer is not recorded (sent or reserved, no logits yet)."""
@@ -223,7 +373,7 @@ class SentGuard:
         with self._lock():
             state = self._load()
             keep = np.array([int(s) not in drop for s in state["seq"]], dtype=bool)
-            self._save({k: v[keep] if len(v) else v for k, v in state.items()})
+            self._save({k: v[keep] for k, v in state.items()})
 
     def store_logits(self, keys: np.ndarray, logits: np.ndarray) -> None:
         """Cache the answers of the images just sent, under the keys screen_and_reserve gave them."""
@@ -240,8 +390,8 @@ class SentGuard:
 
 
 class NoGuard:
-    """The guard turned off (an audit's 'no guard' baseline, or `--guard-threshold` not wanted): every
-    image is sent. The fool rules still hold."""
+    """The guard turned off (the audit's picture of the old device): every image is sent, fools are taken
+    without the screen. The fool pool's own rules still hold."""
 
     path, threshold, capacity, stamp = None, None, 0, 0
 
@@ -254,21 +404,11 @@ class NoGuard:
     def forget(self, keys) -> None:
         pass
 
-    def too_close(self, sketches: np.ndarray) -> np.ndarray:
-        return np.zeros(len(sketches), dtype=bool)
-
-    def screen_and_reserve(self, features, send_fools):
+    def screen_and_reserve(self, features, send_fools, images=None, model="", parts=2, embed=None):
         n = len(features)
-        send = np.ones(n, dtype=bool)
-        return Verdict(["send"] * n, [None] * n, np.full(n, -1.0), [None] * n), send_fools(send), np.zeros(0)
+        fools = [send_fools(i, None, None) for i in range(n)]
+        return (Verdict(["send"] * n, [None] * n, np.full(n, -1.0), [None] * n, [""] * n, np.zeros(0, np.int64)),
+                [getattr(f, "features", f) for f in fools], np.zeros(0, np.int64))
 
     def store_logits(self, keys, logits) -> None:
         pass
-
-
-def default_guard_path(features_sha256: str) -> Path:
-    """Where a device keeps its guard index: the device state folder (cvconvert.device.state), one file per
-    features graph."""
-    from .state import guard_path
-
-    return guard_path(features_sha256)

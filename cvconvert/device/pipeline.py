@@ -16,11 +16,11 @@ from ..errors import CvError, one_line
 from .artifacts import ONNX_DIR, read_manifest
 from .fools import FoolPool, fallback_fool, low_water
 from .graphs import GraphRunner
-from .guard import NoGuard, SentGuard
+from .guard import GUARD_FILE, NoGuard, SentGuard, default_guard_path  # noqa: F401 (GUARD_FILE: its file name)
 from .journal import Journal, NoJournal
 from .keylaws import draw_keys
 from .remote import NotSent
-from .state import DeviceState, guard_path
+from .state import DeviceState
 
 
 class Pipeline(GraphRunner):
@@ -49,8 +49,8 @@ class Pipeline(GraphRunner):
     def _make_guard(self, guard):
         if guard is None or guard is False or not self.complex:
             return NoGuard()
-        if guard is True:  # with a pool: in the device state folder, next to the journal; else in memory
-            return SentGuard(guard_path(self.features_sha256) if self.pool is not None else None)
+        if guard is True:  # with a pool: the device's one guard (every pool and model version), else in memory
+            return SentGuard(default_guard_path() if self.pool is not None else None)
         return guard
 
     def _make_journal(self):
@@ -112,7 +112,10 @@ class Pipeline(GraphRunner):
         """Reserve fools, guard entries, keys and x for the images to send; a request that cannot be sent
         as a whole (a refused image, a blocked pending one) gives everything back before it says so."""
         self._taken_index = np.zeros(0, np.int64)
-        verdict, fools_b, seq = self.guard.screen_and_reserve(a, lambda mask: self._fool_features(images[mask], a))
+        self.last["pool_fools"] = 0
+        verdict, fools_b, seq = self.guard.screen_and_reserve(
+            a, lambda i, accept, burn: self._fools_for(images[i], accept, burn), images=images,
+            model=self.features_sha256[:16], parts=self.parts, embed=self._embed)
         try:
             self._refusals(verdict)
             resend = self._pending_rows(verdict)
@@ -125,7 +128,7 @@ class Pipeline(GraphRunner):
         req = _Request(verdict, send, resend)
         if send.any():
             req.key = self.new_keys(int(send.sum()))  # one secret key per image; stays on this device
-            b = fools_b.reshape((-1, self.parts - 1) + fools_b.shape[1:])
+            b = np.stack(fools_b)  # [n, P-1, ...] (every key law takes P-1 fools per image)
             req.x, req.seq = self.combine(a[send], b, req.key), np.asarray(seq, np.int64)
             req.rid = self.journal.record(st, req.x, req.key, req.seq, verdict.fool_keys, self._taken_index,
                                           [n for n, s in zip(names, send) if s])
@@ -202,15 +205,18 @@ class Pipeline(GraphRunner):
         row = {s: k + j for j, s in enumerate(req.resend)}
         verdict = req.verdict
         for i, (act, ref, cached) in enumerate(zip(verdict.action, verdict.ref, verdict.logits)):
-            if act == "cached":
+            if act in ("cached", "similar") and cached is not None:
                 out[i] = cached
             elif act == "busy":
                 out[i] = logits[row[ref]]
-        for i, (act, ref) in enumerate(zip(verdict.action, verdict.ref)):
-            if act == "same":
+        for i, (act, ref, cached) in enumerate(zip(verdict.action, verdict.ref, verdict.logits)):
+            if act == "same" or (act == "similar" and cached is None):  # an image of this request
                 out[i] = out[ref]
         self.last.update(sent=k, resent=[i for i, act in enumerate(verdict.action) if act == "busy"],
-                         cached=int(n - k), repeats=[i for i, act in enumerate(verdict.action) if act != "send"])
+                         cached=int(n - k), repeats=[i for i, act in enumerate(verdict.action) if act != "send"],
+                         similar=[i for i, act in enumerate(verdict.action) if act == "similar"],
+                         answered_from=[verdict.ref[i] if act in ("cached", "similar", "same") else None
+                                        for i, act in enumerate(verdict.action)])
         return out
 
     def resolve(self, abandon: bool = False) -> list[dict]:
@@ -235,11 +241,17 @@ class Pipeline(GraphRunner):
             out.append({"id": rec["id"], "names": rec["names"], "logits": self._answer(req, h)})
         return out
 
-    def _fool_features(self, images: np.ndarray, request_a: np.ndarray) -> np.ndarray:
-        """b for each image to send: a never-used pool fool (burning any that lies within the guard's
-        threshold of something sent or of this request's images), else fresh noise where allowed.
-        P parts: P-1 fools per image, [N * (P-1), ...] in image order (the guard records each one)."""
-        images = np.repeat(images, self.parts - 1, 0)
+    def _embed(self, pictures: np.ndarray) -> np.ndarray:
+        """Features of the guard's kept pictures (sent under another model version) under these graphs."""
+        from .guard import unpicture
+
+        return self.features(unpicture(pictures, self.input_shape))
+
+    def _fools_for(self, image: np.ndarray, accept, burn):
+        """The P-1 fools of one image to send: never-used pool fools that the guard's screen accepts (burning
+        any it must never send), else fresh noise where allowed; None when no pool fool keeps the geometry
+        symmetric (the guard then answers from a related earlier image, or refuses)."""
+        images = np.repeat(image[None], self.parts - 1, 0)
         if self.pool is None:
             if self.law.private_fools:
                 raise CvError(f"this model's key law ({self.law.name}) needs a device-private fool pool (a noise "
@@ -247,21 +259,17 @@ class Pipeline(GraphRunner):
                               "POOL --model-dir DIR IMAGES...` and pass --fool-dir POOL")
             self.last["fools"] = "noise"
             return self.features(np.stack([fallback_fool(im) for im in images]))
-        from .guard import sketch
-
-        own = sketch(request_a)
-
-        limit = min(self.guard.threshold or 1.0, 1 - 1e-5)
-
-        def reject(sk):  # a fool near something already sent, or near one of this request's own images
-            return self.guard.too_close(sk) | ((sk @ own.T).max(1) >= limit)
-        taken = self.pool.take(len(images), images, self.fool_rule, reject=reject)
-        self._taken_index = taken.index
-        self.last.update(fools="pool", pool_remaining=taken.remaining)
+        taken = self.pool.take(len(images), images, self.fool_rule, reject=burn, accept=accept)
+        self.last.update(fools="pool")
+        if taken is None:
+            return None
+        self.last["pool_fools"] = self.last.get("pool_fools", 0) + len(taken.index)
+        self._taken_index = np.concatenate([self._taken_index, taken.index])
+        self.last["pool_remaining"] = taken.remaining
         if taken.remaining < low_water(self.pool.meta.get("count", 0)):
             self.on_warning(f"fool pool {self.pool.path} is running low: {taken.remaining} unused fool(s) left; refill "
                             f"it with `cvconvert fools refill {self.pool.path} IMAGES...`")
-        return taken.features
+        return taken
 
     @staticmethod
     def _refusals(verdict) -> None:
@@ -269,6 +277,10 @@ class Pipeline(GraphRunner):
             if act == "refuse":
                 raise CvError(f"image {i} is a near-duplicate (cosine {verdict.cosine[i]:.4f}) of a fooling image this "
                               "device already sent: sending it would expose both; nothing was sent")
+            if act == "tells":
+                raise CvError(f"image {i} would be told from its fools: its transmission and an earlier one share a "
+                              "direction no unused pool fool can match (a near-duplicate or look-alike of an image "
+                              "sent before); nothing was sent")
 
 
 class _Request:

@@ -3,7 +3,7 @@ files 0600), one generation number, and the journal of requests whose answer is 
 
     STATE/state.json            generation G; per guard file the generation it was last written at; per
                                 fool pool a copy of its ledger; the pending requests (the journal's index)
-    STATE/guard-<model>.npz     the near-duplicate guard of one features graph (written with its generation)
+    STATE/guard.npz             the query guard, one for every model version (written with its generation)
     STATE/journal/<id>.npz      one request: the x sent, its secret keys, the guard keys of its images and
                                 fools, the pool indices of its fools (0600: the keys never leave this folder)
 
@@ -42,9 +42,10 @@ def state_dir() -> Path:
     return Path(root)
 
 
-def guard_path(features_sha256: str, root: Path | None = None) -> Path:
-    """The guard index of one features graph, inside the state folder."""
-    return Path(root or state_dir()) / f"guard-{features_sha256[:16]}.npz"
+def guard_path(features_sha256: str | None = None, root: Path | None = None) -> Path:
+    """The device's one guard index, inside the state folder: shared by every pool and model version (issue
+    19: the cloud's memory spans model versions, so the device's must too); the argument is kept for callers."""
+    return Path(root or state_dir()) / "guard.npz"
 
 
 def disk_error(path, exc: OSError, what: str = "write") -> CvError:
@@ -88,7 +89,7 @@ class DeviceState:
     def load(self) -> dict:
         """state.json, or a new state when there is none (and no journal or guard says there should be)."""
         if not self.file.exists():
-            leftovers = sorted(p.name for p in self.root.glob("guard-*.npz")) + sorted(
+            leftovers = sorted(p.name for p in self.root.glob("guard*.npz")) + sorted(
                 p.name for p in self.journal.glob("*.npz"))
             if leftovers:
                 raise CvError(f"the device state {self.file} is missing although {self.root} holds {leftovers[0]}: "

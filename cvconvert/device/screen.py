@@ -1,0 +1,183 @@
+"""The device runs the cloud's cross-transmission attack before it sends (numpy only, torch-free).
+
+What the cloud computes from two transmissions s, t (docs/privacy.md): orthonormal bases Q_s, Q_t of the
+spans of their P parts, and the singular values s_0 >= ... of Q_s^T Q_t, the cosines of the principal
+angles. When s_0 is high and the rest are not (a near-duplicate or a look-alike of an earlier image, sent
+with an unrelated fool), the first principal vector is the image's direction: it names the image and
+estimates it better than one transmission does. When all P cosines are about equal (the fools as related
+as the images) the principal vectors are any mixture of the P parts, and the pair tells nothing new.
+
+The cloud, for each transmission, takes its best pair (largest s_0 over everything it holds) and reads the
+vector its first principal vector lies nearest as the image. The device draws a secret coin per
+transmission (which of its P vectors that is to be) and sends only what keeps every coin: the new
+transmission's best pair names its coin (once s_0 reaches ``floor``, with a lead of ``margin``), and every
+earlier transmission it becomes the best pair of still has its own coin named. Then the cloud's reading
+is right 1/P of the time. ``History`` holds the past spans (count-sketched: a count sketch keeps inner
+products to about 1/sqrt(k), and principal cosines with them, see tests/test_query_guard.py) and says
+which candidate fools keep every coin.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_FLOOR = 0.80   # measured (docs/privacy.md): near-duplicates and look-alikes of an earlier image reach it
+DEFAULT_MARGIN = 0.02  # the count sketch's error on principal cosines (p99 0.02): the named vector's lead must beat it
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float32)
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def orth(vectors: np.ndarray) -> np.ndarray:
+    """[p, K] vectors -> [K, p] orthonormal basis of their span."""
+    q, _ = np.linalg.qr(np.asarray(vectors, np.float64).T)
+    return q
+
+
+def cosines(qs: np.ndarray, qt: np.ndarray) -> np.ndarray:
+    """Principal cosines between each past span qs [G, K, s] and the span qt [K, p]: [G, min(s, p)], largest
+    first."""
+    m = np.einsum("gks,kp->gsp", qs, qt)
+    return np.linalg.svd(m, compute_uv=False)
+
+
+class History:
+    """The past transmissions of one model's feature space: unit (sketched) vectors [n, K], the transmission
+    each belongs to, each transmission's best pair so far (its largest first principal cosine with another
+    transmission: what the cloud pairs it with, stored on each of its vectors) and its secret coin (``top``:
+    the vector that pair's principal vector must name)."""
+
+    def __init__(self, vectors, groups, best=None, floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN,
+                 top=None):
+        self.floor, self.margin = float(floor), float(margin)
+        vectors = np.asarray(vectors, np.float32)
+        self.v = unit(vectors.reshape(len(groups), vectors.shape[-1] if vectors.ndim > 1 else 0)).astype(np.float64)
+        self.g = np.asarray(groups, np.int64)
+        self._bases()
+        self.best = np.asarray(best, np.float64) if best is not None else self._all_best()
+        self.top = np.asarray(top, bool) if top is not None else self._named_now()
+
+    def _bases(self) -> None:
+        """One orthonormal basis per transmission: Q [G, K, dmax] (zero columns where a span is smaller)."""
+        self.ids, inv = np.unique(self.g, return_inverse=True)
+        dmax = int(np.bincount(inv).max()) if len(inv) else 0
+        k = self.v.shape[1] if len(self.v) else 0
+        self.q = np.zeros((len(self.ids), k, dmax))
+        for j in range(len(self.ids)):
+            rows = self.v[inv == j]
+            self.q[j, :, :len(rows)] = orth(rows)
+        self.inv = inv
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _pairs(self, basis: np.ndarray):
+        """Against the span with orthonormal `basis` [K, p]: per past transmission the first principal cosine
+        [G], the principal vector in the past span [G, K] and its coefficients in `basis` [G, p]."""
+        m = np.einsum("gkd,kp->gdp", self.q, basis)
+        u, s, vt = np.linalg.svd(m)
+        return s[:, 0], np.einsum("gkd,gd->gk", self.q, u[:, :, 0]), vt[:, 0, :]
+
+    @staticmethod
+    def _names(u: np.ndarray, vectors: np.ndarray) -> tuple[int, float]:
+        """Which of `vectors` [p, K] the direction u lies nearest (|cos|), and by how much over the next."""
+        c = np.sort(np.abs(vectors @ u))[::-1]
+        return int(np.argmax(np.abs(vectors @ u))), float(c[0] - (c[1] if len(c) > 1 else 0.0))
+
+    def _all_best(self) -> np.ndarray:
+        best = np.zeros(len(self.g))
+        for j in range(len(self.ids)):
+            s0, _, _ = self._pairs(self.q[j])
+            s0[j] = 0.0
+            best[self.inv == j] = s0.max() if len(s0) else 0.0
+        return best
+
+    def _named_now(self) -> np.ndarray:
+        """Coins unknown (an older memory): the vector each transmission's best pair names now."""
+        top = np.zeros(len(self.g), dtype=bool)
+        for j in range(len(self.ids)):
+            rows = np.flatnonzero(self.inv == j)
+            s0, u, _ = self._pairs(self.q[j])
+            s0[j] = -1.0
+            top[rows[self._names(u[np.argmax(s0)], self.v[rows])[0] if len(s0) > 1 else 0]] = True
+        return top
+
+    def fine(self, vectors: np.ndarray, top: int) -> tuple[bool, str]:
+        """Whether the transmission of `vectors` [p, K] (the image first) keeps every coin: its best pair's
+        principal vector (once that pair's cosine reaches the floor) names vector `top` by at least the
+        margin, and every earlier transmission whose best pair it becomes still has its own coin named.
+        Then "the vector the best pair names is the image" is right 1/P of the time. (ok, why not)."""
+        if not len(self.ids):
+            return True, ""
+        vectors = unit(np.asarray(vectors, np.float64))
+        basis = orth(vectors)
+        s0, u_past, coef = self._pairs(basis)
+        j = int(np.argmax(s0))
+        if s0[j] >= self.floor:
+            named, lead = self._names(basis @ coef[j], vectors)
+            if named != top or lead < self.margin:
+                return False, "the coin"
+        for j in np.flatnonzero((s0 > self.best_of_group()) & (s0 >= self.floor)):
+            rows = np.flatnonzero(self.inv == j)
+            named, _ = self._names(u_past[j], self.v[rows])
+            if not self.top[rows[named]]:
+                return False, "an earlier transmission's coin"
+        return True, ""
+
+    def named(self, vectors: np.ndarray) -> int:
+        """The vector of a transmission [p, K] that its best pair's principal vector names now (0: no history)."""
+        if not len(self.ids):
+            return 0
+        vectors = unit(np.asarray(vectors, np.float64))
+        basis = orth(vectors)
+        s0, _, coef = self._pairs(basis)
+        return self._names(basis @ coef[int(np.argmax(s0))], vectors)[0]
+
+    def best_of_group(self) -> np.ndarray:
+        out = np.zeros(len(self.ids))
+        np.maximum.at(out, self.inv, self.best)
+        return out
+
+    def accept(self, chosen: np.ndarray, cands: np.ndarray, top: int, final: bool) -> np.ndarray:
+        """bool [c]: which candidate fools [c, K] may join `chosen` [j, K] (the image, then the fools picked so
+        far). ``final``: the candidate completes the transmission; a partial one is not judged (P > 2)."""
+        cands = unit(np.asarray(cands, np.float32).reshape(len(cands), -1)).astype(np.float64)
+        if not len(self.ids) or not final:
+            return np.ones(len(cands), dtype=bool)
+        chosen = np.asarray(chosen, np.float64)
+        ok = np.zeros(len(cands), dtype=bool)
+        sides = np.zeros((len(cands), 2), dtype=bool)  # would pass with the coin on the image / on this fool
+        for i in range(len(cands)):
+            both = np.concatenate([chosen, cands[i:i + 1]])
+            for k, side in enumerate((0, len(both) - 1)):
+                sides[i, k] = self.fine(both, side)[0]
+            ok[i] = sides[i, 0] if top == 0 else sides[i, 1] if top == len(both) - 1 else self.fine(both, top)[0]
+        if not (sides[:, 0].any() and sides[:, 1].any()):
+            # send only when the pool could have served either side of the coin: otherwise which images get
+            # sent would depend on the coin, and the sent ones would tell it
+            ok[:] = False
+        return ok
+
+    def add(self, vectors: np.ndarray, group: int, top: int = 0) -> None:
+        vectors = unit(np.asarray(vectors, np.float32).reshape(len(vectors), -1)).astype(np.float64)
+        basis = orth(vectors)
+        if len(self.ids):
+            s0, _, _ = self._pairs(basis)
+            self.best = np.maximum(self.best, s0[self.inv])
+            own = float(s0.max())
+        else:
+            own = 0.0
+        self.top = np.append(self.top, np.arange(len(vectors)) == top)
+        self.v = np.concatenate([self.v.reshape(len(self.v), vectors.shape[1]), vectors])
+        self.g = np.append(self.g, np.full(len(vectors), group))
+        self.best = np.append(self.best, np.full(len(vectors), own))
+        if len(self.ids) and self.q.shape[2] >= basis.shape[1]:
+            pad = np.zeros((1,) + self.q.shape[1:])
+            pad[0, :, :basis.shape[1]] = basis
+            self.q = np.concatenate([self.q, pad])
+            self.ids = np.append(self.ids, group)
+            self.inv = np.append(self.inv, np.full(len(vectors), len(self.ids) - 1))
+        else:
+            self._bases()
