@@ -8,7 +8,7 @@ import pytest
 # OpenMP threads that wait by sleeping, not spinning. Read once, when torch loads libgomp, so it is set before
 # `import torch` (and server subprocesses inherit it). On a busy 2-core machine a spinning thread burns the
 # core its descheduled partner needs at every parallel region: tests/test_convert.py took 151 s wall (44 s
-# CPU) against 56 s (15 s CPU) with this, beside three busy processes; idle, both take about 14 s.
+# CPU) against 56 s (15 s CPU) with this, beside three busy processes (the whole suite: issue 21, item 6).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
