@@ -259,7 +259,7 @@ class SentGuard:
             verdict = Verdict([], [], np.full(len(sk), -1.0), [], [])
             fools, keys, here, fool_keys = [], [], {}, []  # here: entry seq -> index of this request's images sent
             for i in range(len(sk)):
-                if self._repeat(state, mine, sk, i, verdict):
+                if self._repeat(state, mine, sk, i, verdict, here):
                     continue
                 taken, top = self._choose(send_fools, i, sk, hist, state, mine, parts)
                 if taken is None and self._related(state, mine, sk[i]):
@@ -288,8 +288,10 @@ class SentGuard:
         verdict.fool_keys = np.asarray(fool_keys, np.int64)
         return verdict, fools, np.asarray(keys, np.int64)
 
-    def _repeat(self, state, mine, sk, i, verdict) -> bool:
-        """An exact repeat of this request's earlier image, or of something sent: decided here."""
+    def _repeat(self, state, mine, sk, i, verdict, here: dict) -> bool:
+        """An exact repeat of this request's earlier image, or of something sent: decided here. This request's
+        images are in the index already (float16), so a repeat of one of them is told by its entry, not by
+        comparing cosines that rounding can order either way."""
         limit = min(self.threshold, 1.0 - 1e-5)  # exact repeats pass 1 - 1e-5 despite float rounding
         earlier = [j for j in range(i) if verdict.action[j] == "send"]
         inner = sk[earlier] @ sk[i] if earlier else np.zeros(0)
@@ -301,7 +303,9 @@ class SentGuard:
         if not len(cos) or cos.max() < limit:
             return False
         j = np.flatnonzero(mine)[int(cos.argmax())]
-        if state["kind"][j] == FOOL:
+        if int(state["seq"][j]) in here:  # an image of this request, reserved a moment ago
+            self._say(verdict, "same", here[int(state["seq"][j])], None, float(cos.max()))
+        elif state["kind"][j] == FOOL:
             self._say(verdict, "refuse", None, None, float(cos.max()))
         elif state["logits"].shape[1] == 0 or np.isnan(state["logits"][j]).any():  # no answer recorded yet
             self._say(verdict, "busy", int(state["seq"][j]), None, float(cos.max()))
