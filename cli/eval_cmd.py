@@ -24,7 +24,7 @@ def eval_cmd(
 ):
     """Print the test error and write it to DIR/eval.json."""
     from cvconvert.errors import CvError
-    from cvconvert.train import eval_dir
+    from cvconvert.evaluate import eval_dir
 
     if batch_size < 1 or (limit is not None and limit < 1):
         raise CvError("--batch-size and --limit must be positive")
