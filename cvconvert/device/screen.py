@@ -75,10 +75,12 @@ class History:
 
     def _pairs(self, basis: np.ndarray):
         """Against the span with orthonormal `basis` [K, p]: per past transmission the first principal cosine
-        [G], the principal vector in the past span [G, K] and its coefficients in `basis` [G, p]."""
-        m = np.einsum("gkd,kp->gdp", self.q, basis)
+        [G], the principal vector's coefficients in the past span [G, d] (the vector itself, for row j:
+        ``self.q[j] @ u[j]``, formed only where it is read: at G = 5000 forming all of them was most of the
+        screen's time) and its coefficients in `basis` [G, p]."""
+        m = np.matmul(self.q.transpose(0, 2, 1), basis)
         u, s, vt = np.linalg.svd(m)
-        return s[:, 0], np.einsum("gkd,gd->gk", self.q, u[:, :, 0]), vt[:, 0, :]
+        return s[:, 0], u[:, :, 0], vt[:, 0, :]
 
     @staticmethod
     def _names(u: np.ndarray, vectors: np.ndarray) -> tuple[int, float]:
@@ -101,7 +103,8 @@ class History:
             rows = np.flatnonzero(self.inv == j)
             s0, u, _ = self._pairs(self.q[j])
             s0[j] = -1.0
-            top[rows[self._names(u[np.argmax(s0)], self.v[rows])[0] if len(s0) > 1 else 0]] = True
+            b = int(np.argmax(s0))
+            top[rows[self._names(self.q[b] @ u[b], self.v[rows])[0] if len(s0) > 1 else 0]] = True
         return top
 
     def fine(self, vectors: np.ndarray, top: int) -> tuple[bool, str]:
@@ -121,7 +124,7 @@ class History:
                 return False, "the coin"
         for j in np.flatnonzero((s0 > self.best_of_group()) & (s0 >= self.floor)):
             rows = np.flatnonzero(self.inv == j)
-            named, _ = self._names(u_past[j], self.v[rows])
+            named, _ = self._names(self.q[j] @ u_past[j], self.v[rows])
             if not self.top[rows[named]]:
                 return False, "an earlier transmission's coin"
         return True, ""
