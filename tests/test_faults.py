@@ -498,3 +498,41 @@ def test_status_checks_the_recorded_hashes(pool):
     np.save(pool.path / "features.npy", feats[::-1].copy())
     one_line_error(CliRunner().invoke(app, ["fools", "status", str(pool.path)]), "features.npy",
                    "changed after it was written")
+
+
+# ---------------------------------------------------------------------------------------------------
+# found in review: a screen failing part-way, and the guard's capacity
+
+
+def test_pool_used_up_part_way_costs_no_fool(world, tmp_path, proxy):
+    """Four images, a pool of two fools: the screen takes two and then fails; both go back, nothing pending."""
+    from cvconvert.cli.fools import _load
+
+    pipe = Pipeline.from_model_dir(world["model"], guard=None)
+    arr, _ = _load([world["base"] / "fools"], pipe.manifest, False)
+    small = FoolPool.create(tmp_path / "small", arr[:2], pipe.features(arr[:2]), features_sha256=pipe.features_sha256,
+                            input_shape=pipe.input_shape, feature_shape=pipe.features(arr[:1]).shape[1:])
+    res = infer(world, small, proxy.url, "A")
+    one_line_error(res, "unused fool")
+    assert used(small) == 0 and pending() == {} and len(proxy.seen) == 0
+
+
+def test_a_full_guard_never_forgets_a_pending_image(tmp_path):
+    """Past --guard-size the oldest transmissions are forgotten, but never one whose answer is still due:
+    forgotten, its image would be sent again with a fresh fool instead of its journaled x."""
+    from cvconvert.device.guard import SentGuard
+
+    rng = np.random.default_rng(0)
+    guard = SentGuard(tmp_path / "guard.npz", capacity=2)
+    images = rng.normal(size=(3, 1, 8, 8)).astype(np.float32)
+
+    def fools(i, accept, burn):
+        return rng.normal(size=(1, 1, 8, 8)).astype(np.float32)
+
+    first, _, keys = guard.screen_and_reserve(images[:1], fools, parts=2)
+    assert first.action == ["send"]  # sent, never answered: pending
+    for i in (1, 2):  # answered transmissions push the guard past its capacity
+        _, _, k = guard.screen_and_reserve(images[i:i + 1], fools, parts=2)
+        guard.store_logits(k, np.zeros((1, 10), np.float32))
+    again, _, _ = guard.screen_and_reserve(images[:1], fools, parts=2)
+    assert again.action == ["busy"] and again.ref == [int(keys[0])]

@@ -231,9 +231,10 @@ def test_guard_answers_repeats_from_the_cache_and_refuses_a_fool_sent_back(tmp_p
     np.testing.assert_array_equal(verdict.logits[1], np.eye(2, 10)[1])
     assert verdict.ref[3] == 2
     assert oct((tmp_path / "g.npz").stat().st_mode & 0o777) == "0o600"
-    small = SentGuard(tmp_path / "s.npz", capacity=2, floor=1.0)  # bounded: the oldest are forgotten
+    small = SentGuard(tmp_path / "s.npz", capacity=2, floor=1.0)  # bounded: the oldest answered are forgotten
     for i in range(4):
-        small.screen_and_reserve(a[i:i + 1], lambda j, accept, burn: b[i:i + 1])
+        _, _, k = small.screen_and_reserve(a[i:i + 1], lambda j, accept, burn: b[i:i + 1])
+        small.store_logits(k, np.eye(1, 10))  # answered (a pending one is never forgotten: test_faults)
     assert len(small) == 2  # two transmissions of an image and a fool: the newest one kept whole
     with pytest.raises(CvError, match="threshold"):
         SentGuard(None, threshold=1.5)

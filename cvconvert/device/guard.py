@@ -175,6 +175,9 @@ class SentGuard:
         if len(state["seq"]) > self.capacity:  # forget the oldest transmissions, whole
             cutoff = np.sort(state["seq"])[-self.capacity]
             keep = np.isin(state["group"], state["group"][state["seq"] >= cutoff])
+            # a pending image is never forgotten: forgotten, it would be sent again with a fresh key and fool
+            # instead of its journaled x
+            keep |= np.isin(state["group"], state["group"][self._unanswered(state)])
             state = {k: v[keep] for k, v in state.items()}
         state = {k: v for k, v in state.items() if k != "generation"}
         if self.path is None:
@@ -361,13 +364,18 @@ class SentGuard:
         state["best"][np.flatnonzero(np.append(mine, np.ones(n, bool)))] = hist.best  # the raised best matches
         return np.append(mine, np.ones(n, dtype=bool))
 
+    @staticmethod
+    def _unanswered(state: dict) -> np.ndarray:
+        """bool [n]: the images whose answer is not recorded (sent or reserved, no logits yet)."""
+        if not len(state["seq"]):
+            return np.zeros(0, dtype=bool)
+        nan = np.isnan(state["logits"]).any(1) if state["logits"].shape[1] else np.ones(len(state["seq"]), bool)
+        return (state["kind"] == IMAGE) & nan
+
     def pending_keys(self) -> set:
         """Index keys of the images whose answer is not recorded (sent or reserved, no logits yet)."""
         state = self._load()
-        if not len(state["seq"]):
-            return set()
-        nan = np.isnan(state["logits"]).any(1) if state["logits"].shape[1] else np.ones(len(state["seq"]), bool)
-        return {int(s) for s in state["seq"][(state["kind"] == IMAGE) & nan]}
+        return {int(s) for s in state["seq"][self._unanswered(state)]}
 
     def forget(self, keys) -> None:
         """Drop entries (a reservation released because nothing left the device): as if never seen."""

@@ -119,10 +119,15 @@ class Journal:
         got = self.guard.stored_generation()
         if got is None or got <= st["generation"]:
             return False
-        held = {int(s) for e in self.entries.values() for s in e["seq"]}
+        # every model's pending entries hold their guard keys (the guard is one per device, the entries
+        # loaded here are this model's only)
+        held = {int(s) for rid in st["pending"] for s in self._entry(rid)["seq"]}
         orphans = self.guard.pending_keys() - held
         self.guard.forget(orphans)
         return bool(orphans)
+
+    def _entry(self, rid: str) -> dict:
+        return self.entries[rid] if rid in self.entries else self.state.read_entry(rid)
 
     def _undo(self, st: dict, rid: str, entry: dict) -> None:
         """Release a reservation that never left the device (idempotent: a crash may repeat it)."""

@@ -113,9 +113,14 @@ class Pipeline(GraphRunner):
         as a whole (a refused image, a blocked pending one) gives everything back before it says so."""
         self._taken_index = np.zeros(0, np.int64)
         self.last["pool_fools"] = 0
-        verdict, fools_b, seq = self.guard.screen_and_reserve(
-            a, lambda i, accept, burn: self._fools_for(images[i], accept, burn), images=images,
-            model=self.features_sha256[:16], parts=self.parts, embed=self._embed)
+        try:  # a screen that fails part-way (pool used up, a bad image) saved no guard entry: give its fools back
+            verdict, fools_b, seq = self.guard.screen_and_reserve(
+                a, lambda i, accept, burn: self._fools_for(images[i], accept, burn), images=images,
+                model=self.features_sha256[:16], parts=self.parts, embed=self._embed)
+        except BaseException:
+            if self.pool is not None and len(self._taken_index):
+                self.pool.release(self._taken_index)
+            raise
         try:
             self._refusals(verdict)
             resend = self._pending_rows(verdict)
