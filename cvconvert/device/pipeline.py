@@ -25,7 +25,8 @@ from .state import DeviceState
 
 class Pipeline(GraphRunner):
     """GraphRunner plus the device's rules. pool: a FoolPool (device-private fools, each used once).
-    guard: True (the near-duplicate guard: in the pool's folder, else in memory), a SentGuard, or None (off).
+    guard: True (the device's one guard, in the state folder $CVCONVERT_STATE_DIR), a SentGuard (path None:
+    in memory, for this process only), or None (off).
     """
 
     def __init__(self, encoder, processing, decoder, manifest: dict, *, provider: str = "auto",
@@ -49,8 +50,8 @@ class Pipeline(GraphRunner):
     def _make_guard(self, guard):
         if guard is None or guard is False or not self.complex:
             return NoGuard()
-        if guard is True:  # with a pool: the device's one guard (every pool and model version), else in memory
-            return SentGuard(default_guard_path() if self.pool is not None else None)
+        if guard is True:  # the device's one guard, on disk (every pool, model version and process)
+            return SentGuard(default_guard_path())
         return guard
 
     def _make_journal(self):
