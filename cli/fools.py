@@ -220,12 +220,13 @@ def audit(
     import numpy as np
 
     from cvconvert.device.fools import FoolPool, POOL_FILES
-    from cvconvert.device.guard import SentGuard, default_guard_path
+    from cvconvert.device.guard import SentGuard
+    from cvconvert.device.state import guard_path
     from cvconvert.device.pool_audit import DEFAULT_WARN_AUC, separability
 
     pipe = _pipeline(model_dir)
     target = FoolPool.open(pool, pipe.features_sha256)
-    sent = SentGuard(default_guard_path()).sent_images(pipe.features_sha256[:16], pipe._embed)
+    sent = SentGuard(guard_path()).sent_images(pipe.features_sha256[:16], pipe._embed)
     free = np.load(target.path / POOL_FILES["ledger"]) == 0
     fools = np.load(target.path / POOL_FILES["sketches"]).astype(np.float32)[free]
     res = separability(sent, fools) if len(sent) and sent.shape[1] == fools.shape[1] else \

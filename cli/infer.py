@@ -102,9 +102,10 @@ def _graphs(model_dir, encoder, processing, decoder, manifest, server):
 def _guard(threshold: float, size: int, floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN):
     """The query guard: one memory per device, in its state folder (cvconvert.device.state), shared by every
     pool and model version."""
-    from cvconvert.device.guard import SentGuard, default_guard_path
+    from cvconvert.device.guard import SentGuard
+    from cvconvert.device.state import guard_path
 
-    return SentGuard(default_guard_path(), threshold, size, floor, margin)
+    return SentGuard(guard_path(), threshold, size, floor, margin)
 
 
 def _exported_sha256(encoder: Path, part: str = "processing") -> str | None:
@@ -124,6 +125,7 @@ def build_pipeline(model_dir, encoder, processing, decoder, manifest, *, fool_di
     server checked to serve this export's model before anything is sent."""
     from cvconvert.errors import CvError
     from cvconvert.device.fools import FoolPool
+    from cvconvert.device.contracts import is_complex
     from cvconvert.device.pipeline import Pipeline
 
     encoder, processing, decoder, features, man = _graphs(model_dir, encoder, processing, decoder, manifest, server)
@@ -134,11 +136,11 @@ def build_pipeline(model_dir, encoder, processing, decoder, manifest, *, fool_di
         except ImportError:
             raise CvError("--server needs cvconvert.device.remote, which this installation lacks") from None
         proc = RemoteProcessing(server, model_name or f"{man['arch']}_processing", timeout, retries=retries)
-    pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, guard=None)
-    pool = FoolPool.open(fool_dir, pipe.features_sha256) if fool_dir is not None and pipe.complex else None
+    complex_ = is_complex(man)  # baselines take no pool and no guard
+    pool = FoolPool.open(fool_dir) if fool_dir is not None and complex_ else None  # Pipeline checks its model
+    pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, pool=pool,
+                    guard=_guard(guard_threshold, guard_size, guard_floor, guard_margin) if complex_ else None)
     if pipe.complex:
-        pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, pool=pool,
-                        guard=_guard(guard_threshold, guard_size, guard_floor, guard_margin))
         pipe.on_warning = lambda msg: info(f"warning: {msg}")
     if server is not None:
         x_shape = ([pipe.parts] if pipe.complex else []) + list(man["feature_shape"]) if "feature_shape" in man else None

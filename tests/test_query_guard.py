@@ -210,7 +210,7 @@ def _labels():
 def test_fools_audit_catches_a_skewed_pool(setup, tmp_path, monkeypatch):
     import json
 
-    from cvconvert.device.guard import default_guard_path
+    from cvconvert.device.state import guard_path
 
     model, root, imgs = setup
     monkeypatch.setenv("CVCONVERT_STATE_DIR", str(tmp_path / "state"))
@@ -218,7 +218,7 @@ def test_fools_audit_catches_a_skewed_pool(setup, tmp_path, monkeypatch):
     foot = np.flatnonzero(np.isin(labs[:3000], [5, 7, 9]))
     probe = Pipeline.from_model_dir(model, guard=None)
     sent = imgs[foot[:100]]
-    guard = SentGuard(default_guard_path(), floor=1.0)  # record 100 footwear requests (the screen is not tested here)
+    guard = SentGuard(guard_path(), floor=1.0)  # record 100 footwear requests (the screen is not tested here)
     guard.screen_and_reserve(probe.features(sent), lambda i, accept, burn: probe.features(imgs[3000 + i:3001 + i]),
                              images=sent, model=probe.features_sha256[:16])
     _pool(model, tmp_path / "all", imgs[5000:5150])                     # every class

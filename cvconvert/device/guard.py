@@ -11,7 +11,7 @@ share a direction that is the image's. So for each image the device
    against every past span) and picks the fools from the pool so that the geometry stays symmetric;
 3. when no pool fool does, answers from the earlier related image's answer (``similar``), else refuses.
 
-What is kept (a 0600 npz in ``state_dir()``, never sent, never logged), per vector sent (images and
+What is kept (a 0600 npz in the device's state folder, ``cvconvert.device.state.guard_path()``, never sent, never logged), per vector sent (images and
 fools): its feature as a fixed count sketch of at most ``SKETCH_DIM`` numbers (a count sketch keeps inner
 products, and with them principal cosines, to about 1/sqrt(SKETCH_DIM)), its transmission, its current
 best match, which model computed it, the image's answer, and a model-independent picture (grey, at most
@@ -41,22 +41,7 @@ SKETCH_SEED = 20200214  # public and fixed: the sketch only has to be the same o
 PICTURE = 32            # side of the kept pictures
 PICTURE_THRESHOLD = 0.995  # 16 x 16 pixel cosine: a copy or re-encoding of a picture (measured: JPEG 70 0.997+)
 IMAGE, FOOL = 0, 1
-GUARD_FILE = "guard.npz"
 FIELDS = ("sketch", "kind", "group", "seq", "logits", "best", "model", "picture", "top")
-
-
-def state_dir() -> Path:
-    """The device's private state folder (cvconvert.device.state)."""
-    from .state import state_dir as root
-
-    return root()
-
-
-def default_guard_path(features_sha256: str | None = None) -> Path:
-    """The one guard file of this device, in its state folder (every pool and model version share it)."""
-    from .state import guard_path
-
-    return guard_path(features_sha256)
 
 
 def sketch(features: np.ndarray) -> np.ndarray:

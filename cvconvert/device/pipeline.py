@@ -16,11 +16,11 @@ from ..errors import CvError, one_line
 from .artifacts import ONNX_DIR, read_manifest
 from .fools import FoolPool, fallback_fool, low_water
 from .graphs import GraphRunner
-from .guard import GUARD_FILE, NoGuard, SentGuard, default_guard_path  # noqa: F401 (GUARD_FILE: its file name)
+from .guard import NoGuard, SentGuard
 from .journal import Journal, NoJournal
 from .keylaws import draw_keys
 from .remote import NotSent
-from .state import DeviceState
+from .state import DeviceState, guard_path
 
 
 class Pipeline(GraphRunner):
@@ -51,7 +51,7 @@ class Pipeline(GraphRunner):
         if guard is None or guard is False or not self.complex:
             return NoGuard()
         if guard is True:  # the device's one guard, on disk (every pool, model version and process)
-            return SentGuard(default_guard_path())
+            return SentGuard(guard_path())
         return guard
 
     def _make_journal(self):
@@ -182,10 +182,10 @@ class Pipeline(GraphRunner):
     def _answer(self, req: _Request, h: np.ndarray) -> np.ndarray:
         """Check h, decode it with the stored keys, record the answers (a failure to store them is a
         warning: the answer is still returned and the journal keeps the request)."""
-        if not len(req.all_x()):
+        n = len(req.all_x())  # new and resent rows (all_x concatenates them)
+        if not n:
             return np.zeros((0, len(self.class_names)), np.float32)
         want = self.sessions["decoder"].get_inputs()[0].shape[1:]
-        n = len(req.all_x())
         bad = None
         if all(isinstance(d, int) for d in want) and tuple(h.shape) != (n, *want):
             bad = f"an h of shape {list(h.shape)}, the contract says [{n}, {', '.join(map(str, want))}]"

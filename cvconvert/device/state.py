@@ -42,10 +42,13 @@ def state_dir() -> Path:
     return Path(root)
 
 
+GUARD_FILE = "guard.npz"
+
+
 def guard_path(features_sha256: str | None = None, root: Path | None = None) -> Path:
     """The device's one guard index, inside the state folder: shared by every pool and model version (issue
     19: the cloud's memory spans model versions, so the device's must too); the argument is kept for callers."""
-    return Path(root or state_dir()) / "guard.npz"
+    return Path(root or state_dir()) / GUARD_FILE
 
 
 def disk_error(path, exc: OSError, what: str = "write") -> CvError:
