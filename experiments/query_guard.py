@@ -86,7 +86,7 @@ def make_pool(model, path, pics):
 def run(stages, new: bool, tmp: Path, photos, cloud, answers: list | None = None) -> dict:
     """stages: [(model dir, pool name, [request images])]; a pool name seen before is reused. answers: if
     given, gets (top-1 class or -1, how: sent / similar / cached / refused) per request."""
-    cost = {"requests": 0, "sent": 0, "similar": 0, "cached": 0, "refused": 0, "pool_fools": 0}
+    cost = {"requests": 0, "sent": 0, "similar": 0, "cached": 0, "refused": 0, "pool_fools": 0, "mirrored": 0}
     answers = [] if answers is None else answers
     pools = {}
     for model, name, reqs in stages:
@@ -108,6 +108,7 @@ def run(stages, new: bool, tmp: Path, photos, cloud, answers: list | None = None
             cost["similar"] += len(pipe.last.get("similar", []))
             cost["cached"] += pipe.last["cached"] - len(pipe.last.get("similar", []))
             cost["pool_fools"] += pipe.last.get("pool_fools", 0)
+            cost["mirrored"] += pipe.last.get("mirrored", 0)
     return cost
 
 

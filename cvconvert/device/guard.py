@@ -217,26 +217,30 @@ class SentGuard:
 
     # -- the checks --------------------------------------------------------------------------------
     def burn(self, sketches: np.ndarray, pics: np.ndarray | None, state: dict, mine: np.ndarray,
-             own: np.ndarray) -> np.ndarray:
+             own: np.ndarray, source: int | None = None) -> np.ndarray:
         """bool [k]: candidate fools never to send: within the threshold of a vector sent (or of this
-        request's images `own`), or a copy of a picture sent before under any model."""
+        request's images `own`), or a copy of a picture sent before under any model. ``source``: the entry a
+        mirror fool mirrors, whose picture it may resemble (cvconvert.device.mirror)."""
         limit = min(self.threshold, 1.0 - 1e-5)
         sent = state["sketch"][mine].astype(np.float32)
         out = np.zeros(len(sketches), dtype=bool)
         for ref in (sent, own):
             if len(ref) and ref.shape[1] == sketches.shape[1]:
                 out |= (sketches @ ref.T).max(1) >= limit
-        if pics is not None and len(state["picture"]):
-            out |= (picture_sketch(pics) @ picture_sketch(state["picture"]).T).max(1) >= PICTURE_THRESHOLD
+        others = np.arange(len(state["picture"])) != (-1 if source is None else source)
+        if pics is not None and others.any():
+            out |= (picture_sketch(pics) @ picture_sketch(state["picture"][others]).T).max(1) >= PICTURE_THRESHOLD
         return out
 
     def screen_and_reserve(self, features: np.ndarray, send_fools, images: np.ndarray | None = None,
-                           model: str = "", parts: int = 2, embed=None):
+                           model: str = "", parts: int = 2, embed=None, mirror_fools=None):
         """Decide per image (see Verdict) and record every image to be sent with its fools before anything
         leaves the device. send_fools(i, accept, burn) -> the fools of image i (an object with .features
         [P-1, ...] and .images, or an array of features), or None when no pool fool passes; ``accept(cands,
         chosen)`` says which candidate fool sketches keep the geometry symmetric, ``burn(cands, pictures)``
-        which may never be sent. Runs under the lock. Returns (verdict, [fools per sent image], keys)."""
+        which may never be sent. mirror_fools(i, sources, windows, ok, final): the mirror fools of image i
+        (cvconvert.device.mirror) for an image related to one sent before, or None (then the earlier image
+        answers). Runs under the lock. Returns (verdict, [fools per sent image], keys)."""
         with self._lock():
             state = self._load()
             sk = sketch(features)
@@ -250,9 +254,12 @@ class SentGuard:
                 if self._repeat(state, mine, sk, i, verdict, here):
                     continue
                 taken, top = self._choose(send_fools, i, sk, hist, state, mine, parts)
-                if taken is None and self._related(state, mine, sk[i]):
-                    self._similar(state, mine, sk[i], verdict, here)
-                    continue
+                partner = self._partner(state, mine, sk[i]) if taken is None else None
+                if partner is not None:  # related to an image sent before: mirror its fools, or use its answer
+                    taken, top = self._mirror(mirror_fools, i, sk, hist, state, mine, parts, partner)
+                    if taken is None:
+                        self._similar(state, mine, sk[i], verdict, here)
+                        continue
                 if taken is None:  # no related earlier image: what the best pair names is the geometry of
                     # unrelated pictures (a coin in a stream of one distribution, measured 0.50-0.57); send, and
                     # record the vector it names as this transmission's coin
@@ -312,10 +319,40 @@ class SentGuard:
             return self.burn(np.asarray(cands, np.float32), pics, state, mine, sk)
         return send_fools(i, accept, burn), top
 
-    def _related(self, state, mine, a) -> bool:
-        """Whether an image sent before (or earlier in this request) is within the floor of `a`."""
+    def _partner(self, state, mine, a):
+        """The entries (image first) of the transmission whose image lies nearest `a`, and that cosine, when
+        it reaches the floor; else None."""
         imgs = np.flatnonzero(mine & (state["kind"] == IMAGE))
-        return bool(len(imgs)) and float((state["sketch"][imgs].astype(np.float32) @ a).max()) >= self.floor
+        if not len(imgs):
+            return None
+        cos = state["sketch"][imgs].astype(np.float32) @ a
+        if float(cos.max()) < self.floor:
+            return None
+        j = imgs[int(cos.argmax())]
+        return np.flatnonzero(state["group"] == state["group"][j]), float(cos.max())
+
+    def _mirror(self, mirror_fools, i, sk, hist, state, mine, parts, partner):
+        """Fools that mirror the partner transmission's on a ladder of cosines (cvconvert.device.mirror),
+        and the new coin; (None, 0) when the ladder does not fit or no mirror keeps every coin."""
+        from .mirror import ladder
+
+        rows, c = partner
+        if mirror_fools is None or len(rows) != parts:
+            return None, 0
+        coin = np.flatnonzero(state["top"][rows])
+        lad = ladder(c, parts, int(coin[0]) if len(coin) else 0, self.margin, self.threshold - self.margin)
+        if lad is None:
+            return None, 0
+        targets, top = lad
+        tol = self.margin / 2
+        sources = [(state["sketch"][r].astype(np.float32), state["picture"][r]) for r in rows[1:]]
+
+        def ok(j):
+            return lambda cands, pics: ~self.burn(np.asarray(cands, np.float32), pics, state, mine, sk, rows[1 + j])
+
+        def final(fool_sketches):
+            return hist.fine(np.concatenate([sk[i:i + 1], np.asarray(fool_sketches, np.float32)]), top)[0]
+        return mirror_fools(i, sources, [(t - tol, t + tol) for t in targets], ok, final), top
 
     def _similar(self, state, mine, a, verdict, here: dict) -> None:
         """No fool keeps the geometry symmetric: the earlier image it is related to answers, if any (``ref``:

@@ -117,7 +117,8 @@ class Pipeline(GraphRunner):
         try:  # a screen that fails part-way (pool used up, a bad image) saved no guard entry: give its fools back
             verdict, fools_b, seq = self.guard.screen_and_reserve(
                 a, lambda i, accept, burn: self._fools_for(images[i], accept, burn), images=images,
-                model=self.features_sha256[:16], parts=self.parts, embed=self._embed)
+                model=self.features_sha256[:16], parts=self.parts, embed=self._embed,
+                mirror_fools=lambda i, sources, windows, ok, final: self._mirror_for(sources, windows, ok, final))
         except BaseException:
             if self.pool is not None and len(self._taken_index):
                 self.pool.release(self._taken_index)
@@ -276,6 +277,38 @@ class Pipeline(GraphRunner):
             self.on_warning(f"fool pool {self.pool.path} is running low: {taken.remaining} unused fool(s) left; refill "
                             f"it with `cvconvert fools refill {self.pool.path} IMAGES...`")
         return taken
+
+    def _mirror_for(self, sources, windows, ok, final, tries: int = 3):
+        """The guard's mirror fools (cvconvert.device.mirror): per source fool (sketch, picture), a pool fool
+        in its cosine window, else an affine variant of the source's image; ``final`` judges the whole set.
+        Pool fools of a set ``final`` turns down go back. None when no set passes."""
+        from .guard import sketch, unpicture
+        from .mirror import Mirrored, derived, pool_choice
+
+        if self.pool is None:
+            return None
+        originals = self.pool.used_like(np.stack([s for s, _ in sources]))
+        for _ in range(tries):
+            got = Mirrored()
+            for j, ((src, pic), (lo, hi)) in enumerate(zip(sources, windows)):
+                taken = self.pool.take_where(pool_choice(src, lo, hi, ok(j)))
+                if taken is not None:
+                    got.add(taken.images[0], taken.features[0], int(taken.index[0]))
+                    continue
+                image = originals[j] if originals[j] is not None else \
+                    unpicture(pic[None], self.input_shape)[0] if self.input_shape[0] == 1 else None
+                made = None if image is None else derived(image, src, lo, hi, lambda im: sketch(self.features(im)), ok(j))
+                if made is None:
+                    break
+                got.add(made[0], self.features(made[0][None])[0], None)
+            if len(got.images) == len(sources) and final(sketch(np.stack(got.features))):
+                self._taken_index = np.concatenate([self._taken_index, np.asarray(got.index, np.int64)])
+                self.last["pool_fools"] = self.last.get("pool_fools", 0) + len(got.index)
+                self.last["mirrored"] = self.last.get("mirrored", 0) + 1
+                return got.done()
+            if got.index:
+                self.pool.release(got.index)
+        return None
 
     @staticmethod
     def _refusals(verdict) -> None:

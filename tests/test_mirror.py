@@ -1,0 +1,111 @@
+"""Mirrored fools (cvconvert.device.mirror): the ladder of cosines, the affine variants, and, through the
+shipped device on a tiny LeNet, that a related image's transmission shares every direction with the
+earlier one (the cloud's exact principal cosines from the x it receives), where the old device's shares one.
+"""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from cvconvert.attacks.queries import shift
+from cvconvert.device import mirror
+from cvconvert.device.guard import SentGuard
+from cvconvert.device.screen import unit
+
+from test_query_guard import FMNIST, _images, _pool, _send
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    from cvconvert.build import convert_to_dir
+    from cvconvert.export import export_model_dir
+
+    model = tmp_path_factory.mktemp("mirror") / "lenet"
+    convert_to_dir("lenet", model, data="fashion-mnist", seed=0)  # seeded: the control's geometry is fixed
+    export_model_dir(model)
+    return model, None, _images()
+
+
+@pytest.mark.parametrize("parts", [2, 3, 4])
+def test_the_ladder_keeps_the_earlier_coin_on_top_and_spreads_the_image(parts):
+    c, margin = 0.85, 0.02
+    ranks = Counter()
+    for k1 in range(parts):
+        for _ in range(300):
+            targets, top = mirror.ladder(c, parts, k1, margin, 0.975)
+            values = np.concatenate([[c], targets])  # the image's cosine, then each fool's
+            assert int(np.argmax(values)) == k1 == top  # the earlier coin's counterpart tops the ladder
+            gaps = -np.diff(np.sort(values)[::-1])
+            assert np.allclose(gaps, gaps[0]) and margin <= gaps[0] <= 2 * margin
+            ranks[int((values > c).sum())] += 1  # the image's rank in the ladder
+    share = np.array([ranks[r] for r in range(parts)]) / (300 * parts)
+    assert np.abs(share - 1 / parts).max() < 0.06, share  # with a fair earlier coin: uniform
+
+
+def test_the_ladder_refuses_near_the_ceiling_whatever_the_coin():
+    for parts in (2, 3):
+        for k1 in range(parts):
+            assert mirror.ladder(0.96, parts, k1, 0.02, 0.975) is None
+            assert mirror.ladder(0.975 - (parts - 1) * 0.04 - 1e-6, parts, k1, 0.02, 0.975) is not None
+
+
+def test_variants_are_photos_that_drift_away_with_strength():
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(0.5, 0.2, (1, 32, 32)), 0, 1)
+    img[:, 8:24, 8:24] = 0.9  # some structure to move
+    v = mirror.variants(img.astype(np.float32), 12)
+    assert v.shape == (12, 1, 32, 32) and v.dtype == np.float32
+    assert np.allclose(v * 255, np.rint(v * 255), atol=1e-4)  # 8-bit, like a photo
+    dist = np.abs(v - img).mean((1, 2, 3))
+    assert dist[0] < dist[-1] and dist[0] < 0.05
+
+
+def _parts(x):
+    x = np.asarray(x)[0]
+    return x.reshape(len(x), -1)
+
+
+@pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST test images not installed")
+def test_a_mirrored_transmission_shares_every_direction(seeded, tmp_path, monkeypatch):
+    model, _, imgs = seeded
+    victims = imgs[:6]
+    requests = [r for v in victims for r in (v, shift(v))]
+    old, _, _ = _send(model, _pool(model, tmp_path / "p-old", imgs[5000:5200]),
+                      SentGuard(tmp_path / "old.npz", floor=1.0), requests)
+    # the shipped device with the pool's own symmetric fools turned down, so that every related image is
+    # mirrored (or answered from the earlier one)
+    monkeypatch.setattr(SentGuard, "_choose", lambda self, send_fools, i, sk, hist, state, mine, parts:
+                        (None, 0) if len(state["seq"]) and (state["sketch"].astype(np.float32) @ sk[i]).max()
+                        >= self.floor else (send_fools(i, None, lambda c, p=None: np.zeros(len(c), bool)), 0))
+    from test_query_guard import Cloud
+    from cvconvert.device.pipeline import Pipeline
+
+    pipe = Pipeline.from_model_dir(model, pool=_pool(model, tmp_path / "p-new", imgs[5000:5200]),
+                                   guard=SentGuard(tmp_path / "new.npz"))
+    pipe.on_warning = lambda m: None
+    new, sent, flags = Cloud(pipe), [], []
+    for r in requests:
+        before = len(new.x)
+        pipe.predict(r[None])
+        sent.append(new.x[-1] if len(new.x) > before else None)
+        assert len(new.x) > before or pipe.last.get("similar"), "a related image is mirrored or answered"
+        flags.append(pipe.last.get("mirrored", 0))
+
+    def ladder_gaps(cloud, rows):
+        """Per transmission i in rows: |cos(b_i, b_j) - cos(a_i, a_j)|, j the earlier transmission whose
+        image lies nearest a_i (exact features, as the cloud would hold them). A mirror fool sits on the
+        ladder, a step d in [margin, 2 margin] from the image's cosine; an unrelated fool anywhere."""
+        a = unit(np.concatenate(cloud.a).reshape(len(cloud.x), -1))
+        b = unit(np.concatenate(cloud.b).reshape(len(cloud.x), -1))
+        out = []
+        for i in rows:
+            j = int(np.argmax(a[:i] @ a[i]))
+            out.append(abs(float(b[i] @ b[j]) - float(a[i] @ a[j])))
+        return np.array(out)
+    sent_rows = np.cumsum([x is not None for x in sent]) - 1
+    mirrored = ladder_gaps(new, [int(sent_rows[i]) for i, f in enumerate(flags) if f and i])
+    control = ladder_gaps(old, range(1, len(old.x), 2))  # each shifted copy, old device
+    print("control", np.round(control, 3), "mirrored", np.round(mirrored, 3))
+    assert len(mirrored) >= 2 and mirrored.max() <= 0.08, mirrored  # 2 margin plus the sketch's error
+    assert np.median(control) > 2 * np.median(mirrored), (control, mirrored)
