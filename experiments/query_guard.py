@@ -136,8 +136,11 @@ def score(cloud, pipe, mean) -> dict:
     _, s0, u = principal(x)
     real = which_is_real(u, flat(a), flat(b))
     ua = np.abs((u * (flat(a) / np.linalg.norm(flat(a), axis=1, keepdims=True))).sum(1))
+    fb = flat(b)
+    fb = fb.reshape(len(fb), -1, fb.shape[-1])  # [n, P-1, K]
+    ub = np.abs(np.einsum("nk,npk->np", u, fb / np.linalg.norm(fb, axis=2, keepdims=True))).max(1)
     out = {"which_is_real": float(real.mean()), "u_cos": float(np.median(ua)), "s0": float(np.median(s0)),
-           "exposed": int((ua >= 0.999).sum())}
+           "exposed": int((ua >= 0.999).sum()), "fool_as_close": int((ub >= 0.999).sum())}
     if x.shape[1] == 2:
         theta = angle_from(u, x, mean)
         guess = pipe.decode(pipe.process(x), rotation_key_np(theta)).argmax(1)

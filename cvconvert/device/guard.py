@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import CvError
 from .artifacts import atomic_write, locked
-from .screen import DEFAULT_FLOOR, DEFAULT_MARGIN, History, unit
+from .screen import DEFAULT_FLOOR, DEFAULT_MARGIN, History, fool_floor, nearest, raise_nearest, unit
 
 DEFAULT_THRESHOLD = 0.995  # measured: distinct Fashion-MNIST test images reach 0.993, near-duplicates 0.998+
 DEFAULT_CAPACITY = 10000
@@ -41,7 +41,7 @@ SKETCH_SEED = 20200214  # public and fixed: the sketch only has to be the same o
 PICTURE = 32            # side of the kept pictures
 PICTURE_THRESHOLD = 0.995  # 16 x 16 pixel cosine: a copy or re-encoding of a picture (measured: JPEG 70 0.997+)
 IMAGE, FOOL = 0, 1
-FIELDS = ("sketch", "kind", "group", "seq", "logits", "best", "model", "picture", "top")
+FIELDS = ("sketch", "kind", "group", "seq", "logits", "best", "model", "picture", "top", "near")
 
 
 def sketch(features: np.ndarray) -> np.ndarray:
@@ -130,7 +130,8 @@ class SentGuard:
         return {"sketch": np.zeros((0, k), np.float16), "kind": np.zeros(0, np.uint8), "group": np.zeros(0, np.int64),
                 "seq": np.zeros(0, np.int64), "logits": np.zeros((0, classes), np.float32),
                 "best": np.zeros(0, np.float32), "model": np.zeros(0, "<U16"),
-                "picture": np.zeros((0, PICTURE, PICTURE), np.uint8), "top": np.zeros(0, bool)}
+                "picture": np.zeros((0, PICTURE, PICTURE), np.uint8), "top": np.zeros(0, bool),
+                "near": np.zeros(0, np.float32)}
 
     def _load(self) -> dict:
         if self.path is None:
@@ -139,11 +140,14 @@ class SentGuard:
             return self._empty()
         try:
             with np.load(self.path) as z:
-                return {k: z[k] for k in FIELDS}
+                state = {k: z[k] for k in FIELDS if k != "near" or "near" in z.files}
         except Exception:  # BadZipFile, EOFError, OSError, KeyError ...: any damage reads the same to the user
             raise CvError(f"the guard index {self.path} is damaged or unreadable: restore it from a backup taken "
                           "after the last request (do not delete it: without it this device would send earlier "
                           "images again, which exposes them); cvconvert refuses to send meanwhile") from None
+        if "near" not in state:  # written before the fools' nearest matches were kept: computed once
+            state["near"] = nearest(state["sketch"], state["group"])
+        return state
 
     def stored_generation(self) -> int | None:
         """The generation the index file was last written at (None: no file, 0: written before generations)."""
@@ -199,6 +203,7 @@ class SentGuard:
             state["sketch"][other] = feats.astype(np.float16)
             state["model"] = np.where(other, model, state["model"])
             state["best"] = History(state["sketch"], state["group"], None, self.floor, self.margin).best.astype(np.float32)
+            state["near"] = nearest(state["sketch"], state["group"])
             return np.ones(len(other), dtype=bool)
         if state["sketch"].shape[1] != width:  # another feature width and nothing to re-embed with
             state["sketch"] = np.zeros((len(other), width), np.float16)
@@ -248,21 +253,22 @@ class SentGuard:
             pics = picture(images) if images is not None else np.zeros((len(sk), PICTURE, PICTURE), np.uint8)
             hist = History(state["sketch"][mine], state["group"][mine], state["best"][mine], self.floor, self.margin,
                            state["top"][mine])
+            related = fool_floor(state["near"][mine & (state["kind"] == FOOL)], self.floor)
             verdict = Verdict([], [], np.full(len(sk), -1.0), [], [])
             fools, keys, here, fool_keys = [], [], {}, []  # here: entry seq -> index of this request's images sent
             for i in range(len(sk)):
                 if self._repeat(state, mine, sk, i, verdict, here):
                     continue
                 taken, top = self._choose(send_fools, i, sk, hist, state, mine, parts)
-                partner = self._partner(state, mine, sk[i]) if taken is None else None
-                if partner is not None:  # related to an image sent before: mirror its fools, or use its answer
+                partner = self._partner(state, mine, sk[i], self.floor) if taken is None else None
+                if partner is not None:  # related to an image sent before: mirror its fools
                     taken, top = self._mirror(mirror_fools, i, sk, hist, state, mine, parts, partner)
-                    if taken is None:
+                    if taken is None and partner[1] >= related:  # it stands out against the fools: its answer
                         self._similar(state, mine, sk[i], verdict, here)
                         continue
-                if taken is None:  # no related earlier image: what the best pair names is the geometry of
-                    # unrelated pictures (a coin in a stream of one distribution, measured 0.50-0.57); send, and
-                    # record the vector it names as this transmission's coin
+                if taken is None:  # no earlier image nearer than the fools sent lie to theirs (screen.fool_floor):
+                    # what the best pair names is the geometry of exchangeable pictures (a coin in a stream of one
+                    # distribution, measured 0.46-0.51); send, and record the vector it names as its coin
                     taken = send_fools(i, None, lambda c, p=None: self.burn(np.asarray(c, np.float32), p, state, mine, sk))
                     top = hist.named(np.concatenate([sk[i:i + 1], sketch(getattr(taken, "features", taken))]))
                 b = getattr(taken, "features", taken)
@@ -319,14 +325,14 @@ class SentGuard:
             return self.burn(np.asarray(cands, np.float32), pics, state, mine, sk)
         return send_fools(i, accept, burn), top
 
-    def _partner(self, state, mine, a):
+    def _partner(self, state, mine, a, floor: float):
         """The entries (image first) of the transmission whose image lies nearest `a`, and that cosine, when
-        it reaches the floor; else None."""
+        it reaches `floor`; else None."""
         imgs = np.flatnonzero(mine & (state["kind"] == IMAGE))
         if not len(imgs):
             return None
         cos = state["sketch"][imgs].astype(np.float32) @ a
-        if float(cos.max()) < self.floor:
+        if float(cos.max()) < floor:
             return None
         j = imgs[int(cos.argmax())]
         return np.flatnonzero(state["group"] == state["group"][j]), float(cos.max())
@@ -381,6 +387,7 @@ class SentGuard:
                "group": np.full(n, group, np.int64), "seq": np.arange(start, start + n, dtype=np.int64),
                "logits": np.full((n, width), np.nan, np.float32), "best": np.zeros(n, np.float32),
                "model": np.full(n, model, "<U16"), "picture": pics, "top": hist.top[-n:]}
+        state["near"][mine], new["near"] = raise_nearest(state["near"][mine], state["sketch"][mine], vecs)
         for k, v in new.items():
             state[k] = np.concatenate([state[k], v])
         state["best"][np.flatnonzero(np.append(mine, np.ones(n, bool)))] = hist.best  # the raised best matches

@@ -278,7 +278,7 @@ class Pipeline(GraphRunner):
                             f"it with `cvconvert fools refill {self.pool.path} IMAGES...`")
         return taken
 
-    def _mirror_for(self, sources, windows, ok, final, tries: int = 3):
+    def _mirror_for(self, sources, windows, ok, final, tries: int = 6):
         """The guard's mirror fools (cvconvert.device.mirror): per source fool (sketch, picture), a pool fool
         in its cosine window, else an affine variant of the source's image; ``final`` judges the whole set.
         Pool fools of a set ``final`` turns down go back. None when no set passes."""

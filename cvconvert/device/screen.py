@@ -184,3 +184,38 @@ class History:
             self.inv = np.append(self.inv, np.full(len(vectors), len(self.ids) - 1))
         else:
             self._bases()
+
+
+# -- how related the device's own fools are: the floor above which an image stands out ------------------
+FOOL_QUANTILE = 0.99  # an image nearer its best match than 99% of the fools sent are to theirs stands out
+FOOL_COUNT = 50       # fewer fools sent: the fixed floor alone
+
+
+def nearest(vectors: np.ndarray, groups: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """[n] per vector: its largest |cosine| with a vector of another transmission (unit rows)."""
+    v = np.asarray(vectors, np.float32)
+    g = np.asarray(groups)
+    out = np.zeros(len(v), np.float32)
+    for s in range(0, len(v), chunk):
+        c = np.abs(v[s:s + chunk] @ v.T)
+        c[g[s:s + chunk, None] == g[None, :]] = 0.0
+        out[s:s + chunk] = c.max(1) if len(v) else 0.0
+    return out
+
+
+def raise_nearest(near: np.ndarray, old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A new transmission `new` [p, K] joins `old` [n, K]: the raised nearest matches of the old vectors and
+    the new vectors' own."""
+    if not len(old):
+        return near, np.zeros(len(new), np.float32)
+    c = np.abs(np.asarray(old, np.float32) @ np.asarray(new, np.float32).T)
+    return np.maximum(near, c.max(1)), c.max(0).astype(np.float32)
+
+
+def fool_floor(near_of_fools: np.ndarray, floor: float, q: float = FOOL_QUANTILE) -> float:
+    """The cosine above which an image's best match is unlike its fools': the q-quantile of how near the fools
+    sent lie to their best matches (a stream of one distribution: images and fools alike), never below
+    `floor`. Below it the image and its fools are exchangeable; above it the image stands out."""
+    if len(near_of_fools) < FOOL_COUNT:
+        return float(floor)
+    return max(float(floor), float(np.quantile(near_of_fools, q)))
