@@ -234,10 +234,23 @@ def multi_query_md(R: dict) -> list:
                   f2(r["before"].get("principal_real")), f2(r["after"].get("principal_real")),
                   f2(r["before"].get("principal_recon_mae")), f2(r["after"].get("principal_recon_mae")),
                   f2(r["before"].get("principal_answer")), f2(r["after"].get("principal_answer"))] for r in rows])
+    L += ["Repeats: transmissions whose span holds (|cos| >= 0.999) the feature of an image that an earlier "
+          "transmission carried, under any pool or model version; under two model versions, exposed is counted "
+          "over everything the cloud holds (a recovered vector within 0.999 of the image's feature under either "
+          "version), and beside it within each version's transmissions alone.", ""]
+    L += _table(["mode", "repeats: before", "after"] + ["exposed within each model version: before", "after"],
+                [[r["mode"], r["before"].get("repeats"), r["after"].get("repeats"), _by_version(r["before"]),
+                  _by_version(r["after"])] for r in rows])
     L += ["\"which is real\": how often the rule \"the vector that recurs elsewhere is the fool\" names the image "
           "(1 = a sure tell, 0.5 = a coin, 0 = backwards: the image is what recurs). Refusals and near-duplicates "
           "answered on the device are the shipped rules at work, not failures of the audit.", ""]
     return L
+
+
+def _by_version(col: dict) -> str:
+    """"v1 0/3, v2 0/6": exposed images / images sent, per model version (one version: "-")."""
+    per = col.get("by_version")
+    return "; ".join(f"v{v['version'] + 1} {v['exposed']}/{v['images']}" for v in per) if per else "-"
 
 
 def _show(ax, img):
