@@ -207,3 +207,20 @@ def test_multi_query_is_skipped_with_the_command_to_run_without_graphs(exported,
     assert R["tables"]["multi_query"] == [] and f"cvconvert export {bare}" in R["multi_query"]["skipped"]
     assert R["meta"]["victim_encoder"]["source"] == "model.pt"
     assert "multi-query audit skipped" in res.stderr
+
+
+def test_the_second_model_version_is_a_valid_export_with_other_features(exported, tmp_path):
+    """The reexport mode's second version: its own model.pt and graphs, which `cvconvert validate` accepts
+    (graphs against model.pt, sha256s against export.json), and features near the audited ones but not equal."""
+    from cvconvert.attacks.versions import second_version
+    from cvconvert.device.pipeline import Pipeline
+    from cvconvert.export import validate_dir
+
+    v2 = second_version(exported, tmp_path / "v2")
+    validate_dir(v2)
+    a, b = (Pipeline.from_model_dir(d, guard=None) for d in (exported, v2))
+    assert a.features_sha256 != b.features_sha256
+    images = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(5)).numpy()
+    fa, fb = (p.features(images).reshape(4, -1) for p in (a, b))
+    cos = (fa * fb).sum(1) / np.linalg.norm(fa, axis=1) / np.linalg.norm(fb, axis=1)
+    assert (0.99 < cos).all() and (cos < 1 - 1e-6).all(), cos

@@ -58,7 +58,9 @@ def measure(model_dir, run, sizes: dict) -> tuple[list, dict]:
     pub = run.public
     local = Pipeline.from_model_dir(model_dir, guard=None)
     classes = queries.skewed_classes(local.class_names)
-    victims, private, labels = split_images(sizes, run.ev["images"].numpy(), run.ev["targets"].numpy(), classes)
+    targets = run.ev["targets"].numpy()
+    victims, private, labels = split_images(sizes, run.ev["images"].numpy(), targets if targets.ndim == 1 else None,
+                                            classes)  # labels of one class per image: the skewed stream
     public = run.tr["images"].numpy()
     fools = {"private": private, "small": private[:sizes["small_pool"]], "large": private[:sizes["large_pool"]],
              "public": public[:sizes["large_pool"]]}

@@ -206,10 +206,12 @@ def multi_query_md(R: dict) -> list:
         return L + [f"Skipped: {mq['skipped']}.", ""]
     L += [f"Devices built with the runtime on the exported graphs (key law {mq['defense']}, fool rule "
           f"`{mq['fool_rule']}`): before = the old device (fools from the request or a folder drawn with "
-          "replacement, repeats re-sent with a fresh key and fool, no guard); after = the shipped one (a "
-          f"device-private fool pool, each fool used once; the near-duplicate guard at cosine "
-          f"{mq['guard_threshold']}). {mq['victims']} victim images, {mq['private_fools']} private fool images, "
-          f"{mq['public_images']} public images for the membership test.", ""]
+          "replacement, or taken in order without reuse; its memory per pool, so a second pool of the same photos "
+          "hands out the same fools again; repeats re-sent with a fresh key and fool, no guard); after = the "
+          "shipped one (a device-private fool pool, each fool used once; the near-duplicate guard at cosine "
+          f"{mq['guard_threshold']}; one memory per mode, shared by its pools and model versions). {mq['victims']} "
+          f"victim images, {mq['private_fools']} private fool images, {mq['public_images']} public images for the "
+          "membership test." + _second_version(mq), ""]
     pct = lambda c: f"{c['exposed']}/{c['images']} ({c['share']:.0%})"  # noqa: E731
     tel = lambda c: "-" if c["tell"] is None else f"{c['tell']:.2f}"  # noqa: E731
     L += _table(["mode", "before: exposed", "before: which is real", "after: exposed", "after: sent / on device / "
@@ -245,6 +247,15 @@ def multi_query_md(R: dict) -> list:
           "(1 = a sure tell, 0.5 = a coin, 0 = backwards: the image is what recurs). Refusals and near-duplicates "
           "answered on the device are the shipped rules at work, not failures of the audit.", ""]
     return L
+
+
+def _second_version(mq: dict) -> str:
+    v = mq.get("second_version")
+    if not v:
+        return ""
+    return (f" The second model version: the feature extractor's weights perturbed by {v['perturbation']:.0%} "
+            f"(features graph sha256 `{v['features_sha256'][:16]}`), the victims' features under the two "
+            f"versions at cosine {v['median_cos_features']:.5f} (median; min {v['min_cos_features']:.5f}).")
 
 
 def _by_version(col: dict) -> str:
