@@ -115,7 +115,8 @@ def small(monkeypatch):
     monkeypatch.setitem(audit.BUDGETS, "quick", replace(audit.BUDGETS["quick"], unet_width=8, grid=(12, 5),
                                                         whitebox_n=8, whitebox_steps=10))
     monkeypatch.setitem(queries.SIZES, "quick", {"requests": 6, "batch": 4, "small_pool": 1, "large_pool": 24,
-                                                  "repeat_images": 3, "repeat_calls": 3, "near_images": 3})
+                                                  "repeat_images": 3, "repeat_calls": 3, "near_images": 3, "skewed": 6,
+                                                  "second_images": 3})
 
 
 @pytest.fixture
@@ -146,7 +147,8 @@ def test_multi_query_audit_end_to_end(exported, small, batch_cycle, tmp_path):
     assert v["weights_vs_graphs"] == "current"
     rows = {r["id"]: r for r in R["tables"]["multi_query"]}
     assert set(rows) == {"batch", "small_pool", "large_pool", "repeat", "public_fool", "noise1", "noise4", "shift1",
-                         "jpeg90", "bright5", "crop1", "rot3", "jpeg70", "lookalike", "control"}
+                         "jpeg90", "bright5", "crop1", "rot3", "jpeg70", "lookalike", "control", "skewed",
+                         "second_pool", "reexport"}
     before = {k: r["before"] for k, r in rows.items()}
     after = {k: r["after"] for k, r in rows.items()}
     # the old device: a batch, a one-fool folder and a repeat expose every image exactly
@@ -164,9 +166,32 @@ def test_multi_query_audit_end_to_end(exported, small, batch_cycle, tmp_path):
     assert before["batch"]["answer_recovered"] == 1.0
     # the cross-transmission attack's columns are filled (P = 2)
     assert 0.0 <= before["rot3"]["principal_real"] <= 1.0 and before["rot3"]["principal_answer"] is not None
+    _later_modes(R, before, after, hashlib.sha256((exported / "onnx" / "features.onnx").read_bytes()).hexdigest())
     md = (out / "report.md").read_text()
     assert "## Privacy across queries" in md and "refused" in md and v["graph_sha256"] in md
     assert "first principal vector" in md
+    assert "model version" in md and "repeats" in md
+
+
+def _later_modes(R, before, after, features_sha256):
+    """The skewed stream, the second pool and the second model version (3 images, then 3 new ones and the 3
+    again): the old device sends each image again with a fresh key and fool and gives the new images the first
+    pool's fools, so all six are exposed (a reexport across versions only: each version alone exposes none);
+    the shipped device answers the 3 from its one memory and sends the new ones with never-sent fools."""
+    assert after["skewed"]["transmissions"] == before["skewed"]["transmissions"] >= 3
+    assert before["skewed"]["exposed"] == after["skewed"]["exposed"] == 0
+    for k in ("skewed", "second_pool", "reexport"):
+        for col in (before[k], after[k]):
+            assert col["principal_real"] is not None and col["principal_answer"] is not None, (k, col)
+    for k in ("second_pool", "reexport"):
+        assert before[k]["repeats"] == 3 and before[k]["share"] == 1.0 and before[k]["images"] == 6, (k, before[k])
+        assert after[k]["repeats"] == 0 and after[k]["exposed"] == 0, (k, after[k])
+        assert after[k]["transmissions"] == 6 and after[k]["held_back"] == 3, (k, after[k])
+    assert [v["exposed"] for v in before["reexport"]["by_version"]] == [0, 0]
+    assert [v["transmissions"] for v in after["reexport"]["by_version"]] == [3, 3]
+    v2 = R["multi_query"]["second_version"]
+    assert v2["features_sha256"] != features_sha256 and 0.99 < v2["median_cos_features"] < 1
+    assert R["multi_query"]["skewed_classes"] == ["Sandal", "Sneaker", "Ankle boot"]
 
 
 def test_multi_query_is_skipped_with_the_command_to_run_without_graphs(exported, small, tmp_path):
@@ -182,3 +207,20 @@ def test_multi_query_is_skipped_with_the_command_to_run_without_graphs(exported,
     assert R["tables"]["multi_query"] == [] and f"cvconvert export {bare}" in R["multi_query"]["skipped"]
     assert R["meta"]["victim_encoder"]["source"] == "model.pt"
     assert "multi-query audit skipped" in res.stderr
+
+
+def test_the_second_model_version_is_a_valid_export_with_other_features(exported, tmp_path):
+    """The reexport mode's second version: its own model.pt and graphs, which `cvconvert validate` accepts
+    (graphs against model.pt, sha256s against export.json), and features near the audited ones but not equal."""
+    from cvconvert.attacks.versions import second_version
+    from cvconvert.device.pipeline import Pipeline
+    from cvconvert.export import validate_dir
+
+    v2 = second_version(exported, tmp_path / "v2")
+    validate_dir(v2)
+    a, b = (Pipeline.from_model_dir(d, guard=None) for d in (exported, v2))
+    assert a.features_sha256 != b.features_sha256
+    images = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(5)).numpy()
+    fa, fb = (p.features(images).reshape(4, -1) for p in (a, b))
+    cos = (fa * fb).sum(1) / np.linalg.norm(fa, axis=1) / np.linalg.norm(fb, axis=1)
+    assert (0.99 < cos).all() and (cos < 1 - 1e-6).all(), cos

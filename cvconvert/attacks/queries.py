@@ -3,10 +3,12 @@ serve them, each through the product's ONNX runtime (``cvconvert.device.pipeline
 ``processing`` callable that keeps every x the cloud receives.
 
 "before" is the old, unsafe device, simulated with the low-level ``Pipeline.encode``: fools are the other
-images of a batch, or drawn with replacement from a fool folder, a repeat goes out again with a fresh key
-and fool, and nothing guards against near-duplicates. "after" is the device as shipped: ``Pipeline.predict``
-with a device-private ``FoolPool`` (each fool used once, refused when used up) and the near-duplicate
-guard. ``after_device`` is the one place that builds it.
+images of a batch, or drawn with replacement from a fool folder, or taken from it in order without reuse
+(its memory per pool: a second pool of the same photos hands out the same fools again), a repeat goes out
+again with a fresh key and fool, and nothing guards against near-duplicates. "after" is the device as
+shipped: ``Pipeline.predict`` with a device-private ``FoolPool`` (each fool used once, refused when used up)
+and the near-duplicate guard, one memory (state folder) per mode, shared by the mode's stages (its pools
+and model versions). ``after_device`` is the one place that builds it.
 
 The images and fools here are the audit's own test images; the secret keys come from os.urandom inside
 the runtime and are never written.
@@ -25,14 +27,22 @@ from ..errors import CvError
 from ..device.fools import FoolPool, choose_fools
 from ..device.keylaws import draw_keys
 
-# Sizes per audit budget: requests of single images, the batch, the two fool folders, the repeats and
-# the near-duplicates (images, each sent as itself and as its variant).
+# Sizes per audit budget: requests of single images, the batch, the two fool folders, the repeats, the
+# near-duplicates (images, each sent as itself and as its variant), the skewed stream (single-image requests
+# of a few classes) and the images sent again under a second pool or model version.
 SIZES = {
     "quick": {"requests": 24, "batch": 8, "small_pool": 8, "large_pool": 256, "repeat_images": 8, "repeat_calls": 4,
-              "near_images": 8},
+              "near_images": 8, "skewed": 24, "second_images": 8},
     "full": {"requests": 64, "batch": 32, "small_pool": 8, "large_pool": 1024, "repeat_images": 32,
-             "repeat_calls": 4, "near_images": 32},
+             "repeat_calls": 4, "near_images": 32, "skewed": 64, "second_images": 32},
 }
+# the skewed stream's classes, by name (Fashion-MNIST's footwear, fine or coarse); data without them: class 0
+SKEWED = ("Sandal", "Sneaker", "Ankle boot", "footwear")
+
+
+def skewed_classes(class_names) -> list[int]:
+    """The classes of the skewed stream: those of `class_names` named in SKEWED, else the first class."""
+    return [i for i, n in enumerate(class_names) if str(n) in SKEWED] or [0]
 
 
 # --- near-duplicates: what a second upload of "the same" picture looks like ----------------------------
@@ -106,20 +116,48 @@ def brightness(factor: float):
 # --- the modes ---------------------------------------------------------------------------------------------
 
 @dataclass
+class Stage:
+    """Part of a mode that one device configuration serves: its requests [(image ids, pixels)], the photos
+    its fool pool is made of (a fools source of ``modes``), and the model version that serves it (0: the
+    audited model, 1: its second version, ``versions.second_version``)."""
+    requests: list
+    pool: str = "private"
+    model: int = 0
+
+
+@dataclass
 class Mode:
     """One way of using the device: a list of requests [(image ids, pixels)], and where each device
     gets its fools: ``before`` (None: the other images of the request; else (source, with_replacement))
-    and ``after`` (the fool pool's images)."""
+    and ``after`` (the fool pool's images). A mode of several stages (``stages``) is served by one device,
+    one memory (the guard's state folder), stage after stage, each stage with a new fool pool of its
+    photos (after), a new draw from them (before), under its model version; ``requests`` is then every
+    stage's requests in order."""
     id: str
     label: str
     requests: list
     before: tuple | None
     after: str
+    stages: list | None = None
+
+    def plan(self) -> list[Stage]:
+        return self.stages if self.stages is not None else [Stage(self.requests, self.after)]
+
+    @property
+    def versions(self) -> int:
+        """How many model versions the mode needs."""
+        return 1 + max(st.model for st in self.plan())
 
 
-def modes(sizes: dict, victims: np.ndarray, seed: int) -> list[Mode]:
-    """Every mode, over the victims' images. Fool sources are named: "private" (test images no one else
-    holds), "small"/"large" (the first fools of it), "public" (the attacker's own images)."""
+def staged(mid: str, label: str, stages: list[Stage]) -> Mode:
+    return Mode(mid, label, [r for st in stages for r in st.requests], ("private", False), "private", stages)
+
+
+def modes(sizes: dict, victims: np.ndarray, seed: int, labels: np.ndarray | None = None,
+          classes=(), class_names=()) -> list[Mode]:
+    """Every mode, over the victims' images (`labels`: their true classes, for the skewed stream of
+    `classes`). Fool sources are named: "private" (test images no one else holds), "small"/"large" (the
+    first fools of it), "public" (the attacker's own images)."""
     s = sizes
     n_req = min(s["requests"], len(victims))
     single = [([i], victims[i:i + 1]) for i in range(n_req)]
@@ -152,6 +190,27 @@ def modes(sizes: dict, victims: np.ndarray, seed: int) -> list[Mode]:
                     ("private", False), "private"))
     out.append(Mode("control", f"control: {n_req} distinct images, each with a never-reused fool", single,
                     ("private", False), "private"))
+    return out + later_modes(sizes, victims, labels, classes, class_names)
+
+
+def later_modes(sizes: dict, victims: np.ndarray, labels, classes, class_names) -> list[Mode]:
+    """The modes a device meets over time: a skewed stream (single-image requests of the victims of a few
+    classes, picked by their true labels, against a pool of every class); the same images again through a
+    second pool of the same photos, after as many new images (which the old device gives the first pool's
+    fools again); and the same under a second model version (one device, one memory, in both)."""
+    out = []
+    if labels is not None:
+        picked = np.flatnonzero(np.isin(labels, list(classes)))[:sizes.get("skewed", sizes["requests"])]
+        names = ", ".join(str(class_names[c]) if c < len(class_names) else str(c) for c in classes)
+        out.append(Mode("skewed", f"a skewed stream: {len(picked)} single-image requests of {names} only, fools of "
+                        "every class", [([int(i)], victims[i:i + 1]) for i in picked], ("private", False), "private"))
+    k = min(sizes.get("second_images", sizes["near_images"]), len(victims) // 2)
+    one = lambda i: ([i], victims[i:i + 1])  # noqa: E731
+    first, again = [one(i) for i in range(k)], [one(i) for i in range(k, 2 * k)] + [one(i) for i in range(k)]
+    out.append(staged("second_pool", f"{k} images, then {k} new ones and the {k} again through a second pool of "
+                      "the same photos", [Stage(first), Stage(again)]))
+    out.append(staged("reexport", f"{k} images, then {k} new ones and the {k} again under a second model version "
+                      "(its pool of the same photos)", [Stage(first), Stage(again, model=1)]))
     return out
 
 
@@ -166,6 +225,7 @@ class Seen:
     answers: list = field(default_factory=list)
     keys: list = field(default_factory=list)
     pixels: list = field(default_factory=list)  # what each transmission carried (scoring only)
+    version: list = field(default_factory=list)  # the model version that computed each transmission
     held_back: int = 0      # images answered from the device's cache instead of being sent
     refused: int = 0        # requests the device refused
     messages: list = field(default_factory=list)
@@ -182,64 +242,83 @@ class Recorder:
         return self.local.process(x)
 
 
-def run_before(pipe, mode: Mode, fools: dict, rule: str) -> Seen:
-    """The old device: fools from the request itself, or from a folder with or without replacement."""
+def _listed(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def run_before(pipes, mode: Mode, fools: dict, rule: str) -> Seen:
+    """The old device: fools from the request itself, or from a folder with or without replacement (then
+    taken in the folder's order). `pipes`: the runtime, or one per model version. Its memory was per pool:
+    a stage of a staged mode is a new pool of the same photos, so each stage takes them from the first
+    again, and an image sent before goes out again with a fresh key and fool."""
+    pipes = _listed(pipes)
     seen = Seen()
     source, replace = mode.before if mode.before is not None else (None, True)
-    pool = fools.get(source)
-    used = 0
-    for ids, images in mode.requests:
-        if pool is None or replace:
-            f, _ = choose_fools(images, pool, rule)   # the old rule: other batch images, or a draw with replacement
-        else:
-            if used + len(images) > len(pool):
-                raise CvError(f"the multi-query audit needs more test images ({used + len(images)} fresh fools)")
-            f, used = pool[used:used + len(images)], used + len(images)
-        key = draw_keys(pipe.law, len(images), pipe.parts)  # the model's key law, from os.urandom
-        x = pipe.encode(images, f[:, None], key)
-        seen.x += list(x)
-        seen.ids += ids
-        seen.pixels += list(images)
-        seen.keys += list(key)
-        seen.answers += list(pipe.decode(pipe.process(x), key))
+    for st in mode.plan():
+        pipe, pool = pipes[st.model], fools.get(source if mode.stages is None else st.pool)
+        used = 0
+        for ids, images in st.requests:
+            if pool is None or replace:
+                f, _ = choose_fools(images, pool, rule)   # the old rule: other batch images, or a draw with replacement
+            else:
+                if used + len(images) > len(pool):
+                    raise CvError(f"the multi-query audit needs more test images ({used + len(images)} fresh fools)")
+                f, used = pool[used:used + len(images)], used + len(images)
+            key = draw_keys(pipe.law, len(images), pipe.parts)  # the model's key law, from os.urandom
+            x = pipe.encode(images, f[:, None], key)
+            seen.x += list(x)
+            seen.ids += ids
+            seen.pixels += list(images)
+            seen.keys += list(key)
+            seen.version += [st.model] * len(images)
+            seen.answers += list(pipe.decode(pipe.process(x), key))
     return seen
 
 
-def after_device(model_dir, pool_images: np.ndarray, workdir: Path, processing, probe):
-    """The shipped device: a fresh device-private fool pool of `pool_images` in `workdir` (features by
-    `probe`, a plain Pipeline of the same graphs), the guard on."""
+def after_device(model_dir, pool_images: np.ndarray, workdir: Path, processing, probe, pool_name: str = "pool"):
+    """The shipped device: a fresh device-private fool pool of `pool_images` in `workdir`/`pool_name`
+    (features by `probe`, a plain Pipeline of the same graphs), the guard on, its memory `workdir`/guard.npz
+    (one per device: every pool and model version built in the same `workdir` shares it)."""
+    from ..device.guard import SentGuard
     from ..device.pipeline import Pipeline
 
     feats = probe.features(pool_images)
-    pool = FoolPool.create(workdir / "pool", pool_images, feats, features_sha256=probe.features_sha256,
+    pool = FoolPool.create(workdir / pool_name, pool_images, feats, features_sha256=probe.features_sha256,
                            input_shape=probe.input_shape, feature_shape=feats.shape[1:])
-    from ..device.guard import SentGuard
-
-    # a device of its own per mode (the guard is one memory per device: modes must not share it)
     pipe = Pipeline.from_model_dir(model_dir, processing=processing, pool=pool, guard=SentGuard(workdir / "guard.npz"))
     pipe.on_warning = lambda msg: None  # "running low" is expected here
     return pipe
 
 
-def run_after(model_dir, local, mode: Mode, fools: dict) -> Seen:
+def run_after(model_dirs, runtimes, mode: Mode, fools: dict) -> Seen:
+    """The shipped device over the mode's stages: `model_dirs` and `runtimes` (plain Pipelines of the same
+    graphs), one per model version (or a single one). One temporary state folder per mode: the device's one
+    memory, shared by its stages; each stage gets a new fool pool there."""
+    model_dirs, runtimes = _listed(model_dirs), _listed(runtimes)
     seen = Seen()
-    rec = Recorder(local)
     with tempfile.TemporaryDirectory(prefix="cvconvert-mq-") as tmp:
-        pipe = after_device(model_dir, fools[mode.after], Path(tmp), rec, local)
-        for ids, images in mode.requests:
-            before = len(rec.received)
-            try:
-                logits = pipe.predict(images)
-            except CvError as exc:
-                seen.refused += 1
-                seen.messages.append(str(exc).splitlines()[0])
-                continue
-            held = set(pipe.last.get("repeats", []))
-            sent = [i for i in range(len(images)) if i not in held]
-            seen.held_back += len(held)
-            x = np.concatenate(rec.received[before:]) if len(rec.received) > before else np.zeros((0,))
-            seen.x += list(x)
-            seen.ids += [ids[i] for i in sent]
-            seen.pixels += [images[i] for i in sent]
-            seen.answers += [logits[i] for i in sent]
+        for k, st in enumerate(mode.plan()):
+            rec = Recorder(runtimes[st.model])
+            pipe = after_device(model_dirs[st.model], fools[st.pool], Path(tmp), rec, runtimes[st.model], f"pool{k}")
+            _serve(pipe, rec, st, seen)
     return seen
+
+
+def _serve(pipe, rec: Recorder, st: Stage, seen: Seen) -> None:
+    for ids, images in st.requests:
+        before = len(rec.received)
+        try:
+            logits = pipe.predict(images)
+        except CvError as exc:
+            seen.refused += 1
+            seen.messages.append(str(exc).splitlines()[0])
+            continue
+        held = set(pipe.last.get("repeats", []))
+        sent = [i for i in range(len(images)) if i not in held]
+        seen.held_back += len(held)
+        x = np.concatenate(rec.received[before:]) if len(rec.received) > before else np.zeros((0,))
+        seen.x += list(x)
+        seen.ids += [ids[i] for i in sent]
+        seen.pixels += [images[i] for i in sent]
+        seen.answers += [logits[i] for i in sent]
+        seen.version += [st.model] * len(sent)

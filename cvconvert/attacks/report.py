@@ -206,10 +206,12 @@ def multi_query_md(R: dict) -> list:
         return L + [f"Skipped: {mq['skipped']}.", ""]
     L += [f"Devices built with the runtime on the exported graphs (key law {mq['defense']}, fool rule "
           f"`{mq['fool_rule']}`): before = the old device (fools from the request or a folder drawn with "
-          "replacement, repeats re-sent with a fresh key and fool, no guard); after = the shipped one (a "
-          f"device-private fool pool, each fool used once; the near-duplicate guard at cosine "
-          f"{mq['guard_threshold']}). {mq['victims']} victim images, {mq['private_fools']} private fool images, "
-          f"{mq['public_images']} public images for the membership test.", ""]
+          "replacement, or taken in order without reuse; its memory per pool, so a second pool of the same photos "
+          "hands out the same fools again; repeats re-sent with a fresh key and fool, no guard); after = the "
+          "shipped one (a device-private fool pool, each fool used once; the near-duplicate guard at cosine "
+          f"{mq['guard_threshold']}; one memory per mode, shared by its pools and model versions). {mq['victims']} "
+          f"victim images, {mq['private_fools']} private fool images, {mq['public_images']} public images for the "
+          "membership test." + _second_version(mq), ""]
     pct = lambda c: f"{c['exposed']}/{c['images']} ({c['share']:.0%})"  # noqa: E731
     tel = lambda c: "-" if c["tell"] is None else f"{c['tell']:.2f}"  # noqa: E731
     L += _table(["mode", "before: exposed", "before: which is real", "after: exposed", "after: sent / on device / "
@@ -234,10 +236,32 @@ def multi_query_md(R: dict) -> list:
                   f2(r["before"].get("principal_real")), f2(r["after"].get("principal_real")),
                   f2(r["before"].get("principal_recon_mae")), f2(r["after"].get("principal_recon_mae")),
                   f2(r["before"].get("principal_answer")), f2(r["after"].get("principal_answer"))] for r in rows])
+    L += ["Repeats: transmissions whose span holds (|cos| >= 0.999) the feature of an image that an earlier "
+          "transmission carried, under any pool or model version; under two model versions, exposed is counted "
+          "over everything the cloud holds (a recovered vector within 0.999 of the image's feature under either "
+          "version), and beside it within each version's transmissions alone.", ""]
+    L += _table(["mode", "repeats: before", "after"] + ["exposed within each model version: before", "after"],
+                [[r["mode"], r["before"].get("repeats"), r["after"].get("repeats"), _by_version(r["before"]),
+                  _by_version(r["after"])] for r in rows])
     L += ["\"which is real\": how often the rule \"the vector that recurs elsewhere is the fool\" names the image "
           "(1 = a sure tell, 0.5 = a coin, 0 = backwards: the image is what recurs). Refusals and near-duplicates "
           "answered on the device are the shipped rules at work, not failures of the audit.", ""]
     return L
+
+
+def _second_version(mq: dict) -> str:
+    v = mq.get("second_version")
+    if not v:
+        return ""
+    return (f" The second model version: the feature extractor's weights perturbed by {v['perturbation']:.0%} "
+            f"(features graph sha256 `{v['features_sha256'][:16]}`), the victims' features under the two "
+            f"versions at cosine {v['median_cos_features']:.5f} (median; min {v['min_cos_features']:.5f}).")
+
+
+def _by_version(col: dict) -> str:
+    """"v1 0/3, v2 0/6": exposed images / images sent, per model version (one version: "-")."""
+    per = col.get("by_version")
+    return "; ".join(f"v{v['version'] + 1} {v['exposed']}/{v['images']}" for v in per) if per else "-"
 
 
 def _show(ax, img):
