@@ -99,13 +99,16 @@ def _graphs(model_dir, encoder, processing, decoder, manifest, server):
     return encoder, processing, decoder, features if features.is_file() else None, man
 
 
-def _guard(threshold: float, size: int, floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN):
+def _guard(threshold: float, size: int, floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN,
+           quantile: float | None = None):
     """The query guard: one memory per device, in its state folder (cvconvert.device.state), shared by every
     pool and model version."""
     from cvconvert.device.guard import SentGuard
     from cvconvert.device.state import guard_path
 
-    return SentGuard(guard_path(), threshold, size, floor, margin)
+    from cvconvert.device.screen import FOOL_QUANTILE
+
+    return SentGuard(guard_path(), threshold, size, floor, margin, FOOL_QUANTILE if quantile is None else quantile)
 
 
 def _exported_sha256(encoder: Path, part: str = "processing") -> str | None:
@@ -120,7 +123,8 @@ def _exported_sha256(encoder: Path, part: str = "processing") -> str | None:
 
 def build_pipeline(model_dir, encoder, processing, decoder, manifest, *, fool_dir, server, model_name,
                    provider="auto", guard_threshold=DEFAULT_THRESHOLD, guard_size=DEFAULT_CAPACITY,
-                   timeout=30.0, retries=2, guard_floor=DEFAULT_FLOOR, guard_margin=DEFAULT_MARGIN):
+                   timeout=30.0, retries=2, guard_floor=DEFAULT_FLOOR, guard_margin=DEFAULT_MARGIN,
+                   guard_quantile=None):
     """The device's Pipeline as infer and `fools resolve` use it: graphs, pool, guard, journal, and the
     server checked to serve this export's model before anything is sent."""
     from cvconvert.errors import CvError
@@ -139,7 +143,7 @@ def build_pipeline(model_dir, encoder, processing, decoder, manifest, *, fool_di
     complex_ = is_complex(man)  # baselines take no pool and no guard
     pool = FoolPool.open(fool_dir) if fool_dir is not None and complex_ else None  # Pipeline checks its model
     pipe = Pipeline(encoder, proc, decoder, man, provider=provider, features=features, pool=pool,
-                    guard=_guard(guard_threshold, guard_size, guard_floor, guard_margin) if complex_ else None)
+                    guard=_guard(guard_threshold, guard_size, guard_floor, guard_margin, guard_quantile) if complex_ else None)
     if pipe.complex:
         pipe.on_warning = lambda msg: info(f"warning: {msg}")
     if server is not None:
@@ -167,6 +171,9 @@ def infer(
                                       "secret coin chose (docs/privacy.md)."),
     guard_margin: float = typer.Option(DEFAULT_MARGIN, help="Query guard: the lead (in |cos|) the named vector "
                                        "must have over the next one."),
+    guard_quantile: Optional[float] = typer.Option(None, help="Query guard: an image is answered from a similar "
+                                                   "earlier one when it lies nearer it than this quantile of the fools "
+                                                   "sent lie to theirs (default 0.99; 0: whenever no fool keeps the coin)."),
     provider: str = typer.Option("auto", help="auto | cpu | cuda (ONNX Runtime execution provider)."),
     server: Optional[str] = typer.Option(None, help="Run processing on a KServe v2 / Triton server at this URL."),
     model_name: Optional[str] = typer.Option(None, help="Model name on --server (default ARCH_processing)."),
@@ -190,7 +197,7 @@ def infer(
     pipe, man = build_pipeline(model_dir, encoder, processing, decoder, manifest, fool_dir=fool_dir, server=server,
                                model_name=model_name, provider=provider, guard_threshold=guard_threshold,
                                guard_size=guard_size, timeout=timeout, retries=retries, guard_floor=guard_floor,
-                               guard_margin=guard_margin)
+                               guard_margin=guard_margin, guard_quantile=guard_quantile)
     files = collect_images(images)
     x = np.stack([load_image(f, man, resize) for f in files])
     logits, sent, how, resent = [], [], None, 0

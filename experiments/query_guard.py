@@ -157,9 +157,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--floor", type=float)
     ap.add_argument("--margin", type=float)
+    ap.add_argument("--quantile", type=float)
     ap.add_argument("--modes", help="comma-separated subset")
     args = ap.parse_args()
-    GUARD.update({k: v for k, v in (("floor", args.floor), ("margin", args.margin)) if v is not None})
+    GUARD.update({k: v for k, v in (("floor", args.floor), ("margin", args.margin), ("quantile", args.quantile)) if v is not None})
     imgs, labs = test_images(), labels()
     n, m = args.n, args.model_dir
     victims = imgs[:n]

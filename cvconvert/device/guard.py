@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import CvError
 from .artifacts import atomic_write, locked
-from .screen import DEFAULT_FLOOR, DEFAULT_MARGIN, History, fool_floor, nearest, raise_nearest, unit
+from .screen import DEFAULT_FLOOR, DEFAULT_MARGIN, FOOL_QUANTILE, History, fool_floor, nearest, raise_nearest, unit
 
 DEFAULT_THRESHOLD = 0.995  # measured: distinct Fashion-MNIST test images reach 0.993, near-duplicates 0.998+
 DEFAULT_CAPACITY = 10000
@@ -110,13 +110,16 @@ class SentGuard:
     """
 
     def __init__(self, path=None, threshold: float = DEFAULT_THRESHOLD, capacity: int = DEFAULT_CAPACITY,
-                 floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN):
+                 floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN, quantile: float = FOOL_QUANTILE):
         if not 0.0 < threshold <= 1.0:
             raise CvError(f"guard threshold {threshold} must lie in (0, 1] (a cosine; 1 catches exact repeats only)")
         if capacity < 1:
             raise CvError(f"guard size {capacity} must be at least 1")
         if not 0.0 < floor <= 1.0 or not 0.0 <= margin < 1.0:
             raise CvError(f"guard floor {floor} must lie in (0, 1] and margin {margin} in [0, 1)")
+        if not 0.0 <= quantile <= 1.0:
+            raise CvError(f"guard quantile {quantile} must lie in [0, 1] (0: the fixed floor alone)")
+        self.quantile = float(quantile)
         self.path = Path(path) if path is not None else None
         self.threshold, self.capacity, self.floor, self.margin = float(threshold), int(capacity), float(floor), float(margin)
         self._mem = None  # in-memory state when path is None
@@ -238,14 +241,14 @@ class SentGuard:
         return out
 
     def screen_and_reserve(self, features: np.ndarray, send_fools, images: np.ndarray | None = None,
-                           model: str = "", parts: int = 2, embed=None, mirror_fools=None):
+                           model: str = "", parts: int = 2, embed=None, mirror_fools=None, give_back=None):
         """Decide per image (see Verdict) and record every image to be sent with its fools before anything
         leaves the device. send_fools(i, accept, burn) -> the fools of image i (an object with .features
         [P-1, ...] and .images, or an array of features), or None when no pool fool passes; ``accept(cands,
         chosen)`` says which candidate fool sketches keep the geometry symmetric, ``burn(cands, pictures)``
         which may never be sent. mirror_fools(i, sources, windows, ok, final): the mirror fools of image i
         (cvconvert.device.mirror) for an image related to one sent before, or None (then the earlier image
-        answers). Runs under the lock. Returns (verdict, [fools per sent image], keys)."""
+        answers). give_back(taken): return fools send_fools handed out that will not be sent. Runs under the lock. Returns (verdict, [fools per sent image], keys)."""
         with self._lock():
             state = self._load()
             sk = sketch(features)
@@ -253,7 +256,7 @@ class SentGuard:
             pics = picture(images) if images is not None else np.zeros((len(sk), PICTURE, PICTURE), np.uint8)
             hist = History(state["sketch"][mine], state["group"][mine], state["best"][mine], self.floor, self.margin,
                            state["top"][mine])
-            related = fool_floor(state["near"][mine & (state["kind"] == FOOL)], self.floor)
+            related = fool_floor(state["near"][mine & (state["kind"] == FOOL)], self.floor, self.quantile)
             verdict = Verdict([], [], np.full(len(sk), -1.0), [], [])
             fools, keys, here, fool_keys = [], [], {}, []  # here: entry seq -> index of this request's images sent
             for i in range(len(sk)):
@@ -267,10 +270,15 @@ class SentGuard:
                         self._similar(state, mine, sk[i], verdict, here)
                         continue
                 if taken is None:  # no earlier image nearer than the fools sent lie to theirs (screen.fool_floor):
-                    # what the best pair names is the geometry of exchangeable pictures (a coin in a stream of one
-                    # distribution, measured 0.46-0.51); send, and record the vector it names as its coin
+                    # what the best pair names is the geometry of exchangeable pictures; send, record the vector it
+                    # names as its coin, unless naming the image would lift the share at its level over 1/P
                     taken = send_fools(i, None, lambda c, p=None: self.burn(np.asarray(c, np.float32), p, state, mine, sk))
-                    top = hist.named(np.concatenate([sk[i:i + 1], sketch(getattr(taken, "features", taken))]))
+                    top, s0 = hist.reading(np.concatenate([sk[i:i + 1], sketch(getattr(taken, "features", taken))]))
+                    if top == 0 and self._answerable(state, partner, here) and hist.over_share(s0, parts) and \
+                            give_back is not None:
+                        give_back(taken)
+                        self._similar(state, mine, sk[i], verdict, here)
+                        continue
                 b = getattr(taken, "features", taken)
                 fool_pics = getattr(taken, "images", None)
                 vecs = np.concatenate([sk[i:i + 1], sketch(b)])
@@ -336,6 +344,14 @@ class SentGuard:
             return None
         j = imgs[int(cos.argmax())]
         return np.flatnonzero(state["group"] == state["group"][j]), float(cos.max())
+
+    @staticmethod
+    def _answerable(state, partner, here: dict) -> bool:
+        """Whether the partner's image has an answer to give (recorded, or an image of this request)."""
+        if partner is None:
+            return False
+        j = int(partner[0][0])
+        return int(state["seq"][j]) in here or (state["logits"].shape[1] > 0 and not np.isnan(state["logits"][j]).any())
 
     def _mirror(self, mirror_fools, i, sk, hist, state, mine, parts, partner):
         """Fools that mirror the partner transmission's on a ladder of cosines (cvconvert.device.mirror),

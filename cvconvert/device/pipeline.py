@@ -118,7 +118,8 @@ class Pipeline(GraphRunner):
             verdict, fools_b, seq = self.guard.screen_and_reserve(
                 a, lambda i, accept, burn: self._fools_for(images[i], accept, burn), images=images,
                 model=self.features_sha256[:16], parts=self.parts, embed=self._embed,
-                mirror_fools=lambda i, sources, windows, ok, final: self._mirror_for(sources, windows, ok, final))
+                mirror_fools=lambda i, sources, windows, ok, final: self._mirror_for(sources, windows, ok, final),
+                give_back=self._give_back)
         except BaseException:
             if self.pool is not None and len(self._taken_index):
                 self.pool.release(self._taken_index)
@@ -277,6 +278,14 @@ class Pipeline(GraphRunner):
             self.on_warning(f"fool pool {self.pool.path} is running low: {taken.remaining} unused fool(s) left; refill "
                             f"it with `cvconvert fools refill {self.pool.path} IMAGES...`")
         return taken
+
+    def _give_back(self, taken) -> None:
+        """Pool fools the guard handed out and then answered from an earlier image instead: unused again."""
+        index = np.asarray(getattr(taken, "index", []), np.int64)
+        if self.pool is not None and len(index):
+            self.pool.release(index)
+            self._taken_index = self._taken_index[~np.isin(self._taken_index, index)]
+            self.last["pool_fools"] = self.last.get("pool_fools", 0) - len(index)
 
     def _mirror_for(self, sources, windows, ok, final, tries: int = 6):
         """The guard's mirror fools (cvconvert.device.mirror): per source fool (sketch, picture), a pool fool

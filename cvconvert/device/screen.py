@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_FLOOR = 0.80   # measured (docs/privacy.md): near-duplicates and look-alikes of an earlier image reach it
+BAND = 0.05           # width of the levels of best-pair cosine over which the device keeps its own which-is-real
 DEFAULT_MARGIN = 0.02  # the count sketch's error on principal cosines (p99 0.02): the named vector's lead must beat it
 
 
@@ -131,12 +132,29 @@ class History:
 
     def named(self, vectors: np.ndarray) -> int:
         """The vector of a transmission [p, K] that its best pair's principal vector names now (0: no history)."""
+        return self.reading(vectors)[0]
+
+    def reading(self, vectors: np.ndarray) -> tuple[int, float]:
+        """(the vector its best pair's principal vector names, that pair's first principal cosine)."""
         if not len(self.ids):
-            return 0
+            return 0, 0.0
         vectors = unit(np.asarray(vectors, np.float64))
         basis = orth(vectors)
         s0, _, coef = self._pairs(basis)
-        return self._names(basis @ coef[int(np.argmax(s0))], vectors)[0]
+        j = int(np.argmax(s0))
+        return self._names(basis @ coef[j], vectors)[0], float(s0[j])
+
+    def over_share(self, s0: float, parts: int) -> bool:
+        """Whether one more transmission whose best pair (at cosine s0) names its image would put the share
+        of such transmissions among those of its level (bands of BAND from the floor) over 1/P by more than
+        one: the cloud, reading "the named vector is the image" at that level, would then beat chance."""
+        if s0 < self.floor or not len(self.ids):
+            return False
+        first = np.unique(self.g, return_index=True)[1]  # each transmission's image (its first vector)
+        level = np.floor((self.best_of_group() - self.floor) / BAND)
+        same = level == np.floor((s0 - self.floor) / BAND)
+        n, image = int(same.sum()), int(self.top[first][same].sum())
+        return image + 1 > (n + 1) / parts + 1
 
     def best_of_group(self) -> np.ndarray:
         out = np.zeros(len(self.ids))
@@ -216,6 +234,6 @@ def fool_floor(near_of_fools: np.ndarray, floor: float, q: float = FOOL_QUANTILE
     """The cosine above which an image's best match is unlike its fools': the q-quantile of how near the fools
     sent lie to their best matches (a stream of one distribution: images and fools alike), never below
     `floor`. Below it the image and its fools are exchangeable; above it the image stands out."""
-    if len(near_of_fools) < FOOL_COUNT:
+    if len(near_of_fools) < FOOL_COUNT or q <= 0:
         return float(floor)
     return max(float(floor), float(np.quantile(near_of_fools, q)))
