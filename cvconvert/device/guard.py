@@ -271,10 +271,10 @@ class SentGuard:
                         continue
                 if taken is None:  # no earlier image nearer than the fools sent lie to theirs (screen.fool_floor):
                     # what the best pair names is the geometry of exchangeable pictures; send, record the vector it
-                    # names as its coin, unless naming the image would lift the share at its level over 1/P
+                    # names as its coin, unless that would lift its kind's share at its level over 1/P (or (P-1)/P)
                     taken = send_fools(i, None, lambda c, p=None: self.burn(np.asarray(c, np.float32), p, state, mine, sk))
                     top, s0 = hist.reading(np.concatenate([sk[i:i + 1], sketch(getattr(taken, "features", taken))]))
-                    if top == 0 and self._answerable(state, partner, here) and hist.over_share(s0, parts) and \
+                    if self._answerable(state, partner, here) and hist.over_share(s0, parts, top == 0) and \
                             give_back is not None:
                         give_back(taken)
                         self._similar(state, mine, sk[i], verdict, here)

@@ -144,17 +144,20 @@ class History:
         j = int(np.argmax(s0))
         return self._names(basis @ coef[j], vectors)[0], float(s0[j])
 
-    def over_share(self, s0: float, parts: int) -> bool:
-        """Whether one more transmission whose best pair (at cosine s0) names its image would put the share
-        of such transmissions among those of its level (bands of BAND from the floor) over 1/P by more than
-        one: the cloud, reading "the named vector is the image" at that level, would then beat chance."""
+    def over_share(self, s0: float, parts: int, image: bool) -> bool:
+        """Whether one more transmission whose best pair (at cosine s0) names its image (`image`; else one of
+        its fools) would put that kind's share among the transmissions of its level (bands of BAND from the
+        floor) over 1/P (for fools (P-1)/P) by more than one: reading "the named vector is the image" at that
+        level, or its opposite, would then beat chance."""
         if s0 < self.floor or not len(self.ids):
             return False
         first = np.unique(self.g, return_index=True)[1]  # each transmission's image (its first vector)
         level = np.floor((self.best_of_group() - self.floor) / BAND)
         same = level == np.floor((s0 - self.floor) / BAND)
-        n, image = int(same.sum()), int(self.top[first][same].sum())
-        return image + 1 > (n + 1) / parts + 1
+        n, named_image = int(same.sum()), int(self.top[first][same].sum())
+        if image:
+            return named_image + 1 > (n + 1) / parts + 1
+        return n - named_image + 1 > (n + 1) * (parts - 1) / parts + 1
 
     def best_of_group(self) -> np.ndarray:
         out = np.zeros(len(self.ids))
