@@ -109,3 +109,41 @@ def test_a_mirrored_transmission_shares_every_direction(seeded, tmp_path, monkey
     print("control", np.round(control, 3), "mirrored", np.round(mirrored, 3))
     assert len(mirrored) >= 2 and mirrored.max() <= 0.08, mirrored  # 2 margin plus the sketch's error
     assert np.median(control) > 2 * np.median(mirrored), (control, mirrored)
+
+
+def test_the_device_keeps_its_own_which_is_real_per_level():
+    from cvconvert.device.screen import History
+
+    rng = np.random.default_rng(0)
+    n, parts = 20, 2
+    vectors = rng.normal(size=(2 * n, 64))
+    groups = np.repeat(np.arange(n), 2)
+    best = np.full(2 * n, 0.87)  # every transmission's best pair in one level (0.85-0.90)
+    for named_images in (10, 11, 12):  # of 20: the image named in 10 (fair), 11 (one over), 12
+        top = np.zeros(2 * n, bool)
+        top[0:2 * named_images:2] = True             # the image named
+        top[2 * named_images + 1::2] = True          # a fool named
+        hist = History(vectors, groups, best, top=top)
+        # one more image named at this level is allowed up to one over the fair share
+        assert hist.over_share(0.88, parts, image=True) == (named_images + 1 > (n + 1) / 2 + 1)
+        assert not hist.over_share(0.88, parts, image=False) or named_images < 10
+        assert not hist.over_share(0.97, parts, image=True)  # another level: empty
+        assert not hist.over_share(0.5, parts, image=True)   # below the floor: not kept
+
+
+def test_the_fools_own_floor():
+    from cvconvert.device.screen import FOOL_COUNT, fool_floor, nearest, raise_nearest
+
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(30, 16))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    g = np.repeat(np.arange(15), 2)
+    near = nearest(v, g)
+    brute = [max(abs(v[i] @ v[j]) for j in range(30) if g[j] != g[i]) for i in range(30)]
+    np.testing.assert_allclose(near, brute, rtol=1e-5)
+    old, new = raise_nearest(near[:28], v[:28], v[28:])  # the last transmission joins
+    np.testing.assert_allclose(np.concatenate([old, new]), brute, rtol=1e-5)
+    assert fool_floor(np.full(FOOL_COUNT - 1, 0.99), 0.8) == 0.8  # too few fools sent: the fixed floor
+    assert fool_floor(np.linspace(0.5, 0.95, 200), 0.8) == pytest.approx(0.9455, abs=1e-3)
+    assert fool_floor(np.linspace(0.5, 0.7, 200), 0.8) == 0.8     # never below the floor
+    assert fool_floor(np.linspace(0.5, 0.95, 200), 0.8, q=0) == 0.8
