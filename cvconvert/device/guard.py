@@ -9,7 +9,10 @@ share a direction that is the image's. So for each image the device
    refuses one that matches a fool it sent;
 2. runs the cloud's attack on the transmission it would send (``screen.History``: principal directions
    against every past span) and picks the fools from the pool so that the geometry stays symmetric;
-3. when no pool fool does, answers from the earlier related image's answer (``similar``), else refuses.
+3. when no pool fool does and the image is related to one sent before, mirrors that transmission's fools
+   (``cvconvert.device.mirror``); else answers from the earlier related image (``similar``) when the image
+   stands out against the fools sent (``screen.fool_floor``) or when sending would lift the share of
+   transmissions naming their image (or a fool) at its level over 1/P (``History.over_share``); else sends.
 
 What is kept (a 0600 npz in the device's state folder, ``cvconvert.device.state.guard_path()``, never sent, never logged), per vector sent (images and
 fools): its feature as a fixed count sketch of at most ``SKETCH_DIM`` numbers (a count sketch keeps inner
