@@ -251,7 +251,8 @@ class SentGuard:
         chosen)`` says which candidate fool sketches keep the geometry symmetric, ``burn(cands, pictures)``
         which may never be sent. mirror_fools(i, sources, windows, ok, final): the mirror fools of image i
         (cvconvert.device.mirror) for an image related to one sent before, or None (then the earlier image
-        answers). give_back(taken): return fools send_fools handed out that will not be sent. Runs under the lock. Returns (verdict, [fools per sent image], keys)."""
+        answers). give_back(taken): return fools send_fools handed out that will not be sent. Runs under the
+        lock. Returns (verdict, [fools per sent image], keys)."""
         with self._lock():
             state = self._load()
             sk = sketch(features)
