@@ -271,7 +271,7 @@ class SentGuard:
                 if partner is not None:  # related to an image sent before: mirror its fools
                     taken, top = self._mirror(mirror_fools, i, sk, hist, state, mine, parts, partner)
                     if taken is None and partner[1] >= related:  # it stands out against the fools: its answer
-                        self._similar(state, mine, sk[i], verdict, here)
+                        self._similar(state, partner, verdict, here)
                         continue
                 if taken is None:  # no earlier image nearer than the fools sent lie to theirs (screen.fool_floor):
                     # what the best pair names is the geometry of exchangeable pictures; send, record the vector it
@@ -281,7 +281,7 @@ class SentGuard:
                     if self._answerable(state, partner, here) and hist.over_share(s0, parts, top == 0) and \
                             give_back is not None:
                         give_back(taken)
-                        self._similar(state, mine, sk[i], verdict, here)
+                        self._similar(state, partner, verdict, here)
                         continue
                 b = getattr(taken, "features", taken)
                 fool_pics = getattr(taken, "images", None)
@@ -380,19 +380,16 @@ class SentGuard:
             return hist.fine(np.concatenate([sk[i:i + 1], np.asarray(fool_sketches, np.float32)]), top)[0]
         return mirror_fools(i, sources, [(t - tol, t + tol) for t in targets], ok, final), top
 
-    def _similar(self, state, mine, a, verdict, here: dict) -> None:
-        """No fool keeps the geometry symmetric: the earlier image it is related to answers, if any (``ref``:
-        its guard entry; or, with logits None, the index of an image of this request)."""
-        imgs = np.flatnonzero(mine & (state["kind"] == IMAGE))
-        cos = state["sketch"][imgs].astype(np.float32) @ a if len(imgs) else np.zeros(0)
-        j = imgs[int(cos.argmax())] if len(cos) else -1
-        if len(cos) and cos.max() >= self.floor and int(state["seq"][j]) in here:
-            self._say(verdict, "similar", here[int(state["seq"][j])], None, float(cos.max()))
-        elif len(cos) and cos.max() >= self.floor and state["logits"].shape[1] and \
-                not np.isnan(state["logits"][j]).any():
-            self._say(verdict, "similar", int(state["seq"][j]), state["logits"][j].copy(), float(cos.max()))
+    def _similar(self, state, partner, verdict, here: dict) -> None:
+        """The related earlier image (``partner``, from _partner) answers, if it has an answer (``ref``: its
+        guard entry; or, with logits None, the index of an image of this request); else "tells"."""
+        j, cos = int(partner[0][0]), partner[1]
+        if int(state["seq"][j]) in here:
+            self._say(verdict, "similar", here[int(state["seq"][j])], None, cos)
+        elif self._answerable(state, partner, here):
+            self._say(verdict, "similar", int(state["seq"][j]), state["logits"][j].copy(), cos)
         else:
-            self._say(verdict, "tells", None, None, float(cos.max()) if len(cos) else -1.0)
+            self._say(verdict, "tells", None, None, cos)
 
     @staticmethod
     def _say(verdict, action, ref, logits, cos) -> None:
