@@ -26,6 +26,14 @@ BAND = 0.05           # width of the levels of best-pair cosine over which the d
 DEFAULT_MARGIN = 0.02  # the count sketch's error on principal cosines (p99 0.02): the named vector's lead must beat it
 
 
+def _over(n: int, named_image: int, parts: int, image: bool) -> bool:
+    """Whether one more transmission naming its image (else a fool), among n of which named_image name their
+    image, puts that kind's share over its chance share (1/P, (P-1)/P) by more than one transmission."""
+    if image:
+        return named_image + 1 > (n + 1) / parts + 1
+    return n - named_image + 1 > (n + 1) * (parts - 1) / parts + 1
+
+
 def unit(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, np.float32)
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
@@ -152,12 +160,12 @@ class History:
         if s0 < self.floor or not len(self.ids):
             return False
         first = np.unique(self.g, return_index=True)[1]  # each transmission's image (its first vector)
-        level = np.floor((self.best_of_group() - self.floor) / BAND)
+        best = self.best_of_group()
+        level = np.floor((best - self.floor) / BAND)
         same = level == np.floor((s0 - self.floor) / BAND)
-        n, named_image = int(same.sum()), int(self.top[first][same].sum())
-        if image:
-            return named_image + 1 > (n + 1) / parts + 1
-        return n - named_image + 1 > (n + 1) * (parts - 1) / parts + 1
+        # the level's share and the share over every level above the floor (the cloud can count either)
+        return any(_over(int(m.sum()), int(self.top[first][m].sum()), parts, image)
+                   for m in (same, best >= self.floor))
 
     def best_of_group(self) -> np.ndarray:
         out = np.zeros(len(self.ids))
