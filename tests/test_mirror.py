@@ -115,19 +115,22 @@ def test_the_device_keeps_its_own_which_is_real_per_level():
     from cvconvert.device.screen import History
 
     rng = np.random.default_rng(0)
-    n, parts = 20, 2
-    vectors = rng.normal(size=(2 * n, 64))
-    groups = np.repeat(np.arange(n), 2)
-    best = np.full(2 * n, 0.87)  # every transmission's best pair in one level (0.85-0.90)
-    for named_images in (10, 11, 12):  # of 20: the image named in 10 (fair), 11 (one over), 12
-        top = np.zeros(2 * n, bool)
+    n, parts = 19, 2  # transmissions above the floor, and one more below it
+    vectors = rng.normal(size=(2 * n + 2, 64))
+    groups = np.repeat(np.arange(n + 1), 2)
+    best = np.full(2 * n + 2, 0.87)  # every transmission's best pair in one level (0.85-0.90) ...
+    best[-2:] = 0.5                  # ... but the last, below the floor: counted nowhere
+    for named_images in (9, 10, 11):  # of the 19: fair, one over, two over
+        top = np.zeros(2 * n + 2, bool)
         top[0:2 * named_images:2] = True             # the image named
-        top[2 * named_images + 1::2] = True          # a fool named
+        top[2 * named_images + 1:2 * n:2] = True     # a fool named
+        top[-2] = True                               # the one below the floor names its image
         hist = History(vectors, groups, best, top=top)
         # one more image named at this level is allowed up to one over the fair share
         assert hist.over_share(0.88, parts, image=True) == (named_images + 1 > (n + 1) / 2 + 1)
-        assert not hist.over_share(0.88, parts, image=False) or named_images < 10
-        assert not hist.over_share(0.97, parts, image=True)  # another level: empty
+        assert not hist.over_share(0.88, parts, image=False)  # fools named 8-10 of 19: within one of 1/2
+        # another level, empty: the share over every level still binds
+        assert hist.over_share(0.97, parts, image=True) == (named_images + 1 > (n + 1) / 2 + 1)
         assert not hist.over_share(0.5, parts, image=True)   # below the floor: not kept
 
 
