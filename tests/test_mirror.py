@@ -150,3 +150,18 @@ def test_the_fools_own_floor():
     assert fool_floor(np.linspace(0.5, 0.95, 200), 0.8) == pytest.approx(0.9455, abs=1e-3)
     assert fool_floor(np.linspace(0.5, 0.7, 200), 0.8) == 0.8     # never below the floor
     assert fool_floor(np.linspace(0.5, 0.95, 200), 0.8, q=0) == 0.8
+
+
+def test_burn_takes_colour_model_inputs():
+    """The pool hands the guard model inputs [k, C, H, W]; the picture check works on the kept 32 x 32 grey
+    pictures, so colour inputs are brought to that form (they raised a reshape error before)."""
+    from cvconvert.device.guard import picture
+
+    rng = np.random.default_rng(0)
+    g = SentGuard()
+    sent = rng.random((2, 3, 32, 32)).astype(np.float32)
+    state = g._empty(8)
+    state["picture"], state["sketch"] = picture(sent), np.zeros((2, 8), np.float16)
+    cands = np.concatenate([sent[:1], rng.random((2, 3, 32, 32)).astype(np.float32)])
+    out = g.burn(rng.random((3, 8)).astype(np.float32), cands, state, np.ones(2, bool), np.zeros((0, 8)))
+    assert out.tolist() == [True, False, False]  # a copy of a sent picture is burned, others are not

@@ -239,6 +239,8 @@ class SentGuard:
             if len(ref) and ref.shape[1] == sketches.shape[1]:
                 out |= (sketches @ ref.T).max(1) >= limit
         others = np.arange(len(state["picture"])) != (-1 if source is None else source)
+        if pics is not None and np.ndim(pics) == 4:  # model inputs [k, C, H, W]: to the kept pictures' form
+            pics = picture(pics)
         if pics is not None and others.any():
             out |= (picture_sketch(pics) @ picture_sketch(state["picture"][others]).T).max(1) >= PICTURE_THRESHOLD
         return out
