@@ -381,11 +381,14 @@ class FoolPool:
             ledger = self._ledger()
             mine = np.asarray(self._read("sketches", mmap=True), np.float32)
             used = np.flatnonzero(ledger == 1)
-            out = []
+            images, out = None, []
             for s in np.asarray(sketches, np.float32).reshape(len(sketches), -1):
                 cos = mine[used] @ s if len(used) and mine.shape[1] == len(s) else np.zeros(0)
-                j = int(used[int(np.argmax(cos))]) if len(cos) and cos.max() >= limit else None
-                out.append(None if j is None else np.array(self._arrays()[0][j], np.float32))
+                if not len(cos) or cos.max() < limit:
+                    out.append(None)
+                    continue
+                images = self._arrays()[0] if images is None else images  # read once, only when needed
+                out.append(np.array(images[int(used[int(np.argmax(cos))])], np.float32))
             return out
 
     def release(self, index) -> None:

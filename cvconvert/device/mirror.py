@@ -102,22 +102,22 @@ def pool_choice(source: np.ndarray, lo: float, hi: float, ok):
     return choose
 
 
-def derived(source_image: np.ndarray, source: np.ndarray, lo: float, hi: float, embed, ok):
-    """(image, sketch) of an affine variant of `source_image` whose sketch lies in [lo, hi] of `source`
-    and that ``ok(sketches, images) -> bool [k]`` lets through, or None. embed: images -> unit sketches."""
+def derived(source_image: np.ndarray, source: np.ndarray, lo: float, hi: float, features, ok):
+    """(image, feature) of an affine variant of `source_image` whose sketch lies in [lo, hi] of `source`
+    and that ``ok(sketches, images) -> bool [k]`` lets through, or None. features: images -> features."""
+    from .guard import sketch
+
     for _ in range(DIRECTIONS):
         cands = variants(source_image)
-        sk = embed(cands)
-        cos = sk @ source
-        good = np.flatnonzero((cos >= lo) & (cos <= hi))
+        feats = features(cands)
+        sk = sketch(feats)
+        good = np.flatnonzero(((sk @ source) >= lo) & ((sk @ source) <= hi))
         if len(good):
-            fine = np.asarray(ok(sk[good], cands[good]), bool)
-            good = good[fine]
+            good = good[np.asarray(ok(sk[good], cands[good]), bool)]
         if len(good):
             k = int(good[secrets.randbelow(len(good))])
-            return cands[k], sk[k]
+            return cands[k], feats[k]
     return None
-
 
 class Mirrored:
     """The mirror fools of one image as they are found: images, features, and the pool indices taken."""

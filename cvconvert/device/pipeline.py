@@ -306,10 +306,10 @@ class Pipeline(GraphRunner):
                     continue
                 image = originals[j] if originals[j] is not None else \
                     unpicture(pic[None], self.input_shape)[0] if self.input_shape[0] == 1 else None
-                made = None if image is None else derived(image, src, lo, hi, lambda im: sketch(self.features(im)), ok(j))
+                made = None if image is None else derived(image, src, lo, hi, self.features, ok(j))
                 if made is None:
                     break
-                got.add(made[0], self.features(made[0][None])[0], None)
+                got.add(made[0], made[1], None)  # the variant's features, computed once in derived
             if len(got.images) == len(sources) and final(sketch(np.stack(got.features))):
                 self._taken_index = np.concatenate([self._taken_index, np.asarray(got.index, np.int64)])
                 self.last["pool_fools"] = self.last.get("pool_fools", 0) + len(got.index)
