@@ -107,7 +107,11 @@ def test_a_mirrored_transmission_shares_every_direction(seeded, tmp_path, monkey
     mirrored = ladder_gaps(new, [int(sent_rows[i]) for i, f in enumerate(flags) if f and i])
     control = ladder_gaps(old, range(1, len(old.x), 2))  # each shifted copy, old device
     print("control", np.round(control, 3), "mirrored", np.round(mirrored, 3))
-    assert len(mirrored) >= 2 and mirrored.max() <= 0.08, mirrored  # 2 margin plus the sketch's error
+    # the ladder's step d <= 2 margin, the window's tolerance margin / 2, and the count sketch's error on each
+    # of the two cosines the device targeted in (p99 0.02, test_a_count_sketch_keeps_principal_cosines); one
+    # CI run measured 0.0817 against a first bound of 0.08 that left the sketch's error out for one cosine
+    from cvconvert.device.screen import DEFAULT_MARGIN as m
+    assert len(mirrored) >= 2 and mirrored.max() <= 2 * m + m / 2 + 2 * 0.02, mirrored
     assert np.median(control) > 2 * np.median(mirrored), (control, mirrored)
 
 
