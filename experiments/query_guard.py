@@ -109,7 +109,56 @@ def run(stages, new: bool, tmp: Path, photos, cloud, answers: list | None = None
             cost["cached"] += pipe.last["cached"] - len(pipe.last.get("similar", []))
             cost["pool_fools"] += pipe.last.get("pool_fools", 0)
             cost["mirrored"] += pipe.last.get("mirrored", 0)
+            cost.setdefault("how", []).extend(pipe.last.get("how", []))
     return cost
+
+
+def readings(cloud, guard_file: Path, how: list) -> dict:
+    """Where the cloud's exact reading and the device's own part: per transmission, the coin the guard
+    recorded, the vector its best pair names in the guard's sketches now, and in the exact features now;
+    which-is-real by how the fools were found and by the final best pair's level."""
+    from cvconvert.device.screen import DEFAULT_FLOOR, History
+
+    state = SentGuard(guard_file)._load()
+    if len(np.unique(state["group"])) != len(cloud.x) or len(how) != len(cloud.x):
+        return {}
+    a, b = np.concatenate(cloud.a), np.concatenate(cloud.b)
+    t = len(a)
+    exact = np.concatenate([a.reshape(t, 1, -1), b.reshape(t, b.shape[1], -1)], 1)
+    groups = np.repeat(np.arange(t), exact.shape[1])
+    ex = History(exact.reshape(len(groups), -1), groups)
+    order = np.argsort(state["group"], kind="stable")
+    sk = History(state["sketch"][order].astype(np.float32), state["group"][order])
+    first = np.arange(0, len(groups), exact.shape[1])
+    named_ex, named_sk, coin = ex.top[first], sk.top[first], state["top"][order][first]
+    level = ex.best_of_group()
+    how = np.asarray(how)
+
+    def partners(h):
+        out = []
+        for j in range(len(h.ids)):
+            s0 = h._pairs(h.q[j])[0]
+            s0[j] = -1
+            out.append(int(np.argmax(s0)))
+        return np.array(out)
+    same = partners(ex) == partners(sk)
+    agree = (ex.top == sk.top).reshape(t, -1).all(1)
+    out = {"coin_image": float(coin.mean()), "sketch_image": float(named_sk.mean()), "exact_image": float(named_ex.mean()),
+           "exact_vs_sketch": float((ex.top == sk.top).reshape(t, -1).all(1).mean()),
+           "exact_vs_coin": float((ex.top == state["top"][order]).reshape(t, -1).all(1).mean()),
+           "same_partner": float(same.mean()), "agree_same_partner": float(agree[same].mean()) if same.any() else None,
+           "agree_other_partner": float(agree[~same].mean()) if (~same).any() else None}
+    for h in ("coin", "mirror", "typical"):
+        m = how == h
+        out[f"n_{h}"] = int(m.sum())
+        if m.any():
+            out[f"exact_image_{h}"] = float(named_ex[m].mean())
+            out[f"coin_image_{h}"] = float(coin[m].mean())
+    for name, m in (("below_floor", level < DEFAULT_FLOOR), ("above_floor", level >= DEFAULT_FLOOR)):
+        out[f"n_{name}"] = int(m.sum())
+        if m.any():
+            out[f"exact_image_{name}"] = float(named_ex[m].mean())
+    return out
 
 
 def accuracy(answers, truth) -> dict:
@@ -188,7 +237,10 @@ def main() -> int:
                 os.environ["CVCONVERT_STATE_DIR"] = str(Path(tmp) / "state")
                 cloud, answers = Cloud(), []
                 cost = run(stages, new, Path(tmp), photos, cloud, answers)
+                how = cost.pop("how", [])
                 res = {**cost, **score(cloud, probe, mean)}
+                if new and name != "reexport":
+                    res["readings"] = readings(cloud, Path(tmp) / "state" / "guard.npz", how)
                 if name in truth:
                     res.update(accuracy(answers, truth[name]))
                     got[new] = answers

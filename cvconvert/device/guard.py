@@ -94,7 +94,9 @@ class Verdict:
     """Per image: "send"; "cached" (an exact repeat: logits from an earlier send, ``ref`` its entry);
     "same" (a repeat of image ``ref`` of this request); "similar" (its transmission would tell it from its
     fools: answered from the related earlier image ``ref``); "refuse" (matches a fool sent before);
-    "tells" (would tell, and nothing to answer from); "busy" (repeat of a send whose answer is missing)."""
+    "tells" (would tell, and nothing to answer from); "busy" (repeat of a send whose answer is missing).
+    ``why`` of a sent image: how its fools were found ("coin": pool fools keeping a fresh secret coin,
+    "mirror": mirrored fools, "typical": no coin kept, fools of the request's kind); "" otherwise."""
     action: list
     ref: list
     cosine: np.ndarray
@@ -269,20 +271,20 @@ class SentGuard:
                 if self._repeat(state, mine, sk, i, verdict, here):
                     continue
                 taken, top = self._choose(send_fools, i, sk, hist, state, mine, parts)
+                how = "coin"
                 partner = self._partner(state, mine, sk[i], self.floor) if taken is None else None
                 if partner is not None:  # related to an image sent before: mirror its fools
                     taken, top = self._mirror(mirror_fools, i, sk, hist, state, mine, parts, partner)
+                    how = "mirror"
                     if taken is None and partner[1] >= related:  # it stands out against the fools: its answer
                         self._similar(state, partner, verdict, here)
                         continue
                 if taken is None:  # no earlier image nearer than the fools sent lie to theirs (screen.fool_floor):
                     # what the best pair names is the geometry of exchangeable pictures; send, record the vector it
                     # names as its coin, unless that would lift its kind's share at its level over 1/P (or (P-1)/P)
-                    taken = self._typical(send_fools, i, sk, state, mine)
-                    top, s0 = hist.reading(np.concatenate([sk[i:i + 1], sketch(getattr(taken, "features", taken))]))
-                    if self._answerable(state, partner, here) and hist.over_share(s0, parts, top == 0) and \
-                            give_back is not None:
-                        give_back(taken)
+                    taken, top, how = *self._balanced(send_fools, give_back, i, sk, hist, state, mine, parts,
+                                                      self._answerable(state, partner, here)), "typical"
+                    if taken is None:
                         self._similar(state, partner, verdict, here)
                         continue
                 b = getattr(taken, "features", taken)
@@ -298,7 +300,7 @@ class SentGuard:
                 here[keys[-1]] = i
                 fools.append(b)
                 verdict.action.append("send"), verdict.ref.append(None), verdict.logits.append(None)
-                verdict.why.append("")
+                verdict.why.append(how)
             self._save(state)
         verdict.fool_keys = np.asarray(fool_keys, np.int64)
         return verdict, fools, np.asarray(keys, np.int64)
@@ -351,22 +353,60 @@ class SentGuard:
         j = imgs[int(cos.argmax())]
         return np.flatnonzero(state["group"] == state["group"][j]), float(cos.max())
 
-    def _typical(self, send_fools, i, sk, state, mine):
-        """Fools for a transmission sent without a kept coin, preferring ones whose nearest match among what
-        was sent is as near as the image's (within the margin): image and fools then look alike to the cloud's
-        statistic whatever the pool's and the stream's distributions (a skewed stream against a pool of all
-        kinds named its fools 85% of the time at P = 3). Any unused fool when no candidate is that typical."""
+    def _typical(self, send_fools, i, sk, hist, state, mine, parts, coin: int, only: bool = False):
+        """Fools for a transmission sent although no pool fool keeps a coin in full (``coin``: the one asked first).
+        Tried in turn: a fresh coin named (no margin) with every earlier transmission's coin kept; earlier
+        coins kept; neither. Each prefers fools whose nearest match among what was sent is as near as the
+        image's (within the margin): image and fools then look alike to the cloud's statistic whatever the
+        pool's and the stream's distributions (a skewed stream against a pool of all kinds named its fools
+        85% of the time at P = 3). Any unused fool when no candidate is that typical (``only``: the first
+        stage alone, else None)."""
         def burn(c, p=None):
             return self.burn(np.asarray(c, np.float32), p, state, mine, sk)
         sent = state["sketch"][mine].astype(np.float32)
         if not len(sent):
-            return send_fools(i, None, burn)
+            return send_fools(i, None, burn) if not only else None
         own = float(np.abs(sent @ sk[i]).max())
 
-        def accept(cands, chosen):
-            return np.abs(np.abs(np.asarray(cands, np.float32) @ sent.T).max(1) - own) <= self.margin
-        taken = send_fools(i, accept, burn)
-        return taken if taken is not None else send_fools(i, None, burn)
+        def accept_with(coin, asked: bool):
+            def accept(cands, chosen):
+                cands = np.asarray(cands, np.float32)
+                ok = np.abs(np.abs(cands @ sent.T).max(1) - own) <= self.margin
+                if asked and ok.any():
+                    chosen = np.concatenate([sk[i:i + 1], np.asarray(chosen, np.float32).reshape(-1, sk.shape[1])])
+                    ok[ok] = hist.accept(chosen, cands[ok], coin, len(chosen) == parts - 1, strict=False)
+                return ok
+            return accept
+        stages = ((coin, True),) if only else ((coin, True), (None, True), (None, False))
+        for want, asked in stages:
+            taken = send_fools(i, accept_with(want, asked), burn)
+            if taken is not None:
+                return taken
+        return None if only else send_fools(i, None, burn)
+
+    def _balanced(self, send_fools, give_back, i, sk, hist, state, mine, parts, answerable: bool):
+        """(fools, the vector their transmission names) for a transmission sent without a kept coin, keeping
+        each kind's share at its level within one of chance (History.over_share): when the first fools would
+        lift it, fools naming the other kind are sought; failing those, (None, 0) when the related earlier
+        image can answer instead, else the first fools (a leak the audit counts)."""
+        def reading(taken):
+            return hist.reading(np.concatenate([sk[i:i + 1], sketch(getattr(taken, "features", taken))]))
+        taken = self._typical(send_fools, i, sk, hist, state, mine, parts, secrets.randbelow(parts))
+        top, s0 = reading(taken)
+        if give_back is None or not hist.over_share(s0, parts, top == 0):
+            return taken, top
+        want = 1 + secrets.randbelow(parts - 1) if top == 0 else 0  # the other kind
+        again = self._typical(send_fools, i, sk, hist, state, mine, parts, want, only=True)
+        if again is not None:
+            top2, s02 = reading(again)
+            if not hist.over_share(s02, parts, top2 == 0):
+                give_back(taken)
+                return again, top2
+            give_back(again)
+        if answerable:
+            give_back(taken)
+            return None, 0
+        return taken, top
 
     @staticmethod
     def _answerable(state, partner, here: dict) -> bool:
@@ -426,7 +466,9 @@ class SentGuard:
         state["near"][mine], new["near"] = raise_nearest(state["near"][mine], state["sketch"][mine], vecs)
         for k, v in new.items():
             state[k] = np.concatenate([state[k], v])
-        state["best"][np.flatnonzero(np.append(mine, np.ones(n, bool)))] = hist.best  # the raised best matches
+        rows = np.flatnonzero(np.append(mine, np.ones(n, bool)))
+        state["best"][rows] = hist.best  # the raised best matches
+        state["top"][rows] = hist.top    # and what the transmissions they belong to name now
         return np.append(mine, np.ones(n, dtype=bool))
 
     @staticmethod

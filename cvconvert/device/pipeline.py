@@ -133,6 +133,7 @@ class Pipeline(GraphRunner):
                 self.pool.release(self._taken_index)  # an unsendable request costs no fool
             raise
         send = np.array([act == "send" for act in verdict.action])
+        self.last["how"] = [w for w, s in zip(verdict.why, send) if s]  # per image sent: how its fools were found
         req = _Request(verdict, send, resend)
         if send.any():
             req.key = self.new_keys(int(send.sum()))  # one secret key per image; stays on this device

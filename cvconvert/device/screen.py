@@ -116,27 +116,32 @@ class History:
             top[rows[self._names(self.q[b] @ u[b], self.v[rows])[0] if len(s0) > 1 else 0]] = True
         return top
 
-    def fine(self, vectors: np.ndarray, top: int) -> tuple[bool, str]:
+    def fine(self, vectors: np.ndarray, top: int | None, margin: float | None = None) -> tuple[bool, str]:
         """Whether the transmission of `vectors` [p, K] (the image first) keeps every coin: its best pair's
         principal vector (once that pair's cosine reaches the floor) names vector `top` by at least the
-        margin, and every earlier transmission whose best pair it becomes still has its own coin named.
-        Then "the vector the best pair names is the image" is right 1/P of the time. (ok, why not)."""
+        margin (``top`` None: not asked), and every earlier transmission whose best pair it becomes still
+        has its own coin named. Then "the vector the best pair names is the image" is right 1/P of the time.
+        (ok, why not)."""
         if not len(self.ids):
             return True, ""
         vectors = unit(np.asarray(vectors, np.float64))
         basis = orth(vectors)
         s0, u_past, coef = self._pairs(basis)
         j = int(np.argmax(s0))
-        if s0[j] >= self.floor:
+        if top is not None and s0[j] >= self.floor:
             named, lead = self._names(basis @ coef[j], vectors)
-            if named != top or lead < self.margin:
+            if named != top or lead < (self.margin if margin is None else margin):
                 return False, "the coin"
-        for j in np.flatnonzero((s0 > self.best_of_group()) & (s0 >= self.floor)):
+        for j in self._renamed(s0):
             rows = np.flatnonzero(self.inv == j)
             named, _ = self._names(self.q[j] @ u_past[j], self.v[rows])
             if not self.top[rows[named]]:
                 return False, "an earlier transmission's coin"
         return True, ""
+
+    def _renamed(self, s0: np.ndarray) -> np.ndarray:
+        """The earlier transmissions a new one at first principal cosines `s0` [G] becomes the best pair of."""
+        return np.flatnonzero((s0 > self.best_of_group()) & (s0 >= self.floor))
 
     def named(self, vectors: np.ndarray) -> int:
         """The vector of a transmission [p, K] that its best pair's principal vector names now (0: no history)."""
@@ -172,13 +177,18 @@ class History:
         np.maximum.at(out, self.inv, self.best)
         return out
 
-    def accept(self, chosen: np.ndarray, cands: np.ndarray, top: int, final: bool) -> np.ndarray:
+    def accept(self, chosen: np.ndarray, cands: np.ndarray, top: int | None, final: bool,
+               strict: bool = True) -> np.ndarray:
         """bool [c]: which candidate fools [c, K] may join `chosen` [j, K] (the image, then the fools picked so
-        far). ``final``: the candidate completes the transmission; a partial one is not judged (P > 2)."""
+        far). ``final``: the candidate completes the transmission; a partial one is not judged (P > 2).
+        ``strict`` False (a transmission sent whatever the coin, SentGuard._typical): the coin `top` named
+        with no margin (None: not asked), and no need that the pool could have served either side."""
         cands = unit(np.asarray(cands, np.float32).reshape(len(cands), -1)).astype(np.float64)
         if not len(self.ids) or not final:
             return np.ones(len(cands), dtype=bool)
         chosen = np.asarray(chosen, np.float64)
+        if not strict:
+            return np.array([self.fine(np.concatenate([chosen, c[None]]), top, 0.0)[0] for c in cands], dtype=bool)
         ok = np.zeros(len(cands), dtype=bool)
         sides = np.zeros((len(cands), 2), dtype=bool)  # would pass with the coin on the image / on this fool
         for i in range(len(cands)):
@@ -196,7 +206,11 @@ class History:
         vectors = unit(np.asarray(vectors, np.float32).reshape(len(vectors), -1)).astype(np.float64)
         basis = orth(vectors)
         if len(self.ids):
-            s0, _, _ = self._pairs(basis)
+            s0, u_past, _ = self._pairs(basis)
+            for j in self._renamed(s0):  # their best pair is the new one now: record what it names (a kept coin
+                rows = np.flatnonzero(self.inv == j)  # reads the same; a transmission sent without one may not)
+                named, _ = self._names(self.q[j] @ u_past[j], self.v[rows])
+                self.top[rows] = np.arange(len(rows)) == named
             self.best = np.maximum(self.best, s0[self.inv])
             own = float(s0.max())
         else:
