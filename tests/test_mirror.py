@@ -169,3 +169,48 @@ def test_burn_takes_colour_model_inputs():
     cands = np.concatenate([sent[:1], rng.random((2, 3, 32, 32)).astype(np.float32)])
     out = g.burn(rng.random((3, 8)).astype(np.float32), cands, state, np.ones(2, bool), np.zeros((0, 8)))
     assert out.tolist() == [True, False, False]  # a copy of a sent picture is burned, others are not
+
+
+def _near(v, cos, rng):
+    """A unit vector at cosine `cos` to the unit vector v."""
+    w = rng.normal(size=v.shape)
+    w -= (w @ v) * v
+    return cos * v + np.sqrt(1 - cos ** 2) * w / np.linalg.norm(w)
+
+
+def test_a_transmission_that_becomes_an_earlier_ones_best_pair_records_what_it_names():
+    from cvconvert.device.screen import History
+
+    rng = np.random.default_rng(1)
+    a0, b0, a1 = (v / np.linalg.norm(v) for v in rng.normal(size=(3, 64)))
+    hist = History(np.stack([a0, b0]), np.array([0, 0]), top=np.array([True, False]))  # its coin: the image
+    hist.add(np.stack([a1, _near(b0, 0.95, rng)]), 1, top=1)  # shares b0's direction, names its own fool
+    assert list(hist.top) == [False, True, False, True]  # the earlier one now names its fool, as the cloud reads
+
+
+def test_a_transmission_sent_without_a_kept_coin_keeps_the_earlier_coins():
+    from cvconvert.device.guard import SentGuard
+
+    rng = np.random.default_rng(2)
+    a0, b0, a1 = (v / np.linalg.norm(v) for v in rng.normal(size=(3, 64)))
+    bad, good = _near(b0, 0.95, rng), _near(a0, 0.95, rng)  # would rename the earlier one / keep its coin
+    # a margin no coin can be kept by: every image goes the way of a transmission sent without one
+    guard = SentGuard(None, margin=0.99)
+    offered = []
+
+    def send_fools(cands):
+        def send(i, accept, burn):
+            c = np.stack(cands)
+            ok = ~burn(c) if burn is not None else np.ones(len(c), bool)
+            if accept is not None:
+                ok &= np.asarray(accept(c, np.zeros((0, c.shape[1]))), bool)
+            offered.append(ok)
+            return c[np.flatnonzero(ok)[:1]] if ok.any() else None
+        return send
+    guard.screen_and_reserve(a0[None], send_fools([b0]), parts=2)
+    guard._mem["top"] = np.array([True, False])  # the first transmission's coin: its image
+    for _ in range(8):  # whatever the fresh coin drawn
+        verdict, fools, _ = guard.screen_and_reserve(a1[None], send_fools([bad, good]), parts=2)
+        assert verdict.why == ["typical"] and np.allclose(fools[0][0], good), verdict
+        assert list(guard._mem["top"][:2]) == [True, False]
+        guard.forget(guard._mem["seq"][2:])
