@@ -424,8 +424,7 @@ class SentGuard:
         rows, c = partner
         if mirror_fools is None or len(rows) != parts:
             return None, 0
-        coin = np.flatnonzero(state["top"][rows])
-        lad = ladder(c, parts, int(coin[0]) if len(coin) else 0, self.margin, self.threshold - self.margin)
+        lad = ladder(c, parts, self.margin, self.threshold - self.margin)
         if lad is None:
             return None, 0
         targets, top = lad
@@ -436,7 +435,9 @@ class SentGuard:
             return lambda cands, pics: ~self.burn(np.asarray(cands, np.float32), pics, state, mine, sk, rows[1 + j])
 
         def final(fool_sketches):
-            return hist.fine(np.concatenate([sk[i:i + 1], np.asarray(fool_sketches, np.float32)]), top)[0]
+            # the partner, renamed, names top's counterpart: a fresh coin for it too
+            return hist.fine(np.concatenate([sk[i:i + 1], np.asarray(fool_sketches, np.float32)]), top,
+                             renamed=(int(state["group"][rows[0]]), top))[0]
         return mirror_fools(i, sources, [(t - tol, t + tol) for t in targets], ok, final), top
 
     def _similar(self, state, partner, verdict, here: dict) -> None:

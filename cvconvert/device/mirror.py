@@ -10,9 +10,10 @@ earlier one (``source``), at a cosine on a ladder around c,
 
 so every vector of the new transmission has a counterpart in the earlier one and the P principal cosines
 are a ladder of step d whatever the image's place in it. The top of the ladder is what the cloud's best
-pair names, and it must stay the earlier transmission's coin k1 (its named vector must not change): k1 = 0
-puts the image on top (r = 0); a fool k1 puts that fool's mirror on top and the image at a rank drawn
-uniformly among the others. Over the earlier coin (fair) the image's rank is uniform, 1/P each.
+pair names in both transmissions: the order of the ladder is drawn uniformly, so the top is a fresh coin
+for the new transmission and, through its counterpart, for the earlier one, which the new one renames.
+(Keeping the earlier coin on top instead named the image 0 of 30 times at P = 2: the mirror is reached
+mostly when the earlier coin is a fool, the pool's fools keeping an earlier image's coin easily.)
 
 A mirror fool is, in this order: an unused pool fool whose feature lies at the target cosine to the source
 (a natural look-alike of the earlier fool), else a small random affine change of the source fool's picture
@@ -39,25 +40,22 @@ def _uniform() -> float:
     return secrets.randbits(53) / 2.0 ** 53
 
 
-def ladder(c: float, parts: int, k1: int, margin: float, ceiling: float):
+def ladder(c: float, parts: int, margin: float, ceiling: float):
     """(targets [P-1]: the cosine fool j must have with the earlier transmission's fool j, the new
-    transmission's coin) or None when the ladder cannot fit below `ceiling` (then nothing is mirrored)."""
+    transmission's coin: the vector on top of the ladder, drawn uniformly) or None when the ladder cannot fit
+    below `ceiling` (then nothing is mirrored)."""
     if c + (parts - 1) * 2 * margin > ceiling or margin <= 0:
         return None
     d = margin * (1.0 + _uniform())
-    r = 0 if k1 == 0 else 1 + secrets.randbelow(parts - 1)
+    order = list(range(parts))  # order[q]: the vector at rank q (0: the image, j: fool j)
+    secrets.SystemRandom().shuffle(order)
+    r = order.index(0)
     values = c + (r - np.arange(parts)) * d
-    ranks = [q for q in range(parts) if q != r]
-    fools = list(range(1, parts))
     targets = np.zeros(parts - 1)
-    if k1 != 0:  # the earlier coin's mirror takes the top of the ladder
-        targets[k1 - 1] = values[0]
-        ranks.remove(0)
-        fools.remove(k1)
-    secrets.SystemRandom().shuffle(ranks)
-    for j, q in zip(fools, ranks):
-        targets[j - 1] = values[q]
-    return targets, (0 if r == 0 else k1)
+    for q, v in enumerate(order):
+        if v:
+            targets[v - 1] = values[q]
+    return targets, order[0]
 
 
 def _affine(channel: np.ndarray, angle: float, dx: float, dy: float, scale: float) -> np.ndarray:

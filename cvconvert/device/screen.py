@@ -116,11 +116,13 @@ class History:
             top[rows[self._names(self.q[b] @ u[b], self.v[rows])[0] if len(s0) > 1 else 0]] = True
         return top
 
-    def fine(self, vectors: np.ndarray, top: int | None, margin: float | None = None) -> tuple[bool, str]:
+    def fine(self, vectors: np.ndarray, top: int | None, margin: float | None = None,
+             renamed: tuple[int, int] | None = None) -> tuple[bool, str]:
         """Whether the transmission of `vectors` [p, K] (the image first) keeps every coin: its best pair's
         principal vector (once that pair's cosine reaches the floor) names vector `top` by at least the
         margin (``top`` None: not asked), and every earlier transmission whose best pair it becomes still
-        has its own coin named. Then "the vector the best pair names is the image" is right 1/P of the time.
+        has its own coin named (``renamed`` (group, k): that transmission must name its vector k instead).
+        Then "the vector the best pair names is the image" is right 1/P of the time.
         (ok, why not)."""
         if not len(self.ids):
             return True, ""
@@ -135,7 +137,8 @@ class History:
         for j in self._renamed(s0):
             rows = np.flatnonzero(self.inv == j)
             named, _ = self._names(self.q[j] @ u_past[j], self.v[rows])
-            if not self.top[rows[named]]:
+            fresh = renamed is not None and self.ids[j] == renamed[0]  # a mirror's partner: its fresh coin
+            if (named != renamed[1]) if fresh else not self.top[rows[named]]:
                 return False, "an earlier transmission's coin"
         return True, ""
 
