@@ -64,12 +64,13 @@ def _send(model, pool, guard, requests):
     pipe = Pipeline.from_model_dir(model, pool=pool, guard=guard)
     pipe.on_warning = lambda m: None
     cloud = Cloud(pipe)
-    answers = []
+    answers, cloud.how = [], []
     for r in requests:
         try:
             answers.append(pipe.predict(r[None]))
         except CvError as exc:  # a refusal: nothing sent
             assert "would be told from its fools" in str(exc)
+        cloud.how += pipe.last.get("how", []) + [f"similar {w}" for w in pipe.last.get("why_similar", [])]
     return cloud, pipe, answers
 
 
@@ -106,22 +107,27 @@ def test_a_count_sketch_keeps_principal_cosines():
 @pytest.mark.parametrize("kind", ["shift", "lookalike"])
 def test_old_device_tells_related_images_apart_new_one_does_not(setup, tmp_path, kind):
     model, root, imgs = setup
-    victims = imgs[:12]
+    n = 30  # 12 pairs let the control fall to 0.42 and the new share reach 0.87 (CI, stop 24): too few
+    victims = imgs[:n]
     if kind == "shift":
         related = np.stack([shift(v) for v in victims])
     else:  # the nearest other test image: a second photo of a look-alike
         flat = imgs[:3000].reshape(3000, -1)
-        d = ((victims.reshape(12, -1)[:, None] - flat[None]) ** 2).sum(2)
+        d = ((victims.reshape(n, -1)[:, None] - flat[None]) ** 2).sum(2)
         d[d < 1e-9] = np.inf
         related = imgs[d.argmin(1)]
     requests = [r for v, w in zip(victims, related) for r in (v, w)]
     old, _, _ = _send(model, _pool(model, tmp_path / "p-old", imgs[5000:5200]),
                       SentGuard(tmp_path / "old.npz", floor=1.0), requests)
-    assert _pair_share(old) >= 0.75  # the control: each related pair's principal vector names the image
+    # the control: each related pair's principal vector names the image (measured 0.90-1.00, 32 runs)
+    assert _pair_share(old) >= 0.8
     new, pipe, _ = _send(model, _pool(model, tmp_path / "p-new", imgs[5000:5200]),
                          SentGuard(tmp_path / "new.npz"), requests)
-    assert len(new.x) < len(requests)  # some were answered from the related earlier image
-    assert _real_share(new) <= 0.8  # a coin (chance 0.5; 16-24 transmissions, so some slack)
+    # the guard acted on the related images: mirrored fools, fools of the stream's kind, or an earlier answer
+    assert any(h != "coin" for h in new.how), new.how
+    # a coin over the whole history (chance 0.5; 36-55 transmissions, measured 0.39-0.58 over 32 runs,
+    # s.d. 0.05): 0.75 is 4-5 s.d. above chance
+    assert _real_share(new) <= 0.75
 
 
 def test_memory_survives_a_second_pool_and_a_new_model_version(setup, tmp_path, monkeypatch):

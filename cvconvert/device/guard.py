@@ -96,7 +96,9 @@ class Verdict:
     fools: answered from the related earlier image ``ref``); "refuse" (matches a fool sent before);
     "tells" (would tell, and nothing to answer from); "busy" (repeat of a send whose answer is missing).
     ``why`` of a sent image: how its fools were found ("coin": pool fools keeping a fresh secret coin,
-    "mirror": mirrored fools, "typical": no coin kept, fools of the request's kind); "" otherwise."""
+    "mirror": mirrored fools, "typical": no coin kept, fools of the request's kind); of a "similar" one (or
+    "tells"): "stands out" (nearer its earlier image than the fools sent lie to theirs) or "share" (sending
+    would lift its kind's share at its level over chance); "" otherwise."""
     action: list
     ref: list
     cosine: np.ndarray
@@ -277,7 +279,7 @@ class SentGuard:
                     taken, top = self._mirror(mirror_fools, i, sk, hist, state, mine, parts, partner)
                     how = "mirror"
                     if taken is None and partner[1] >= related:  # it stands out against the fools: its answer
-                        self._similar(state, partner, verdict, here)
+                        self._similar(state, partner, verdict, here, "stands out")
                         continue
                 if taken is None:  # no earlier image nearer than the fools sent lie to theirs (screen.fool_floor):
                     # what the best pair names is the geometry of exchangeable pictures; send, record the vector it
@@ -285,7 +287,7 @@ class SentGuard:
                     taken, top, how = *self._balanced(send_fools, give_back, i, sk, hist, state, mine, parts,
                                                       self._answerable(state, partner, here)), "typical"
                     if taken is None:
-                        self._similar(state, partner, verdict, here)
+                        self._similar(state, partner, verdict, here, "share")
                         continue
                 b = getattr(taken, "features", taken)
                 fool_pics = getattr(taken, "images", None)
@@ -440,21 +442,21 @@ class SentGuard:
                              renamed=(int(state["group"][rows[0]]), top))[0]
         return mirror_fools(i, sources, [(t - tol, t + tol) for t in targets], ok, final), top
 
-    def _similar(self, state, partner, verdict, here: dict) -> None:
+    def _similar(self, state, partner, verdict, here: dict, why: str) -> None:
         """The related earlier image (``partner``, from _partner) answers, if it has an answer (``ref``: its
         guard entry; or, with logits None, the index of an image of this request); else "tells"."""
         j, cos = int(partner[0][0]), partner[1]
         if int(state["seq"][j]) in here:
-            self._say(verdict, "similar", here[int(state["seq"][j])], None, cos)
+            self._say(verdict, "similar", here[int(state["seq"][j])], None, cos, why)
         elif self._answerable(state, partner, here):
-            self._say(verdict, "similar", int(state["seq"][j]), state["logits"][j].copy(), cos)
+            self._say(verdict, "similar", int(state["seq"][j]), state["logits"][j].copy(), cos, why)
         else:
-            self._say(verdict, "tells", None, None, cos)
+            self._say(verdict, "tells", None, None, cos, why)
 
     @staticmethod
-    def _say(verdict, action, ref, logits, cos) -> None:
+    def _say(verdict, action, ref, logits, cos, why: str = "") -> None:
         verdict.cosine[len(verdict.action)] = cos
-        verdict.action.append(action), verdict.ref.append(ref), verdict.logits.append(logits), verdict.why.append("")
+        verdict.action.append(action), verdict.ref.append(ref), verdict.logits.append(logits), verdict.why.append(why)
 
     def _append(self, state, vecs, group, model, hist, mine, pics) -> np.ndarray:
         n = len(vecs)

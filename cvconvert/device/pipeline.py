@@ -134,6 +134,7 @@ class Pipeline(GraphRunner):
             raise
         send = np.array([act == "send" for act in verdict.action])
         self.last["how"] = [w for w, s in zip(verdict.why, send) if s]  # per image sent: how its fools were found
+        self.last["why_similar"] = [w for w, a in zip(verdict.why, verdict.action) if a == "similar"]
         req = _Request(verdict, send, resend)
         if send.any():
             req.key = self.new_keys(int(send.sum()))  # one secret key per image; stays on this device
