@@ -44,6 +44,26 @@ def test_the_ladder_puts_a_fresh_coin_on_top_and_spreads_the_image(parts):
         assert np.abs(share - 1 / parts).max() < 0.06, share
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_the_ladder_can_be_drawn_with_either_kind_on_top(parts):
+    c, n = 0.85, 600
+    for image_top in (True, False):
+        ranks, tops, seconds = Counter(), Counter(), Counter()
+        for _ in range(n):
+            targets, top = mirror.ladder(c, parts, 0.02, 0.975, image_top=image_top)
+            values = np.concatenate([[c], targets])
+            assert int(np.argmax(values)) == top and (top == 0) == image_top
+            ranks[int((values > c).sum())] += 1
+            tops[top] += 1
+            seconds[int(np.argsort(values)[-2])] += 1  # the vector just under the top
+        # the rest stays uniform: under a fool on top, which fool and the image's rank (1 .. P-1); under the
+        # image, which fool comes next
+        checks = [seconds] if image_top else [tops, ranks]
+        for counts in checks if parts > 2 or not image_top else []:
+            share = np.array([counts[r] for r in range(1, parts)]) / n
+            assert np.abs(share - 1 / (parts - 1)).max() < 0.07, (image_top, share)
+
+
 def test_the_ladder_refuses_near_the_ceiling():
     for parts in (2, 3):
         assert mirror.ladder(0.96, parts, 0.02, 0.975) is None
@@ -69,7 +89,7 @@ def _parts(x):
 @pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST test images not installed")
 def test_a_mirrored_transmission_shares_every_direction(seeded, tmp_path, monkeypatch):
     model, _, imgs = seeded
-    victims = imgs[:6]
+    victims = imgs[:12]  # a mirror goes out for about 60% of them (it must fit with either kind on top)
     requests = [r for v in victims for r in (v, shift(v))]
     old, _, _ = _send(model, _pool(model, tmp_path / "p-old", imgs[5000:5200]),
                       SentGuard(tmp_path / "old.npz", floor=1.0), requests)
@@ -214,3 +234,40 @@ def test_a_transmission_sent_without_a_kept_coin_keeps_the_earlier_coins():
         assert verdict.why == ["typical"] and np.allclose(fools[0][0], good), verdict
         assert list(guard._mem["top"][:2]) == [True, False]
         guard.forget(guard._mem["seq"][2:])
+
+
+@pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST test images not installed")
+def test_a_mirror_goes_out_only_when_the_other_kind_on_top_fits_too(seeded, tmp_path, monkeypatch):
+    """A mirror that fits only with a fool on top (an earlier fool with no look-alike for the image's
+    side) must not go out: else the mirrored transmissions name the image less often than 1/P."""
+    from test_query_guard import Cloud
+    from cvconvert.device.pipeline import Pipeline
+
+    model, _, imgs = seeded
+    monkeypatch.setattr(SentGuard, "_choose", lambda self, send_fools, i, sk, hist, state, mine, parts:
+                        (None, 0) if len(state["seq"]) and (state["sketch"].astype(np.float32) @ sk[i]).max()
+                        >= self.floor else (send_fools(i, None, lambda c, p=None: np.zeros(len(c), bool)), 0))
+    drawn, real_ladder, real_mirror = [], mirror.ladder, Pipeline._mirror_for
+
+    def ladder(*args, **kw):
+        out = real_ladder(*args, **kw)
+        drawn.append(out)
+        return out
+
+    def image_top_fails(self, sources, windows, ok, final, tries=6):
+        centres = np.array([(lo + hi) / 2 for lo, hi in windows])
+        lad = next(d for d in drawn if d is not None and np.allclose(d[0], centres))
+        return None if lad[1] == 0 else real_mirror(self, sources, windows, ok, final, tries)
+    monkeypatch.setattr(mirror, "ladder", ladder)
+    monkeypatch.setattr(Pipeline, "_mirror_for", image_top_fails)
+    pipe = Pipeline.from_model_dir(model, pool=_pool(model, tmp_path / "pool", imgs[5000:5200]),
+                                   guard=SentGuard(tmp_path / "g.npz"))
+    pipe.on_warning = lambda m: None
+    Cloud(pipe)
+    how = []
+    for v in imgs[:6]:
+        for r in (v, shift(v)):
+            pipe.predict(r[None])
+            how += pipe.last.get("how", [])
+    assert sum(d is not None for d in drawn) >= 4, drawn  # the mirror was tried
+    assert "mirror" not in how, how  # the previous guard mirrored every fool-topped draw

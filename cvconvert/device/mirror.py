@@ -13,7 +13,9 @@ are a ladder of step d whatever the image's place in it. The top of the ladder i
 pair names in both transmissions: the order of the ladder is drawn uniformly, so the top is a fresh coin
 for the new transmission and, through its counterpart, for the earlier one, which the new one renames.
 (Keeping the earlier coin on top instead named the image 0 of 30 times at P = 2: the mirror is reached
-mostly when the earlier coin is a fool, the pool's fools keeping an earlier image's coin easily.)
+mostly when the earlier coin is a fool, the pool's fools keeping an earlier image's coin easily.) The
+guard sends a mirror only when a ladder with the other kind on top (``image_top``) fits too, so that
+whether an image is mirrored tells nothing of its coin.
 
 A mirror fool is, in this order: an unused pool fool whose feature lies at the target cosine to the source
 (a natural look-alike of the earlier fool), else a small random affine change of the source fool's picture
@@ -40,15 +42,22 @@ def _uniform() -> float:
     return secrets.randbits(53) / 2.0 ** 53
 
 
-def ladder(c: float, parts: int, margin: float, ceiling: float):
+def ladder(c: float, parts: int, margin: float, ceiling: float, image_top: bool | None = None):
     """(targets [P-1]: the cosine fool j must have with the earlier transmission's fool j, the new
     transmission's coin: the vector on top of the ladder, drawn uniformly) or None when the ladder cannot fit
-    below `ceiling` (then nothing is mirrored)."""
+    below `ceiling` (then nothing is mirrored). ``image_top``: the order drawn uniformly among those with
+    the image (True) or a fool (False) on top."""
     if c + (parts - 1) * 2 * margin > ceiling or margin <= 0:
         return None
     d = margin * (1.0 + _uniform())
     order = list(range(parts))  # order[q]: the vector at rank q (0: the image, j: fool j)
     secrets.SystemRandom().shuffle(order)
+    r = order.index(0)
+    if image_top and r:  # the image to the top; the fools' order stays uniform
+        order[0], order[r] = order[r], order[0]
+    elif image_top is False and not r:  # a uniform other rank for the image: uniform over fool-topped orders
+        k = 1 + secrets.randbelow(parts - 1)
+        order[0], order[k] = order[k], order[0]
     r = order.index(0)
     values = c + (r - np.arange(parts)) * d
     targets = np.zeros(parts - 1)

@@ -288,6 +288,10 @@ class Pipeline(GraphRunner):
             self.pool.release(index)
             self._taken_index = self._taken_index[~np.isin(self._taken_index, index)]
             self.last["pool_fools"] = self.last.get("pool_fools", 0) - len(index)
+        from .mirror import Mirrored
+
+        if isinstance(taken, Mirrored):  # a probe of the other kind on top (SentGuard._mirror): not sent
+            self.last["mirrored"] = self.last.get("mirrored", 0) - 1
 
     def _mirror_for(self, sources, windows, ok, final, tries: int = 6):
         """The guard's mirror fools (cvconvert.device.mirror): per source fool (sketch, picture), a pool fool
