@@ -111,7 +111,8 @@ def run(stages, new: bool, tmp: Path, photos, cloud, answers: list | None = None
             cost["mirrored"] += pipe.last.get("mirrored", 0)
             cost.setdefault("how", []).extend(pipe.last.get("how", []))
             for w in pipe.last.get("why_similar", []):
-                cost[f"similar_{w.replace(' ', '_')}"] = cost.get(f"similar_{w.replace(' ', '_')}", 0) + 1
+                key = "similar_" + w.replace(" ", "_")
+                cost[key] = cost.get(key, 0) + 1
     return cost
 
 

@@ -134,6 +134,7 @@ class Pipeline(GraphRunner):
             raise
         send = np.array([act == "send" for act in verdict.action])
         self.last["how"] = [w for w, s in zip(verdict.why, send) if s]  # per image sent: how its fools were found
+        self.last["mirrored"] = self.last["how"].count("mirror")
         self.last["why_similar"] = [w for w, a in zip(verdict.why, verdict.action) if a == "similar"]
         req = _Request(verdict, send, resend)
         if send.any():
@@ -288,10 +289,6 @@ class Pipeline(GraphRunner):
             self.pool.release(index)
             self._taken_index = self._taken_index[~np.isin(self._taken_index, index)]
             self.last["pool_fools"] = self.last.get("pool_fools", 0) - len(index)
-        from .mirror import Mirrored
-
-        if isinstance(taken, Mirrored):  # a probe of the other kind on top (SentGuard._mirror): not sent
-            self.last["mirrored"] = self.last.get("mirrored", 0) - 1
 
     def _mirror_for(self, sources, windows, ok, final, tries: int = 6):
         """The guard's mirror fools (cvconvert.device.mirror): per source fool (sketch, picture), a pool fool
@@ -319,7 +316,6 @@ class Pipeline(GraphRunner):
             if len(got.images) == len(sources) and final(sketch(np.stack(got.features))):
                 self._taken_index = np.concatenate([self._taken_index, np.asarray(got.index, np.int64)])
                 self.last["pool_fools"] = self.last.get("pool_fools", 0) + len(got.index)
-                self.last["mirrored"] = self.last.get("mirrored", 0) + 1
                 return got.done()
             if got.index:
                 self.pool.release(got.index)
