@@ -86,6 +86,14 @@ def _parts(x):
     return x.reshape(len(x), -1)
 
 
+def _no_pool_coin_for_related_images(monkeypatch):
+    """The shipped device with the pool's own symmetric fools turned down for an image related to one sent
+    before, so that every related image goes the mirror's way (or is answered from the earlier one)."""
+    monkeypatch.setattr(SentGuard, "_choose", lambda self, send_fools, i, sk, hist, state, mine, parts:
+                        (None, 0) if len(state["seq"]) and (state["sketch"].astype(np.float32) @ sk[i]).max()
+                        >= self.floor else (send_fools(i, None, lambda c, p=None: np.zeros(len(c), bool)), 0))
+
+
 @pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST test images not installed")
 def test_a_mirrored_transmission_shares_every_direction(seeded, tmp_path, monkeypatch):
     model, _, imgs = seeded
@@ -93,11 +101,7 @@ def test_a_mirrored_transmission_shares_every_direction(seeded, tmp_path, monkey
     requests = [r for v in victims for r in (v, shift(v))]
     old, _, _ = _send(model, _pool(model, tmp_path / "p-old", imgs[5000:5200]),
                       SentGuard(tmp_path / "old.npz", floor=1.0), requests)
-    # the shipped device with the pool's own symmetric fools turned down, so that every related image is
-    # mirrored (or answered from the earlier one)
-    monkeypatch.setattr(SentGuard, "_choose", lambda self, send_fools, i, sk, hist, state, mine, parts:
-                        (None, 0) if len(state["seq"]) and (state["sketch"].astype(np.float32) @ sk[i]).max()
-                        >= self.floor else (send_fools(i, None, lambda c, p=None: np.zeros(len(c), bool)), 0))
+    _no_pool_coin_for_related_images(monkeypatch)
     from test_query_guard import Cloud
     from cvconvert.device.pipeline import Pipeline
 
@@ -244,9 +248,7 @@ def test_a_mirror_goes_out_only_when_the_other_kind_on_top_fits_too(seeded, tmp_
     from cvconvert.device.pipeline import Pipeline
 
     model, _, imgs = seeded
-    monkeypatch.setattr(SentGuard, "_choose", lambda self, send_fools, i, sk, hist, state, mine, parts:
-                        (None, 0) if len(state["seq"]) and (state["sketch"].astype(np.float32) @ sk[i]).max()
-                        >= self.floor else (send_fools(i, None, lambda c, p=None: np.zeros(len(c), bool)), 0))
+    _no_pool_coin_for_related_images(monkeypatch)
     drawn, real_ladder, real_mirror = [], mirror.ladder, Pipeline._mirror_for
 
     def ladder(*args, **kw):
