@@ -273,3 +273,64 @@ def test_a_mirror_goes_out_only_when_the_other_kind_on_top_fits_too(seeded, tmp_
             how += pipe.last.get("how", [])
     assert sum(d is not None for d in drawn) >= 4, drawn  # the mirror was tried
     assert "mirror" not in how, how  # the previous guard mirrored every fool-topped draw
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_the_coin_leans_against_the_images_deficit(parts):
+    """A kept coin falls on the image 1/P of the time while the image's share above the floor is fair, more
+    often while it is short by one transmission or more, never while it is over by one or more."""
+    from cvconvert.device.screen import History
+
+    rng = np.random.default_rng(3)
+    n = 12  # transmissions above the floor
+    vectors = rng.normal(size=(parts * n, 32))
+    groups = np.repeat(np.arange(n), parts)
+    best = np.full(parts * n, 0.9)
+    shares = {}
+    for named in (n // parts - 2, n // parts, n // parts + 2):  # short, fair, over
+        top = np.zeros(parts * n, bool)
+        top[0:parts * named:parts] = True                        # these name their image
+        top[parts * named + 1::parts] = True                     # the rest a fool
+        hist = History(vectors, groups, best, top=top)
+        coins = [hist.coin(parts) for _ in range(600)]
+        assert set(coins) <= set(range(parts))
+        shares[named] = np.mean(np.array(coins) == 0)
+    short, fair, over = (shares[k] for k in sorted(shares))
+    assert abs(fair - 1 / parts) < 0.07, shares
+    assert short > fair + 0.15 and over == 0.0, shares
+
+
+def test_a_first_fool_that_outbids_the_image_is_turned_down_when_the_image_is_asked_for():
+    """P = 3, a transmission sent without a kept coin that asks its best pair to name the image: a first fool
+    nearer an earlier span than the image leaves no last fool that could hand the image back."""
+    from cvconvert.device.screen import History
+
+    rng = np.random.default_rng(4)
+    a0, b0, c0, a1 = (v / np.linalg.norm(v) for v in rng.normal(size=(4, 64)))
+    hist = History(np.stack([a0, b0, c0]), np.zeros(3, int), top=np.array([True, False, False]))
+    image = _near(a0, 0.85, rng)
+    outbids, quiet = _near(b0, 0.95, rng), unit(rng.normal(size=64))
+    ok = hist.accept(image[None], np.stack([outbids, quiet]), 0, final=False, strict=False)
+    assert ok.tolist() == [False, True]
+    # a fool asked for, or the strict coin path: the first fool is not judged alone
+    assert hist.accept(image[None], np.stack([outbids, quiet]), 1, final=False, strict=False).all()
+    assert hist.accept(image[None], np.stack([outbids, quiet]), 0, final=False, strict=True).all()
+
+
+def test_a_coin_holds_for_every_pair_the_exact_features_could_take_for_the_best():
+    """A second past span lying within the sketch's error of the best pair could be the best one in the
+    cloud's exact features: a transmission whose coin it does not name is turned down."""
+    from cvconvert.device.screen import DEFAULT_MARGIN, History
+
+    q, _ = np.linalg.qr(np.random.default_rng(5).normal(size=(64, 6)))
+    a0, b0, a1, b1, w1, w2 = q.T  # orthonormal: each pair's first principal cosine is exactly one cosine below
+    hist = History(np.stack([a0, b0, a1, b1]), np.repeat([0, 1], 2), top=np.array([True, False, True, False]))
+
+    def near(v, w, c):
+        return c * v + np.sqrt(1 - c ** 2) * w
+    image = near(a0, w1, 0.90)                        # the best pair: the first span, through the image
+    tied = near(a1, w2, 0.90 - DEFAULT_MARGIN / 2)    # nearly as near the second span: a tie
+    apart = near(a1, w2, 0.90 - 4 * DEFAULT_MARGIN)   # clearly behind
+    assert hist.named(np.stack([image, tied])) == 0  # the best pair alone names the image either way
+    assert not hist.fine(np.stack([image, tied]), 0)[0]
+    assert hist.fine(np.stack([image, apart]), 0)[0]

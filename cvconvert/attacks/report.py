@@ -227,13 +227,15 @@ def multi_query_md(R: dict) -> list:
                   r[side]["answer_recovered"]] for r in rows for side in ("before", "after")
                  if r[side]["exposed"]])
     f2 = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    fr = lambda v: "-" if v is None else f"{v:.2f} ({max(v, 1 - v):.2f})"  # noqa: E731  (P = 2)
     L += ["The cross-transmission attack on related transmissions (each transmission's best partner, its first "
           "principal vector u): which-is-real = u nearer the image than the fool (chance 0.5), the inverter on u "
-          "(mean abs pixel error), the public decoder at u's angle vs the device's answer.", ""]
+          "(mean abs pixel error), the public decoder at u's angle vs the device's answer. Below chance tells as "
+          "much as above it (the cloud reads the other vector): the best of the two readings is in brackets.", ""]
     L += _table(["mode", "sent before / after", "u is the image: before", "after", "inverter on u: before", "after",
                  "answer read: before", "after"],
                 [[r["mode"], f"{r['before']['transmissions']} / {r['after']['transmissions']}",
-                  f2(r["before"].get("principal_real")), f2(r["after"].get("principal_real")),
+                  fr(r["before"].get("principal_real")), fr(r["after"].get("principal_real")),
                   f2(r["before"].get("principal_recon_mae")), f2(r["after"].get("principal_recon_mae")),
                   f2(r["before"].get("principal_answer")), f2(r["after"].get("principal_answer"))] for r in rows])
     L += ["Repeats: transmissions whose span holds (|cos| >= 0.999) the feature of an image that an earlier "

@@ -333,7 +333,7 @@ class SentGuard:
         return True
 
     def _choose(self, send_fools, i, sk, hist, state, mine, parts):
-        top = secrets.randbelow(parts)  # the secret coin: which vector may be the best matched one
+        top = hist.coin(parts)  # the secret coin: which vector may be the best matched one
 
         def accept(cands, chosen):
             chosen = np.concatenate([sk[i:i + 1], np.asarray(chosen, np.float32).reshape(-1, sk.shape[1])])
@@ -388,7 +388,7 @@ class SentGuard:
 
     def _balanced(self, send_fools, give_back, i, sk, hist, state, mine, parts, answerable: bool):
         """(fools, the vector their transmission names) for a transmission sent without a kept coin, keeping
-        each kind's share at its level within one of chance (History.over_share): when the first fools would
+        each kind's share at its level near chance (History.over_share): when the first fools would
         lift it, fools naming the other kind are sought; failing those, (None, 0) when the related earlier
         image can answer instead, else the first fools (a leak the audit counts)."""
         def reading(taken):
