@@ -195,7 +195,8 @@ def score(cloud, pipe, mean) -> dict:
     # the cloud may read the named vector as a fool when that is right more often: then it guesses among
     # the other P - 1
     best = max(float(real.mean()), (1 - float(real.mean())) / (parts - 1))
-    out = {"which_is_real": float(real.mean()), "best_reading": best, "u_cos": float(np.median(ua)), "s0": float(np.median(s0)),
+    out = {"which_is_real": float(real.mean()), "best_reading": best, "u_cos": float(np.median(ua)),
+           "s0": float(np.median(s0)),
            "exposed": int((ua >= 0.999).sum()), "fool_as_close": int((ub >= 0.999).sum())}
     if x.shape[1] == 2:
         theta = angle_from(u, x, mean)

@@ -125,10 +125,10 @@ class History:
              renamed: tuple[int, int] | None = None) -> tuple[bool, str]:
         """Whether the transmission of `vectors` [p, K] (the image first) keeps every coin: its best pair's
         principal vector, and that of every pair within the margin of it (once the best pair's cosine
-        reaches the floor), names vector `top` by at least the margin (``top`` None: not asked), and every earlier transmission whose best pair it becomes still
-        has its own coin named (``renamed`` (group, k): that transmission must name its vector k instead).
-        Then "the vector the best pair names is the image" is right 1/P of the time.
-        (ok, why not)."""
+        reaches the floor), names vector `top` by at least the margin (``top`` None: not asked), and every
+        earlier transmission whose best pair it becomes still has its own coin named (``renamed`` (group,
+        k): that transmission must name its vector k instead). Then "the vector the best pair names is the
+        image" is right 1/P of the time. (ok, why not)."""
         if not len(self.ids):
             return True, ""
         vectors = unit(np.asarray(vectors, np.float64))
