@@ -70,6 +70,7 @@ def _send(model, pool, guard, requests):
             answers.append(pipe.predict(r[None]))
         except CvError as exc:  # a refusal: nothing sent
             assert "would be told from its fools" in str(exc)
+            answers.append(None)
         cloud.how += pipe.last.get("how", []) + [f"similar {w}" for w in pipe.last.get("why_similar", [])]
     return cloud, pipe, answers
 
@@ -136,8 +137,15 @@ def test_memory_survives_a_second_pool_and_a_new_model_version(setup, tmp_path, 
     victims, photos = imgs[:4], imgs[5000:5060]
     first, _, answers = _send(model, _pool(model, tmp_path / "pool-a", photos), True, victims)
     again, pipe, cached = _send(model, _pool(model, tmp_path / "pool-b", photos), True, victims)
-    assert not again.x and pipe.last["cached"] == 1  # nothing sent again from the second pool
-    np.testing.assert_allclose(np.concatenate(cached), np.concatenate(answers))
+    # nothing sent from the first pool goes out again from the second, and its answer is the stored one (a
+    # victim the first pool answered from a related image instead may go out now, for the first time:
+    # 1 run in ~25 under CPU contention)
+    probe = Pipeline.from_model_dir(model, guard=None)
+    sent_first = [i for i in range(len(victims)) if _was_sent(first, probe, victims[i])]
+    assert sent_first
+    for i in sent_first:
+        assert not _was_sent(again, probe, victims[i]), f"victim {i} was sent again from a second pool"
+        np.testing.assert_allclose(cached[i], answers[i])
     # a new model version (other weights, another features graph): the kept pictures are re-embedded
     other = root / "lenet-v2"
     if not other.exists():
@@ -147,8 +155,7 @@ def test_memory_survives_a_second_pool_and_a_new_model_version(setup, tmp_path, 
     # every victim sent under the first version is answered from the memory, not sent again (one the first
     # version answered from a related image instead may go out now, for the first time)
     probe = Pipeline.from_model_dir(other, guard=None)
-    first_pics = [i for i in range(len(victims)) if _was_sent(first, Pipeline.from_model_dir(model, guard=None), victims[i])]
-    for i in first_pics:
+    for i in sent_first:
         assert not _was_sent(third, probe, victims[i]), f"victim {i} was sent again under a new model version"
     # fresh images from pool c (the same photos): no fool whose picture pool a already sent goes out
     fresh, pipe, _ = _send(other, FoolPool.open(tmp_path / "pool-c"), True, imgs[100:104])
