@@ -300,6 +300,34 @@ def test_the_coin_leans_against_the_images_deficit(parts):
     assert short > fair + 0.15 and over == 0.0, shares
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_the_typical_path_asks_for_a_leaning_coin(tmp_path, parts):
+    """A transmission sent without a kept coin asks its fools first for the coin History.coin draws (leaning
+    against the image's deficit), not a uniform one: uniform asks left the image named 0.23 of the time on
+    that path at P = 3."""
+    from cvconvert.device.screen import History
+
+    rng = np.random.default_rng(5)
+    n = 12
+    vectors = rng.normal(size=(parts * n, 32))
+    groups = np.repeat(np.arange(n), parts)
+    top = np.zeros(parts * n, bool)
+    top[1::parts] = True  # every transmission names a fool: the image is short by n / P
+    hist = History(vectors, groups, np.full(parts * n, 0.9), top=top)
+    guard = SentGuard(tmp_path / "guard.npz")
+    asked = []
+
+    def typical(send_fools, i, sk, hist, state, mine, parts, coin, only=False):
+        asked.append(coin)
+        return rng.normal(size=(parts - 1, 32)).astype(np.float32)
+    guard._typical = typical
+    sk = unit(rng.normal(size=(1, 32)))
+    for _ in range(60):
+        guard._balanced(None, None, 0, sk, hist, None, None, parts, answerable=False)
+    share = np.mean(np.array(asked) == 0)
+    assert share > 1 / parts + 0.15 if parts > 2 else share == 1.0, asked
+
+
 def test_a_first_fool_that_outbids_the_image_is_turned_down_when_the_image_is_asked_for():
     """P = 3, a transmission sent without a kept coin that asks its best pair to name the image: a first fool
     nearer an earlier span than the image leaves no last fool that could hand the image back."""
