@@ -22,7 +22,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cvconvert.device.guard import DEFAULT_THRESHOLD, sketch  # noqa: E402
+from cvconvert.device.guard import DEFAULT_THRESHOLD  # noqa: E402
+from cvconvert.device.sketches import sketch  # noqa: E402
 from cvconvert.device.pipeline import Pipeline  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cvconvert.attacks.queries import NEAR, lookalikes  # noqa: E402
-from cvconvert.device.guard import sketch  # noqa: E402
+from cvconvert.device.sketches import sketch  # noqa: E402
 from cvconvert.device.pipeline import Pipeline  # noqa: E402
 from cvconvert.device.screen import DEFAULT_FLOOR, DEFAULT_MARGIN, History, cosines, orth, unit  # noqa: E402
 from guard_threshold import test_images  # noqa: E402

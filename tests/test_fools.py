@@ -181,7 +181,7 @@ def test_pool_hands_out_each_fool_once_then_refuses(tmp_path):
 
 def test_pool_burns_fools_the_caller_rejects(tmp_path):
     pool, imgs, feats = _pool(tmp_path, n=10)
-    from cvconvert.device.guard import sketch
+    from cvconvert.device.sketches import sketch
 
     banned = sketch(feats[:6])
     t = pool.take(4, reject=lambda sk, pics: (sk @ banned.T).max(1) > 0.999)

@@ -183,7 +183,7 @@ def test_the_fools_own_floor():
 def test_burn_takes_colour_model_inputs():
     """The pool hands the guard model inputs [k, C, H, W]; the picture check works on the kept 32 x 32 grey
     pictures, so colour inputs are brought to that form (they raised a reshape error before)."""
-    from cvconvert.device.guard import picture
+    from cvconvert.device.sketches import picture
 
     rng = np.random.default_rng(0)
     g = SentGuard()

@@ -17,7 +17,8 @@ from cvconvert.attacks.queries import shift
 from cvconvert.build import convert_to_dir
 from cvconvert.cli.main import app
 from cvconvert.device.fools import FoolPool
-from cvconvert.device.guard import SentGuard, sketch
+from cvconvert.device.guard import SentGuard
+from cvconvert.device.sketches import sketch
 from cvconvert.device.pipeline import Pipeline
 from cvconvert.device.screen import cosines, orth
 from cvconvert.errors import CvError

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .guard import sketch
+from .sketches import sketch
 from .foolrules import (FOOL_RULES, MATCH_LAMBDA, MATCH_SET, check_rule, choose_fools, draw,  # noqa: F401
                         fallback_fool, l1_distances, match_law, pairing_law, pick)
 from .artifacts import atomic_json, atomic_write, locked, sha256

@@ -15,7 +15,7 @@ share a direction that is the image's. So for each image the device
    transmissions naming their image (or a fool) at its level over 1/P (``History.over_share``); else sends.
 
 What is kept (a 0600 npz in the device's state folder, ``cvconvert.device.state.guard_path()``, never sent, never logged), per vector sent (images and
-fools): its feature as a fixed count sketch of at most ``SKETCH_DIM`` numbers (a count sketch keeps inner
+fools): its feature as a fixed count sketch of at most ``sketches.SKETCH_DIM`` numbers (a count sketch keeps inner
 products, and with them principal cosines, to about 1/sqrt(SKETCH_DIM)), its transmission, its current
 best match, which model computed it, the image's answer, and a model-independent picture (grey, at most
 32 x 32, 8-bit). A new model version re-embeds the pictures with its own features graph, so what was sent
@@ -28,83 +28,20 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CvError
 from .artifacts import atomic_write, locked
-from .screen import DEFAULT_FLOOR, DEFAULT_MARGIN, FOOL_QUANTILE, History, fool_floor, nearest, raise_nearest, unit
+from .screen import DEFAULT_FLOOR, DEFAULT_MARGIN, FOOL_QUANTILE, History, fool_floor, nearest, raise_nearest
+from .sketches import PICTURE, PICTURE_THRESHOLD, picture, picture_sketch, sketch
+from .verdict import Verdict
 
 DEFAULT_THRESHOLD = 0.995  # measured: distinct Fashion-MNIST test images reach 0.993, near-duplicates 0.998+
 DEFAULT_CAPACITY = 10000
-SKETCH_DIM = 1024
-SKETCH_SEED = 20200214  # public and fixed: the sketch only has to be the same on every call
-PICTURE = 32            # side of the kept pictures
-PICTURE_THRESHOLD = 0.995  # 16 x 16 pixel cosine: a copy or re-encoding of a picture (measured: JPEG 70 0.997+)
 IMAGE, FOOL = 0, 1
 FIELDS = ("sketch", "kind", "group", "seq", "logits", "best", "model", "picture", "top", "near")
-
-
-def sketch(features: np.ndarray) -> np.ndarray:
-    """[n, ...] features -> [n, k] unit vectors (a count sketch to k = min(D, SKETCH_DIM) numbers)."""
-    features = np.asarray(features, dtype=np.float32)
-    flat = features.reshape(len(features), int(np.prod(features.shape[1:])))
-    d = flat.shape[1]
-    if d > SKETCH_DIM:
-        rng = np.random.default_rng(SKETCH_SEED)
-        bucket = rng.integers(0, SKETCH_DIM, d)
-        sign = rng.choice(np.array([-1.0, 1.0], np.float32), d)
-        order = np.argsort(bucket, kind="stable")
-        starts = np.searchsorted(bucket[order], np.arange(SKETCH_DIM))
-        flat = np.add.reduceat((flat * sign)[:, order], starts, axis=1)  # every bucket is non-empty for d >> k
-    return unit(flat)
-
-
-def picture(images: np.ndarray) -> np.ndarray:
-    """[n, C, H, W] in [0, 1] -> [n, 32, 32] uint8 grey pictures (the model-independent record)."""
-    from PIL import Image
-
-    grey = np.asarray(images, np.float32).mean(1)
-    out = [np.asarray(Image.fromarray(np.rint(np.clip(g, 0, 1) * 255).astype(np.uint8)).resize(
-        (PICTURE, PICTURE), Image.BILINEAR)) if g.shape != (PICTURE, PICTURE) else np.rint(np.clip(g, 0, 1) * 255)
-        for g in grey]
-    return np.stack(out).astype(np.uint8) if out else np.zeros((0, PICTURE, PICTURE), np.uint8)
-
-
-def unpicture(pics: np.ndarray, input_shape) -> np.ndarray:
-    """Kept pictures back to model inputs [n, C, H, W] (grey in every channel), for a new model's features."""
-    from PIL import Image
-
-    c, h, w = input_shape
-    out = [np.asarray(Image.fromarray(p).resize((w, h), Image.BILINEAR)) if (h, w) != p.shape else p for p in pics]
-    grey = np.stack(out).astype(np.float32) / 255
-    return np.repeat(grey[:, None], c, 1)
-
-
-def picture_sketch(pics: np.ndarray) -> np.ndarray:
-    """[n, 32, 32] uint8 -> [n, 256] zero-mean unit vectors of the 16 x 16 block means."""
-    x = np.asarray(pics, np.float32).reshape(len(pics), 16, 2, 16, 2).mean((2, 4)).reshape(len(pics), -1)
-    return unit(x - x.mean(1, keepdims=True))
-
-
-@dataclass
-class Verdict:
-    """Per image: "send"; "cached" (an exact repeat: logits from an earlier send, ``ref`` its entry);
-    "same" (a repeat of image ``ref`` of this request); "similar" (its transmission would tell it from its
-    fools: answered from the related earlier image ``ref``); "refuse" (matches a fool sent before);
-    "tells" (would tell, and nothing to answer from); "busy" (repeat of a send whose answer is missing).
-    ``why`` of a sent image: how its fools were found ("coin": pool fools keeping a fresh secret coin,
-    "mirror": mirrored fools, "typical": no coin kept, fools of the request's kind); of a "similar" one (or
-    "tells"): "stands out" (nearer its earlier image than the fools sent lie to theirs) or "share" (sending
-    would lift its kind's share at its level over chance); "" otherwise."""
-    action: list
-    ref: list
-    cosine: np.ndarray
-    logits: list
-    why: list
-    fool_keys: np.ndarray | None = None  # the index keys of the fools reserved for the images to send
 
 
 class SentGuard:
@@ -525,28 +462,3 @@ class SentGuard:
                 if int(key) in pos:  # not yet forgotten
                     state["logits"][pos[int(key)]] = row
             self._save(state)
-
-
-class NoGuard:
-    """The guard turned off (the audit's picture of the old device): every image is sent, fools are taken
-    without the screen. The fool pool's own rules still hold."""
-
-    path, threshold, capacity, stamp = None, None, 0, 0
-
-    def stored_generation(self):
-        return None
-
-    def pending_keys(self) -> set:
-        return set()
-
-    def forget(self, keys) -> None:
-        pass
-
-    def screen_and_reserve(self, features, send_fools, images=None, model="", parts=2, embed=None):
-        n = len(features)
-        fools = [send_fools(i, None, None) for i in range(n)]
-        return (Verdict(["send"] * n, [None] * n, np.full(n, -1.0), [None] * n, [""] * n, np.zeros(0, np.int64)),
-                [getattr(f, "features", f) for f in fools], np.zeros(0, np.int64))
-
-    def store_logits(self, keys, logits) -> None:
-        pass

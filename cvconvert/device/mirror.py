@@ -112,7 +112,7 @@ def pool_choice(source: np.ndarray, lo: float, hi: float, ok):
 def derived(source_image: np.ndarray, source: np.ndarray, lo: float, hi: float, features, ok):
     """(image, feature) of an affine variant of `source_image` whose sketch lies in [lo, hi] of `source`
     and that ``ok(sketches, images) -> bool [k]`` lets through, or None. features: images -> features."""
-    from .guard import sketch
+    from .sketches import sketch
 
     for _ in range(DIRECTIONS):
         cands = variants(source_image)

@@ -16,7 +16,8 @@ from ..errors import CvError, one_line
 from .artifacts import ONNX_DIR, read_manifest
 from .fools import FoolPool, fallback_fool, low_water
 from .graphs import GraphRunner
-from .guard import NoGuard, SentGuard
+from .guard import SentGuard
+from .verdict import NoGuard
 from .journal import Journal, NoJournal
 from .keylaws import draw_keys
 from .remote import NotSent
@@ -254,7 +255,7 @@ class Pipeline(GraphRunner):
 
     def _embed(self, pictures: np.ndarray) -> np.ndarray:
         """Features of the guard's kept pictures (sent under another model version) under these graphs."""
-        from .guard import unpicture
+        from .sketches import unpicture
 
         return self.features(unpicture(pictures, self.input_shape))
 
@@ -294,7 +295,7 @@ class Pipeline(GraphRunner):
         """The guard's mirror fools (cvconvert.device.mirror): per source fool (sketch, picture), a pool fool
         in its cosine window, else an affine variant of the source's image; ``final`` judges the whole set.
         Pool fools of a set ``final`` turns down go back. None when no set passes."""
-        from .guard import sketch, unpicture
+        from .sketches import sketch, unpicture
         from .mirror import Mirrored, derived, pool_choice
 
         if self.pool is None:
