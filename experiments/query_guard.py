@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cvconvert.attacks.principal import angle_from, principal, which_is_real  # noqa: E402
+from cvconvert.attacks.principal import adaptive, angle_from, observables, principal, which_is_real  # noqa: E402
 from cvconvert.attacks.queries import NEAR, lookalikes  # noqa: E402
 from cvconvert.device.fools import FoolPool  # noqa: E402
 from cvconvert.device.keylaws import rotation_key_np  # noqa: E402
@@ -198,6 +198,9 @@ def score(cloud, pipe, mean) -> dict:
     out = {"which_is_real": float(real.mean()), "best_reading": best, "u_cos": float(np.median(ua)),
            "s0": float(np.median(s0)),
            "exposed": int((ua >= 0.999).sum()), "fool_as_close": int((ub >= 0.999).sum())}
+    obs = observables(x)  # the adaptive cloud: learns from these when u is the image (pooled in the tables)
+    out.update(adaptive(obs, real, parts))
+    out["obs"], out["real"] = obs.round(4).tolist(), real.astype(int).tolist()
     if x.shape[1] == 2:
         theta = angle_from(u, x, mean)
         guess = pipe.decode(pipe.process(x), rotation_key_np(theta)).argmax(1)
@@ -258,7 +261,8 @@ def main() -> int:
                 res["old_acc_on_similar"] = float((po[sim] == y[sim]).mean()) if sim.any() else None
                 res["similar_agrees_old"] = float((pn[sim] == po[sim]).mean()) if sim.any() else None
             results[name]["new" if new else "old"] = res
-            print(name, "new" if new else "old", json.dumps(res), flush=True)
+            print(name, "new" if new else "old", json.dumps({k: v for k, v in res.items() if k not in ("obs", "real")}),
+                  flush=True)
     if args.out:
         args.out.write_text(json.dumps({"n": n, "pool": args.pool, "guard": GUARD, "results": results}, indent=1))
     return 0

@@ -166,10 +166,12 @@ def test_multi_query_audit_end_to_end(exported, small, batch_cycle, tmp_path):
     assert before["batch"]["answer_recovered"] == 1.0
     # the cross-transmission attack's columns are filled (P = 2)
     assert 0.0 <= before["rot3"]["principal_real"] <= 1.0 and before["rot3"]["principal_answer"] is not None
+    # and the adaptive reading's (tests/test_query_guard.py checks that it learns)
+    assert all(0.0 <= c["rot3"]["principal_adaptive"] <= 1.0 for c in (before, after))
     _later_modes(R, before, after, hashlib.sha256((exported / "onnx" / "features.onnx").read_bytes()).hexdigest())
     md = (out / "report.md").read_text()
     assert "## Privacy across queries" in md and "refused" in md and v["graph_sha256"] in md
-    assert "first principal vector" in md
+    assert "first principal vector" in md and "Adaptive" in md
     assert "model version" in md and "repeats" in md
 
 

@@ -277,3 +277,30 @@ def test_fools_create_warns_on_a_shifted_copy_of_a_public_image(setup, tmp_path)
     if json.loads(res.stdout).get("public_near_duplicates") is None:
         pytest.skip("the model's public data set is not readable here")
     assert json.loads(res.stdout)["public_near_duplicates"] == 1 and "near-)copies" in res.stderr
+
+
+def test_the_adaptive_reading_learns_what_the_plain_one_misses():
+    """A control the per-transmission reading cannot see: half the transmissions pair their image with a
+    near-duplicate sent before (s0 ~ 0.99, u is the image), half pair their fool with a looser copy of an
+    earlier fool (s0 ~ 0.9, u is the fool). "u is the image" is right half the time; a cloud that learns
+    from s0 when to believe it names nearly every image. Unrelated transmissions stay at chance."""
+    from cvconvert.attacks.principal import adaptive, observables
+
+    rng = np.random.default_rng(3)
+    d, n = 64, 60
+    base_a, base_b = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    a, b = base_a.copy(), base_b.copy()
+    img, fool = np.arange(1, n, 4), np.arange(3, n, 4)  # each follows the transmission it copies from
+    a[img] = base_a[img - 1] + 0.1 * rng.normal(size=(len(img), d))
+    b[fool] = base_b[fool - 1] + 0.45 * rng.normal(size=(len(fool), d))
+    x = np.stack([a, b], 1)
+    _, s0, u = principal(x)
+    real = which_is_real(u, a, b[:, None])
+    copies = np.sort(np.r_[img, fool, img - 1, fool - 1])
+    assert abs(real[copies].mean() - 0.5) <= 0.1          # the plain reading: a coin
+    got = adaptive(observables(x)[copies], real[copies], parts=2)
+    assert got["adaptive_real"] >= 0.85 and got["adaptive_auc"] >= 0.9
+    a2, b2 = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    x2 = np.stack([a2, b2], 1)
+    real2 = which_is_real(principal(x2)[2], a2, b2[:, None])
+    assert adaptive(observables(x2), real2, parts=2)["adaptive_real"] <= 0.65

@@ -205,13 +205,15 @@ def repeats(x: torch.Tensor, seen: queries.Seen, kit: Kit) -> int:
 def principal_attack(seen: queries.Seen, x: torch.Tensor, kit: Kit) -> dict:
     """The cross-transmission attack on related transmissions (P = 2): each transmission's best partner, its
     first principal vector u; which-is-real (u nearer the image than the fool, chance 0.5), the inverter on
-    u at true scale, and the public decoder's top-1 at u's angle against the device's answer. Under several
+    u at true scale, the public decoder's top-1 at u's angle against the device's answer, and the adaptive
+    reading (principal.adaptive: when to believe u, learned from what the cloud computes). Under several
     model versions the pairs run across versions (the cloud holds every x); the truth, the decoder and the
     angle's sign are each transmission's own version's; the inverter is the one trained on the audited model."""
-    from .principal import angle_from, principal, which_is_real
+    from .principal import adaptive, angle_from, observables, principal, which_is_real
 
     if len(seen.x) < 2 or x.shape[1] != 2 or len(seen.pixels) != len(seen.x):
-        return {"principal_real": None, "principal_recon_mae": None, "principal_answer": None}
+        return {"principal_real": None, "principal_recon_mae": None, "principal_answer": None,
+                "principal_adaptive": None}
     xs, ver = x.numpy(), _versions(seen)
     _, _, u = principal(xs)
     pixels = np.stack(seen.pixels)
@@ -233,7 +235,9 @@ def principal_attack(seen: queries.Seen, x: torch.Tensor, kit: Kit) -> dict:
     rec = kit.inverter.reconstruct(torch.from_numpy(shared.astype(np.float32)).reshape(len(xs), *kit.truth.shape[1:]))
     mae = float((rec.clamp(0, 1) - torch.from_numpy(pixels)).abs().mean())
     answer = float((guess == np.stack(seen.answers).argmax(1)).mean())
-    return {"principal_real": float(real.mean()), "principal_recon_mae": mae, "principal_answer": answer}
+    learned = adaptive(observables(xs), real, 2)["adaptive_real"]  # a cloud that learns when to believe u
+    return {"principal_real": float(real.mean()), "principal_recon_mae": mae, "principal_answer": answer,
+            "principal_adaptive": learned}
 
 
 def tell(rec: span.Recovery, seen: queries.Seen, kit: Kit) -> float | None:

@@ -47,3 +47,55 @@ def angle_from(u: np.ndarray, x: np.ndarray, mean: np.ndarray) -> np.ndarray:
     u = u * np.where(u @ mean >= 0, 1.0, -1.0)[:, None]
     coef = np.stack([np.linalg.lstsq(np.stack([r, i], 1), v, rcond=None)[0] for r, i, v in zip(re, im, u)])
     return np.arctan2(coef[:, 1], coef[:, 0]).astype(np.float32)
+
+
+# -- the adaptive reading: a cloud that learns when "u is the image" is right ----------------------------
+RELATED = 0.80  # the first principal cosine from which two transmissions count as related (the guard's floor)
+FOLDS = 5
+
+
+def observables(x: np.ndarray) -> np.ndarray:
+    """x [T, P, ...] -> [T, 6]: what the cloud computes per transmission without a key, beyond u: its best
+    pair's first and second principal cosines, the second-best pair's first, |cos| between the principal
+    vectors (in its own span) of the two best pairs, how many transmissions it is related to, and whether its
+    best partner's best partner is itself. The guard keeps "u is the image" at chance per level of the first
+    cosine; a cloud that simulates the device on public data can learn whether any of these tell more."""
+    q = _bases(x)
+    t, p = len(q), q.shape[2]
+    flat = q.transpose(0, 2, 1).reshape(t * p, -1)
+    gram = (flat @ flat.T).reshape(t, p, t, p).transpose(0, 2, 1, 3)   # [T, T, P, P]
+    u_all, s_all, _ = np.linalg.svd(gram)
+    s0 = s_all[..., 0].copy()
+    np.fill_diagonal(s0, -1.0)
+    order = np.argsort(-s0, axis=1)
+    rows = np.arange(t)
+    best, second = order[:, 0], order[:, 1] if t > 2 else order[:, 0]
+    agree = np.abs(np.einsum("tp,tp->t", u_all[rows, best][:, :, 0], u_all[rows, second][:, :, 0]))
+    return np.stack([s0[rows, best], s_all[rows, best, 1] if p > 1 else np.zeros(t), s0[rows, second], agree,
+                     (s0 >= RELATED).sum(1), (best[best] == rows).astype(float)], 1)
+
+
+def adaptive(features: np.ndarray, real: np.ndarray, parts: int, seed: int = 0) -> dict:
+    """The best reading of a cloud that predicts from `features` [T, d] (``observables``) whether u is the
+    image: a cross-validated L2 logistic fit (folds by a public seed), then per transmission u when the
+    predicted chance reaches 1/P, else a guess among the other P - 1 parts. Returns its expected
+    which-is-real over the held-out transmissions (chance 1/P; a reading that learns nothing scores
+    max(p, (1 - p)/(P - 1)) less the fit's noise) and the predictions' AUC."""
+    from ..device.pool_audit import _fit, auc
+
+    real = np.asarray(real, bool)
+    t = len(real)
+    if t < 2 * FOLDS or real.all() or not real.any():  # nothing to learn from: the better constant reading
+        p = float(real.mean()) if t else 0.0
+        return {"adaptive_real": max(p, (1 - p) / (parts - 1)) if t else None, "adaptive_auc": None, "n": int(t)}
+    z = np.asarray(features, np.float64)
+    fold = np.random.default_rng(seed).permutation(t) % FOLDS
+    prob = np.zeros(t)
+    for f in range(FOLDS):
+        tr, te = fold != f, fold == f
+        mu, sd = z[tr].mean(0), z[tr].std(0) + 1e-9
+        w = _fit((z[tr] - mu) / sd, real[tr].astype(float))
+        prob[te] = 1 / (1 + np.exp(-np.clip(np.hstack([(z[te] - mu) / sd, np.ones((te.sum(), 1))]) @ w, -30, 30)))
+    take = prob >= 1.0 / parts
+    score = np.where(take, real, (~real) / (parts - 1))
+    return {"adaptive_real": float(score.mean()), "adaptive_auc": auc(prob, real.astype(float)), "n": int(t)}

@@ -231,11 +231,15 @@ def multi_query_md(R: dict) -> list:
     L += ["The cross-transmission attack on related transmissions (each transmission's best partner, its first "
           "principal vector u): which-is-real = u nearer the image than the fool (chance 0.5), the inverter on u "
           "(mean abs pixel error), the public decoder at u's angle vs the device's answer. Below chance tells as "
-          "much as above it (the cloud reads the other vector): the best of the two readings is in brackets.", ""]
-    L += _table(["mode", "sent before / after", "u is the image: before", "after", "inverter on u: before", "after",
-                 "answer read: before", "after"],
+          "much as above it (the cloud reads the other vector): the best of the two readings is in brackets. "
+          "Adaptive: a cloud that learns, from what it computes per transmission (principal cosines of its two best "
+          "pairs, how they agree, how many transmissions it relates to), when to believe u (cross-validated; "
+          "chance 0.5).", ""]
+    L += _table(["mode", "sent before / after", "u is the image: before", "after", "adaptive: before", "after",
+                 "inverter on u: before", "after", "answer read: before", "after"],
                 [[r["mode"], f"{r['before']['transmissions']} / {r['after']['transmissions']}",
                   fr(r["before"].get("principal_real")), fr(r["after"].get("principal_real")),
+                  f2(r["before"].get("principal_adaptive")), f2(r["after"].get("principal_adaptive")),
                   f2(r["before"].get("principal_recon_mae")), f2(r["after"].get("principal_recon_mae")),
                   f2(r["before"].get("principal_answer")), f2(r["after"].get("principal_answer"))] for r in rows])
     L += ["Repeats: transmissions whose span holds (|cos| >= 0.999) the feature of an image that an earlier "
