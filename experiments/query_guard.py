@@ -157,6 +157,8 @@ def readings(cloud, guard_file: Path, how: list) -> dict:
         if m.any():
             out[f"exact_image_{h}"] = float(named_ex[m].mean())
             out[f"coin_image_{h}"] = float(coin[m].mean())
+    out["per"] = {"how": how.tolist(), "coin": coin.astype(int).tolist(), "named": named_ex.astype(int).tolist(),
+                  "level": level.round(4).tolist()}  # per transmission, for the tables' pooling
     for name, m in (("below_floor", level < DEFAULT_FLOOR), ("above_floor", level >= DEFAULT_FLOOR)):
         out[f"n_{name}"] = int(m.sum())
         if m.any():

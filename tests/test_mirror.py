@@ -362,3 +362,45 @@ def test_a_coin_holds_for_every_pair_the_exact_features_could_take_for_the_best(
     assert hist.named(np.stack([image, tied])) == 0  # the best pair alone names the image either way
     assert not hist.fine(np.stack([image, tied]), 0)[0]
     assert hist.fine(np.stack([image, apart]), 0)[0]
+
+
+def test_a_fool_kept_on_top_stays_near_the_images_level():
+    """A fool on top lifts the best pair's cosine over the image's own relation; past the cap the coin path
+    turns it down ("the level"), so that the cosine the cloud reads does not tell which kind is on top."""
+    from cvconvert.device.screen import History
+
+    rng = np.random.default_rng(7)
+    a0, b0 = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 2048)))  # wide: cross terms well under 0.01
+    hist = History(np.stack([a0, b0]), np.zeros(2, int), top=np.array([False, True]))  # it named its fool
+    image = _near(a0, 0.85, rng)
+    own = hist.relation(image)
+    assert abs(own - 0.85) < 0.01
+    high, near = _near(b0, 0.95, rng), _near(b0, own + 0.035, rng)
+    cap = hist.cap(own, 3 * hist.margin)
+    assert cap == pytest.approx(min(own + 0.06, 0.90))  # 3 margins up, but not out of the band 0.85-0.90
+    assert hist.fine(np.stack([image, high]), 1)[0]                       # without the cap: kept
+    assert hist.fine(np.stack([image, high]), 1, cap=cap) == (False, "the level")
+    assert hist.fine(np.stack([image, near]), 1, cap=cap)[0]
+    assert hist.fine(np.stack([image, high]), 0, cap=cap)[1] != "the level"  # the image asked for: no cap
+    assert hist.cap(0.78, 0.06) == pytest.approx(hist.floor)  # below the floor: not over it
+
+
+def test_the_coin_leans_by_the_bands_the_transmission_can_land_in():
+    """The coin counts the image's share in the band where the image on top lands and in the band a fool on
+    top lifts it to: a deficit asks for the image, a surplus for a fool, and the two can cancel."""
+    from cvconvert.device.screen import History
+
+    rng = np.random.default_rng(8)
+    n = 12
+    vectors = rng.normal(size=(4 * n, 32))
+    groups = np.repeat(np.arange(2 * n), 2)
+    best = np.repeat(np.r_[np.full(n, 0.91), np.full(n, 0.82)], 2)
+    top = np.zeros(4 * n, bool)
+    top[1:2 * n:2] = True        # band 0.90-0.95: every transmission names a fool (the image short by n / 2)
+    top[2 * n::2] = True         # band 0.80-0.85: every one names its image (a surplus of n / 2)
+    hist = History(vectors, groups, best, top=top)
+    draws = lambda **kw: [hist.coin(2, **kw) for _ in range(40)]  # noqa: E731
+    assert draws(level=0.92) == [0] * 40
+    assert draws(level=0.82) == [1] * 40
+    mixed = draws(level=0.82, rise=0.1)
+    assert 0 < mixed.count(0) < 40, mixed

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import CvError
 from .artifacts import atomic_write, locked
-from .screen import DEFAULT_FLOOR, DEFAULT_MARGIN, FOOL_QUANTILE, History, fool_floor, nearest, raise_nearest
+from .screen import DEFAULT_FLOOR, DEFAULT_MARGIN, FOOL_QUANTILE, LIFT, History, fool_floor, nearest, raise_nearest
 from .sketches import PICTURE, PICTURE_THRESHOLD, picture, picture_sketch, sketch
 from .verdict import Verdict
 
@@ -270,11 +270,14 @@ class SentGuard:
         return True
 
     def _choose(self, send_fools, i, sk, hist, state, mine, parts):
-        top = hist.coin(parts)  # the secret coin: which vector may be the best matched one
+        own = hist.relation(sk[i])  # where the image on top puts the best pair; a fool on top stays near it
+        cap = hist.cap(own, LIFT * self.margin) if LIFT is not None else None
+        top = hist.coin(parts, own, (1 + LIFT) / 2 * self.margin if LIFT else 0.0)  # the secret coin: which vector
+        # may be the best matched one
 
         def accept(cands, chosen):
             chosen = np.concatenate([sk[i:i + 1], np.asarray(chosen, np.float32).reshape(-1, sk.shape[1])])
-            return hist.accept(chosen, cands, top, final=len(chosen) == parts - 1)
+            return hist.accept(chosen, cands, top, final=len(chosen) == parts - 1, cap=cap)
 
         def burn(cands, pics=None):
             return self.burn(np.asarray(cands, np.float32), pics, state, mine, sk)
@@ -333,7 +336,7 @@ class SentGuard:
         # the coin asked first leans like a kept coin's: with a uniform one the typical path named its image
         # 0.23-0.24 of the time at P = 3 (a search asked for the image fails more often than one asked for a
         # fool), and the share rule then answered distinct images from another (20 of 210; leaning: 17, 0.30)
-        taken = self._typical(send_fools, i, sk, hist, state, mine, parts, hist.coin(parts))
+        taken = self._typical(send_fools, i, sk, hist, state, mine, parts, hist.coin(parts, hist.relation(sk[i])))
         top, s0 = reading(taken)
         if give_back is None or not hist.over_share(s0, parts, top == 0):
             return taken, top
@@ -369,11 +372,12 @@ class SentGuard:
         rows, c = partner
         if mirror_fools is None or len(rows) != parts:
             return None, 0
-        lad = ladder(c, parts, self.margin, self.threshold - self.margin)
+        ceiling = self.threshold - self.margin
+        lad = ladder(c, parts, self.margin, ceiling)
         if lad is None:
             return None, 0
         if give_back is not None:
-            other = ladder(c, parts, self.margin, self.threshold - self.margin, image_top=lad[1] != 0)
+            other = ladder(c, parts, self.margin, ceiling, image_top=lad[1] != 0)
             probe = self._mirror_on(mirror_fools, i, sk, hist, state, mine, rows, other)
             if probe is None:
                 return None, 0

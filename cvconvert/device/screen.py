@@ -26,6 +26,8 @@ import numpy as np
 DEFAULT_FLOOR = 0.80   # measured (docs/privacy.md): near-duplicates and look-alikes of an earlier image reach it
 BAND = 0.05           # width of the levels of best-pair cosine over which the device keeps its own which-is-real
 DEFAULT_MARGIN = 0.02  # the count sketch's error on principal cosines (p99 0.02): the named vector's lead must beat it
+LEVEL_COIN = True      # the coin leans by its level's share, not every level's
+LIFT = 3.0             # a fool kept on top lies at most LIFT margins above the image's own relation (History.fine)
 
 
 def _over(n: int, named_image: int, parts: int, image: bool) -> bool:
@@ -121,20 +123,32 @@ class History:
             top[rows[self._names(self.q[b] @ u[b], self.v[rows])[0] if len(s0) > 1 else 0]] = True
         return top
 
+    def relation(self, vector: np.ndarray) -> float:
+        """A vector's own relation to what was sent: the largest first principal cosine between it and a past
+        span (where an image on top puts its transmission's best pair)."""
+        if not len(self.ids):
+            return 0.0
+        v = unit(np.asarray(vector, np.float64).reshape(-1))
+        return float(np.linalg.norm(np.einsum("gks,k->gs", self.q, v), axis=1).max())
+
     def fine(self, vectors: np.ndarray, top: int | None, margin: float | None = None,
-             renamed: tuple[int, int] | None = None) -> tuple[bool, str]:
+             renamed: tuple[int, int] | None = None, cap: float | None = None) -> tuple[bool, str]:
         """Whether the transmission of `vectors` [p, K] (the image first) keeps every coin: its best pair's
         principal vector, and that of every pair within the margin of it (once the best pair's cosine
         reaches the floor), names vector `top` by at least the margin (``top`` None: not asked), and every
         earlier transmission whose best pair it becomes still has its own coin named (``renamed`` (group,
         k): that transmission must name its vector k instead). Then "the vector the best pair names is the
-        image" is right 1/P of the time. (ok, why not)."""
+        image" is right 1/P of the time. ``cap``: a fool on top may not lift the best pair's cosine over it
+        (else the cosine tells the coin: fools kept on top lay above the image's own relation, and at P = 2 a
+        cloud that learnt it from s0 named the image 0.63-0.68 of the time). (ok, why not)."""
         if not len(self.ids):
             return True, ""
         vectors = unit(np.asarray(vectors, np.float64))
         basis = orth(vectors)
         s0, u_past, coef = self._pairs(basis)
         j = int(np.argmax(s0))
+        if cap is not None and top not in (None, 0) and s0[j] > cap:
+            return False, "the level"
         if top is not None and s0[j] >= self.floor:
             # every pair within the sketch's error of the best one could be the best in the cloud's exact
             # features: each must name the coin (with the best alone, the exact reading named the image 0.38
@@ -179,28 +193,50 @@ class History:
             return False
         first = np.unique(self.g, return_index=True)[1]  # each transmission's image (its first vector)
         best = self.best_of_group()
-        level = np.floor((best - self.floor) / BAND)
-        same = level == np.floor((s0 - self.floor) / BAND)
+        same = self._band(best) == self._band(s0)
         # the level's share and the share over every level above the floor (the cloud can count either)
         return any(_over(int(m.sum()), int(self.top[first][m].sum()), parts, image)
                    for m in (same, best >= self.floor))
 
-    def coin(self, parts: int) -> int:
+    def coin(self, parts: int, level: float | None = None, rise: float = 0.0) -> int:
         """A secret coin for a transmission that keeps it (which of its P vectors its best pair is to name),
-        leaning against the image's deficit: transmissions sent without a kept coin (SentGuard._balanced)
-        name their image less often than 1/P at P = 3 (images whose fools outbid them are the ones no coin
-        fits), and the share rule then answered them from another image. When the image has been named
-        at least one transmission fewer than its chance share (over every level above the floor) the coin
-        falls on the image with probability 1/P + 1/P (P = 2: always); when more, never; else 1/P."""
+        leaning against the image's deficit. When the image has been named at least one transmission fewer
+        than its chance share the coin falls on the image with probability 1/P + 1/P (P = 2: always); when
+        more, never; else 1/P. The share is counted over every level above the floor; with ``level`` (where
+        the image on top puts the best pair) over the bands the transmission can land in: the image's, and
+        the one `rise` above it where a fool on top puts it. A fool kept on top lies above the image's own
+        relation, so a fair coin fills the upper bands with fools (at P = 2 the band 0.95-0.98 named its image
+        0.12-0.20 of the time, 0.80-0.85 0.63-0.71, and a cloud that learnt it from s0 named the image 0.63-0.68
+        of the time); transmissions sent without a kept coin (SentGuard._balanced) name their image less often
+        than 1/P at P = 3, and the share rule then answered them from another image."""
         deficit = 0.0
         if len(self.ids):
-            first = np.unique(self.g, return_index=True)[1]
-            above = self.best_of_group() >= self.floor
-            deficit = above.sum() / parts - self.top[first][above].sum()
+            named = self.top[np.unique(self.g, return_index=True)[1]]
+            best = self.best_of_group()
+
+            def short(m):
+                return m.sum() / parts - named[m].sum()
+            bands = [v for v in (level, level + rise) if v >= self.floor] if level is not None and LEVEL_COIN else []
+            # an image deficit at either band asks for the image (at the fool's band a fool deepens it)
+            deficit = sum(short(self._band(best) == self._band(v)) for v in bands) if bands else \
+                short(best >= self.floor)
         lean = 1 if deficit >= 1 else -1 if deficit <= -1 else 0
         if secrets.randbelow(parts) < 1 + lean:  # 2/P, 0 or 1/P of the time
             return 0
         return 1 + secrets.randbelow(parts - 1)
+
+    def cap(self, own: float, lift: float) -> float:
+        """The highest best-pair cosine a fool kept on top may give a transmission whose image's own relation
+        is `own`: `lift` above it, and never out of the image's band (below the floor: under the floor). An
+        image on top lands at `own`; had fools on top landed in the bands above, the upper bands would name
+        fools (images that high are rarely sent: the pool has no fool above them for the other side of the
+        coin) and the lower ones images: at P = 2 the band 0.95-0.98 named its image 0.14 of the time."""
+        edge = self.floor + BAND * (self._band(own) + 1) if own >= self.floor else self.floor
+        return float(min(own + lift, edge))
+
+    def _band(self, s0):
+        """The level (band of BAND from the floor) of best-pair cosines."""
+        return np.floor((np.asarray(s0) - self.floor) / BAND)
 
     def best_of_group(self) -> np.ndarray:
         out = np.zeros(len(self.ids))
@@ -208,11 +244,12 @@ class History:
         return out
 
     def accept(self, chosen: np.ndarray, cands: np.ndarray, top: int | None, final: bool,
-               strict: bool = True) -> np.ndarray:
+               strict: bool = True, cap: float | None = None) -> np.ndarray:
         """bool [c]: which candidate fools [c, K] may join `chosen` [j, K] (the image, then the fools picked so
         far). ``final``: the candidate completes the transmission; a partial one is not judged (P > 2).
         ``strict`` False (a transmission sent whatever the coin, SentGuard._typical): the coin `top` named
-        with no margin (None: not asked), and no need that the pool could have served either side."""
+        with no margin (None: not asked), and no need that the pool could have served either side. ``cap``:
+        see ``fine``."""
         cands = unit(np.asarray(cands, np.float32).reshape(len(cands), -1)).astype(np.float64)
         chosen = np.asarray(chosen, np.float64)
         if len(self.ids) and not final and not strict and top == 0:
@@ -222,14 +259,16 @@ class History:
         if not len(self.ids) or not final:
             return np.ones(len(cands), dtype=bool)
         if not strict:
-            return np.array([self.fine(np.concatenate([chosen, c[None]]), top, 0.0)[0] for c in cands], dtype=bool)
+            return np.array([self.fine(np.concatenate([chosen, c[None]]), top, 0.0, cap=cap)[0] for c in cands],
+                            dtype=bool)
         ok = np.zeros(len(cands), dtype=bool)
         sides = np.zeros((len(cands), 2), dtype=bool)  # would pass with the coin on the image / on this fool
         for i in range(len(cands)):
             both = np.concatenate([chosen, cands[i:i + 1]])
             for k, side in enumerate((0, len(both) - 1)):
-                sides[i, k] = self.fine(both, side)[0]
-            ok[i] = sides[i, 0] if top == 0 else sides[i, 1] if top == len(both) - 1 else self.fine(both, top)[0]
+                sides[i, k] = self.fine(both, side, cap=cap)[0]
+            ok[i] = sides[i, 0] if top == 0 else sides[i, 1] if top == len(both) - 1 else \
+                self.fine(both, top, cap=cap)[0]
         if not (sides[:, 0].any() and sides[:, 1].any()):
             # send only when the pool could have served either side of the coin: otherwise which images get
             # sent would depend on the coin, and the sent ones would tell it
