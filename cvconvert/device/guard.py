@@ -8,7 +8,8 @@ share a direction that is the image's. So for each image the device
 1. answers an exact repeat (feature cosine >= ``threshold`` with an image sent before) from its cache, and
    refuses one that matches a fool it sent;
 2. runs the cloud's attack on the transmission it would send (``screen.History``: principal directions
-   against every past span) and picks the fools from the pool so that the geometry stays symmetric;
+   against every past span) and picks the fools from the pool so that the geometry stays symmetric, a fool
+   kept on top landing the best pair in the image's own band (``History.cap``: else the cosine tells the coin);
 3. when no pool fool does and the image is related to one sent before, mirrors that transmission's fools
    (``cvconvert.device.mirror``); else answers from the earlier related image (``similar``) when the image
    stands out against the fools sent (``screen.fool_floor``) or when sending would lift the share of
@@ -271,9 +272,8 @@ class SentGuard:
 
     def _choose(self, send_fools, i, sk, hist, state, mine, parts):
         own = hist.relation(sk[i])  # where the image on top puts the best pair; a fool on top stays near it
-        cap = hist.cap(own, LIFT * self.margin) if LIFT is not None else None
-        top = hist.coin(parts, own, (1 + LIFT) / 2 * self.margin if LIFT else 0.0)  # the secret coin: which vector
-        # may be the best matched one
+        cap = hist.cap(own, LIFT * self.margin)
+        top = hist.coin(parts, own, (1 + LIFT) / 2 * self.margin)  # the secret coin: which vector is to be named
 
         def accept(cands, chosen):
             chosen = np.concatenate([sk[i:i + 1], np.asarray(chosen, np.float32).reshape(-1, sk.shape[1])])
