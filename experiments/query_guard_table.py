@@ -21,8 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cvconvert.attacks.principal import adaptive  # noqa: E402
-from cvconvert.device.pool_audit import _fit  # noqa: E402
+from cvconvert.attacks.principal import adaptive, fit_predict, reading  # noqa: E402
 
 BANDS = [0, 0.8, 0.85, 0.9, 0.95, 1.01]
 
@@ -54,11 +53,8 @@ def transfer(runs, modes, parts):
     for i, (otr, ytr) in enumerate(per):
         for j, (ote, yte) in enumerate(per):
             if i != j:
-                mu, sd = otr.mean(0), otr.std(0) + 1e-9
-                w = _fit((otr - mu) / sd, ytr.astype(float))
-                prob = 1 / (1 + np.exp(-np.clip(np.hstack([(ote - mu) / sd, np.ones((len(ote), 1))]) @ w, -30, 30)))
-                out.append(f"fit on run {i}, read run {j}: {np.where(prob >= 1 / parts, yte, ~yte / (parts - 1)).mean():.3f} "
-                           f"over {len(yte)}")
+                got = reading(fit_predict(otr, ytr, ote), yte, parts)
+                out.append(f"fit on run {i}, read run {j}: {got:.3f} over {len(yte)}")
     return out
 
 

@@ -81,7 +81,7 @@ def adaptive(features: np.ndarray, real: np.ndarray, parts: int, seed: int = 0) 
     predicted chance reaches 1/P, else a guess among the other P - 1 parts. Returns its expected
     which-is-real over the held-out transmissions (chance 1/P; a reading that learns nothing scores
     max(p, (1 - p)/(P - 1)) less the fit's noise) and the predictions' AUC."""
-    from ..device.pool_audit import _fit, auc
+    from ..device.pool_audit import auc
 
     real = np.asarray(real, bool)
     t = len(real)
@@ -92,10 +92,21 @@ def adaptive(features: np.ndarray, real: np.ndarray, parts: int, seed: int = 0) 
     fold = np.random.default_rng(seed).permutation(t) % FOLDS
     prob = np.zeros(t)
     for f in range(FOLDS):
-        tr, te = fold != f, fold == f
-        mu, sd = z[tr].mean(0), z[tr].std(0) + 1e-9
-        w = _fit((z[tr] - mu) / sd, real[tr].astype(float))
-        prob[te] = 1 / (1 + np.exp(-np.clip(np.hstack([(z[te] - mu) / sd, np.ones((te.sum(), 1))]) @ w, -30, 30)))
-    take = prob >= 1.0 / parts
-    score = np.where(take, real, (~real) / (parts - 1))
-    return {"adaptive_real": float(score.mean()), "adaptive_auc": auc(prob, real.astype(float)), "n": int(t)}
+        prob[fold == f] = fit_predict(z[fold != f], real[fold != f], z[fold == f])
+    return {"adaptive_real": reading(prob, real, parts), "adaptive_auc": auc(prob, real.astype(float)), "n": int(t)}
+
+
+def fit_predict(train: np.ndarray, real: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """The cloud's model: an L2 logistic fit of `real` on standardized `train` features; the predicted chance
+    that u is the image for each row of `test`."""
+    from ..device.pool_audit import _fit
+
+    mu, sd = train.mean(0), train.std(0) + 1e-9
+    w = _fit((train - mu) / sd, np.asarray(real, float))
+    return 1 / (1 + np.exp(-np.clip(np.hstack([(test - mu) / sd, np.ones((len(test), 1))]) @ w, -30, 30)))
+
+
+def reading(prob: np.ndarray, real: np.ndarray, parts: int) -> float:
+    """Expected which-is-real of reading u where `prob` reaches 1/P, else guessing among the other P - 1."""
+    real = np.asarray(real, bool)
+    return float(np.where(prob >= 1.0 / parts, real, (~real) / (parts - 1)).mean())

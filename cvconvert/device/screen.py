@@ -26,7 +26,6 @@ import numpy as np
 DEFAULT_FLOOR = 0.80   # measured (docs/privacy.md): near-duplicates and look-alikes of an earlier image reach it
 BAND = 0.05           # width of the levels of best-pair cosine over which the device keeps its own which-is-real
 DEFAULT_MARGIN = 0.02  # the count sketch's error on principal cosines (p99 0.02): the named vector's lead must beat it
-LEVEL_COIN = True      # the coin leans by its level's share, not every level's
 LIFT = 3.0             # a fool kept on top lies at most LIFT margins above the image's own relation (History.fine)
 
 
@@ -216,7 +215,7 @@ class History:
 
             def short(m):
                 return m.sum() / parts - named[m].sum()
-            bands = [v for v in (level, level + rise) if v >= self.floor] if level is not None and LEVEL_COIN else []
+            bands = [v for v in (level, level + rise) if v >= self.floor] if level is not None else []
             # an image deficit at either band asks for the image (at the fool's band a fool deepens it)
             deficit = sum(short(self._band(best) == self._band(v)) for v in bands) if bands else \
                 short(best >= self.floor)
