@@ -50,7 +50,6 @@ def angle_from(u: np.ndarray, x: np.ndarray, mean: np.ndarray) -> np.ndarray:
 
 
 # -- the adaptive reading: a cloud that learns when "u is the image" is right ----------------------------
-RELATED = 0.80  # the first principal cosine from which two transmissions count as related (the guard's floor)
 FOLDS = 5
 
 
@@ -60,6 +59,8 @@ def observables(x: np.ndarray) -> np.ndarray:
     vectors (in its own span) of the two best pairs, how many transmissions it is related to, and whether its
     best partner's best partner is itself. The guard keeps "u is the image" at chance per level of the first
     cosine; a cloud that simulates the device on public data can learn whether any of these tell more."""
+    from ..device.screen import DEFAULT_FLOOR as RELATED  # public: the cloud knows the device's algorithm
+
     q = _bases(x)
     t, p = len(q), q.shape[2]
     flat = q.transpose(0, 2, 1).reshape(t * p, -1)
