@@ -378,41 +378,25 @@ class SentGuard:
             return None, 0
         if give_back is not None:
             other = ladder(c, parts, self.margin, ceiling, image_top=lad[1] != 0)
-            probe = self._mirror_on(mirror_fools, i, sk, hist, state, mine, rows, other, c)
+            probe = self._mirror_on(mirror_fools, i, sk, hist, state, mine, rows, other)
             if probe is None:
                 return None, 0
             give_back(probe)
-        return self._mirror_on(mirror_fools, i, sk, hist, state, mine, rows, lad, c), lad[1]
+        return self._mirror_on(mirror_fools, i, sk, hist, state, mine, rows, lad), lad[1]
 
-    def _mirror_on(self, mirror_fools, i, sk, hist, state, mine, rows, lad, c: float):
-        """The mirror fools of image i on ladder ``lad`` (targets, top) against the partner's entries (its
-        image at cosine `c`), or None."""
+    def _mirror_on(self, mirror_fools, i, sk, hist, state, mine, rows, lad):
+        """The mirror fools of image i on ladder ``lad`` (targets, top) against the partner's entries, or None."""
         targets, top = lad
         tol = self.margin / 2
-        head = float(targets[top - 1]) if top else c  # the ladder's top: where the best pair is to lie
         sources = [(state["sketch"][r].astype(np.float32), state["picture"][r]) for r in rows[1:]]
-        # a fool below the top that lies nearer another span than the top's cosine takes the best pair there,
-        # naming itself (at P = 2, 3 of 4 ladders failed so: Fashion-MNIST fools relate to many past vectors),
-        # and the top fool nearer another span than its target moves the pair off the partner
-        limits = [t + tol if top == j + 1 else min(t + tol, head - self.margin) for j, t in enumerate(targets)]
 
-        renamed = (int(state["group"][rows[0]]), top)
-
-        def ok(j, chosen):
-            def check(cands, pics):
-                cands = np.asarray(cands, np.float32)
-                out = ~self.burn(cands, pics, state, mine, sk, rows[1 + j]) & (hist.relations(cands) <= limits[j])
-                if j == len(targets) - 1:  # the last fool: the whole transmission is judged per candidate
-                    first = np.concatenate([sk[i:i + 1], np.asarray(chosen, np.float32).reshape(-1, sk.shape[1])])
-                    out[out] = [hist.fine(np.concatenate([first, c[None]]), top, renamed=renamed)[0]
-                                for c in cands[out]]
-                return out
-            return check
+        def ok(j):
+            return lambda cands, pics: ~self.burn(np.asarray(cands, np.float32), pics, state, mine, sk, rows[1 + j])
 
         def final(fool_sketches):
             # the partner, renamed, names top's counterpart: a fresh coin for it too
             return hist.fine(np.concatenate([sk[i:i + 1], np.asarray(fool_sketches, np.float32)]), top,
-                             renamed=renamed)[0]
+                             renamed=(int(state["group"][rows[0]]), top))[0]
         return mirror_fools(i, sources, [(t - tol, t + tol) for t in targets], ok, final)
 
     def _similar(self, state, partner, verdict, here: dict, why: str) -> None:

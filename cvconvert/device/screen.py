@@ -125,14 +125,10 @@ class History:
     def relation(self, vector: np.ndarray) -> float:
         """A vector's own relation to what was sent: the largest first principal cosine between it and a past
         span (where an image on top puts its transmission's best pair)."""
-        return float(self.relations(np.asarray(vector).reshape(1, -1))[0])
-
-    def relations(self, vectors: np.ndarray) -> np.ndarray:
-        """[c]: ``relation`` of each of `vectors` [c, K]."""
         if not len(self.ids):
-            return np.zeros(len(vectors))
-        v = unit(np.asarray(vectors, np.float64).reshape(len(vectors), -1))
-        return np.linalg.norm(np.einsum("gks,ck->cgs", self.q, v), axis=2).max(1)
+            return 0.0
+        v = unit(np.asarray(vector, np.float64).reshape(-1))
+        return float(np.linalg.norm(np.einsum("gks,k->gs", self.q, v), axis=1).max())
 
     def fine(self, vectors: np.ndarray, top: int | None, margin: float | None = None,
              renamed: tuple[int, int] | None = None, cap: float | None = None) -> tuple[bool, str]:
