@@ -404,3 +404,81 @@ def test_the_coin_leans_by_the_bands_the_transmission_can_land_in():
     assert draws(level=0.82) == [1] * 40
     mixed = draws(level=0.82, rise=0.1)
     assert 0 < mixed.count(0) < 40, mixed
+
+
+def test_mirror_fools_are_screened_as_they_are_found():
+    """A mirror fool at its target cosine to the partner's fool but nearer another span than the ladder's top
+    would take the best pair there and name itself: it is turned down while the fools are sought, and one
+    that only mirrors its source passes (the finished set is judged too, but a search that finds only sets
+    that fail ends with no mirror)."""
+    from cvconvert.device.screen import History
+
+    rng = np.random.default_rng(11)
+    a0, a1 = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 2048)))  # wide: cross terms about 0.02
+    b0 = _near(a1, 0.0, rng)
+    e1, e2 = (_near(b0, 0.0, rng) for _ in range(2))
+    e2 -= (e2 @ e1) * e1
+    e2 /= np.linalg.norm(e2)
+    b1 = 0.8 * b0 + 0.6 * e1                                       # the second transmission's fool: near b0
+    vecs = np.stack([a0, b0, a1, b1])
+    guard = SentGuard(None)
+    state = guard._empty(2048, 10)
+    state.update(sketch=vecs.astype(np.float16), kind=np.array([0, 1, 0, 1], np.uint8),
+                 group=np.array([0, 0, 1, 1]), seq=np.arange(4), picture=np.zeros((4,) + state["picture"].shape[1:],
+                                                                                    np.uint8))
+    hist = History(vecs, state["group"], top=np.array([True, False, True, False]))
+    image = _near(a0, 0.88, rng)
+    mirrored = 0.85 * b0 + 0.527 * e2                              # at the target to b0, 0.68 to b1
+    greedy = 0.85 * b0 + 0.45 * e1 + 0.274 * e2                   # at the target to b0, 0.95 to b1
+    cands = np.stack([mirrored, greedy]) / np.linalg.norm(np.stack([mirrored, greedy]), axis=1, keepdims=True)
+    seen = {}
+
+    def mirror_fools(i, sources, windows, ok, final):
+        seen["windows"], seen["ok"] = windows, ok(0, np.zeros((0, 2048), np.float32))(cands, None)
+        return None
+    guard._mirror_on(mirror_fools, 0, image[None].astype(np.float32), hist, state, np.ones(4, bool),
+                     np.array([0, 1]), (np.array([0.85]), 0), 0.88)
+    lo, hi = seen["windows"][0]
+    assert all(lo <= float(c @ b0) <= hi for c in cands)            # both lie in the mirror's window
+    assert seen["ok"].tolist() == [True, False]
+
+
+def test_the_mirrors_coin_leans_by_the_mirrors_own_share():
+    """Mirrored transmissions have a shape of principal cosines of their own (a ladder), so their share at a
+    level is what a cloud reads apart: the mirror's coin counts it among mirrors alone, the coin path over all."""
+    from cvconvert.device.screen import History
+
+    rng = np.random.default_rng(12)
+    n = 12
+    vectors = rng.normal(size=(4 * n, 32))
+    groups = np.repeat(np.arange(2 * n), 2)
+    best = np.full(4 * n, 0.87)
+    top = np.zeros(4 * n, bool)
+    top[1:2 * n:2] = True        # the first n transmissions, mirrored: each named its fool
+    top[2 * n::2] = True         # the other n, from the coin path: each named its image
+    mirrored = np.arange(4 * n) < 2 * n
+    hist = History(vectors, groups, best, top=top, mirrored=mirrored)
+    assert [hist.coin(2, level=0.87, mirrors=True) for _ in range(40)] == [0] * 40  # mirrors short of images
+    overall = [hist.coin(2, level=0.87) for _ in range(200)]                        # over all: balanced
+    assert 60 < overall.count(0) < 140, overall.count(0)
+    hist.add(rng.normal(size=(2, 32)), 2 * n, top=0, mirrored=True)
+    assert hist.mirrored[-2:].all() and len(hist.mirrored) == len(hist.g)
+
+
+def test_the_guard_keeps_which_transmissions_were_mirrored(tmp_path):
+    """The mark is saved with the index, and an index written before it reads as no mirrors."""
+    path = tmp_path / "guard.npz"
+    guard = SentGuard(path)
+    state = guard._empty(8, 0)
+    rng = np.random.default_rng(13)
+    state.update(sketch=rng.normal(size=(4, 8)).astype(np.float16), kind=np.array([0, 1, 0, 1], np.uint8),
+                 group=np.array([0, 0, 1, 1]), seq=np.arange(4), best=np.zeros(4, np.float32),
+                 model=np.full(4, "m", "<U16"), picture=np.zeros((4,) + state["picture"].shape[1:], np.uint8),
+                 top=np.array([True, False, False, True]), near=np.zeros(4, np.float32),
+                 logits=np.zeros((4, 0), np.float32), mirror=np.array([False, False, True, True]))
+    guard._save(state)
+    assert guard._load()["mirror"].tolist() == [False, False, True, True]
+    with np.load(path) as z:
+        old = {k: z[k] for k in z.files if k != "mirror"}
+    np.savez(path, **old)
+    assert guard._load()["mirror"].tolist() == [False] * 4
