@@ -42,7 +42,7 @@ from .verdict import Verdict
 DEFAULT_THRESHOLD = 0.995  # measured: distinct Fashion-MNIST test images reach 0.993, near-duplicates 0.998+
 DEFAULT_CAPACITY = 10000
 IMAGE, FOOL = 0, 1
-FIELDS = ("sketch", "kind", "group", "seq", "logits", "best", "model", "picture", "top", "near", "mirror")
+FIELDS = ("sketch", "kind", "group", "seq", "logits", "best", "model", "picture", "top", "near")
 
 
 class SentGuard:
@@ -79,7 +79,7 @@ class SentGuard:
                 "seq": np.zeros(0, np.int64), "logits": np.zeros((0, classes), np.float32),
                 "best": np.zeros(0, np.float32), "model": np.zeros(0, "<U16"),
                 "picture": np.zeros((0, PICTURE, PICTURE), np.uint8), "top": np.zeros(0, bool),
-                "near": np.zeros(0, np.float32), "mirror": np.zeros(0, bool)}
+                "near": np.zeros(0, np.float32)}
 
     def _load(self) -> dict:
         if self.path is None:
@@ -88,15 +88,13 @@ class SentGuard:
             return self._empty()
         try:
             with np.load(self.path) as z:
-                state = {k: z[k] for k in FIELDS if k not in ("near", "mirror") or k in z.files}
+                state = {k: z[k] for k in FIELDS if k != "near" or "near" in z.files}
         except Exception:  # BadZipFile, EOFError, OSError, KeyError ...: any damage reads the same to the user
             raise CvError(f"the guard index {self.path} is damaged or unreadable: restore it from a backup taken "
                           "after the last request (do not delete it: without it this device would send earlier "
                           "images again, which exposes them); cvconvert refuses to send meanwhile") from None
         if "near" not in state:  # written before the fools' nearest matches were kept: computed once
             state["near"] = nearest(state["sketch"], state["group"])
-        if "mirror" not in state:  # written before mirrors were marked
-            state["mirror"] = np.zeros(len(state["seq"]), bool)
         return state
 
     def stored_generation(self) -> int | None:
@@ -205,7 +203,7 @@ class SentGuard:
             mine = self._current(state, model, embed, sk.shape[1])
             pics = picture(images) if images is not None else np.zeros((len(sk), PICTURE, PICTURE), np.uint8)
             hist = History(state["sketch"][mine], state["group"][mine], state["best"][mine], self.floor, self.margin,
-                           state["top"][mine], state["mirror"][mine])
+                           state["top"][mine])
             related = fool_floor(state["near"][mine & (state["kind"] == FOOL)], self.floor, self.quantile)
             verdict = Verdict([], [], np.full(len(sk), -1.0), [], [])
             fools, keys, here, fool_keys = [], [], {}, []  # here: entry seq -> index of this request's images sent
@@ -233,7 +231,7 @@ class SentGuard:
                 fool_pics = getattr(taken, "images", None)
                 vecs = np.concatenate([sk[i:i + 1], sketch(b)])
                 group = int(state["group"].max()) + 1 if len(state["group"]) else 0
-                hist.add(vecs, group, top, mirrored=how == "mirror")
+                hist.add(vecs, group, top)
                 mine = self._append(state, vecs, group, model, hist, mine,
                                     np.concatenate([pics[i:i + 1], picture(fool_pics) if fool_pics is not None
                                                     else np.zeros((len(b), PICTURE, PICTURE), np.uint8)]))
@@ -375,50 +373,30 @@ class SentGuard:
         if mirror_fools is None or len(rows) != parts:
             return None, 0
         ceiling = self.threshold - self.margin
-        # the kind on top leans like a kept coin, by the mirrors' own share in the bands the best pair can
-        # land in (the images' cosine c; a fool on top, about 3/4 P margins higher): with a fair draw mirrors
-        # at s0 0.85-0.90 named their image 0.69 of the time and those over 0.95 0.06 (P = 2, 329 mirrors)
-        lad = ladder(c, parts, self.margin, ceiling,
-                     image_top=hist.coin(parts, c, 0.75 * parts * self.margin, mirrors=True) == 0)
+        lad = ladder(c, parts, self.margin, ceiling)
         if lad is None:
             return None, 0
         if give_back is not None:
             other = ladder(c, parts, self.margin, ceiling, image_top=lad[1] != 0)
-            probe = self._mirror_on(mirror_fools, i, sk, hist, state, mine, rows, other, c)
+            probe = self._mirror_on(mirror_fools, i, sk, hist, state, mine, rows, other)
             if probe is None:
                 return None, 0
             give_back(probe)
-        return self._mirror_on(mirror_fools, i, sk, hist, state, mine, rows, lad, c), lad[1]
+        return self._mirror_on(mirror_fools, i, sk, hist, state, mine, rows, lad), lad[1]
 
-    def _mirror_on(self, mirror_fools, i, sk, hist, state, mine, rows, lad, c: float):
-        """The mirror fools of image i on ladder ``lad`` (targets, top) against the partner's entries (its
-        image at cosine `c`), or None."""
+    def _mirror_on(self, mirror_fools, i, sk, hist, state, mine, rows, lad):
+        """The mirror fools of image i on ladder ``lad`` (targets, top) against the partner's entries, or None."""
         targets, top = lad
         tol = self.margin / 2
-        head = float(targets[top - 1]) if top else c  # the ladder's top: where the best pair is to lie
         sources = [(state["sketch"][r].astype(np.float32), state["picture"][r]) for r in rows[1:]]
-        # a fool below the top that lies nearer another span than the top's cosine takes the best pair there,
-        # naming itself (at P = 2, 3 of 4 ladders failed so: Fashion-MNIST fools relate to many past vectors),
-        # and the top fool nearer another span than its target moves the pair off the partner
-        limits = [t + tol if top == j + 1 else min(t + tol, head - self.margin) for j, t in enumerate(targets)]
 
-        renamed = (int(state["group"][rows[0]]), top)
-
-        def ok(j, chosen):
-            def check(cands, pics):
-                cands = np.asarray(cands, np.float32)
-                out = ~self.burn(cands, pics, state, mine, sk, rows[1 + j]) & (hist.relations(cands) <= limits[j])
-                if j == len(targets) - 1:  # the last fool: the whole transmission is judged per candidate
-                    first = np.concatenate([sk[i:i + 1], np.asarray(chosen, np.float32).reshape(-1, sk.shape[1])])
-                    out[out] = [hist.fine(np.concatenate([first, c[None]]), top, renamed=renamed)[0]
-                                for c in cands[out]]
-                return out
-            return check
+        def ok(j):
+            return lambda cands, pics: ~self.burn(np.asarray(cands, np.float32), pics, state, mine, sk, rows[1 + j])
 
         def final(fool_sketches):
             # the partner, renamed, names top's counterpart: a fresh coin for it too
             return hist.fine(np.concatenate([sk[i:i + 1], np.asarray(fool_sketches, np.float32)]), top,
-                             renamed=renamed)[0]
+                             renamed=(int(state["group"][rows[0]]), top))[0]
         return mirror_fools(i, sources, [(t - tol, t + tol) for t in targets], ok, final)
 
     def _similar(self, state, partner, verdict, here: dict, why: str) -> None:
@@ -444,8 +422,7 @@ class SentGuard:
         new = {"sketch": vecs.astype(np.float16), "kind": np.array([IMAGE] + [FOOL] * (n - 1), np.uint8),
                "group": np.full(n, group, np.int64), "seq": np.arange(start, start + n, dtype=np.int64),
                "logits": np.full((n, width), np.nan, np.float32), "best": np.zeros(n, np.float32),
-               "model": np.full(n, model, "<U16"), "picture": pics, "top": hist.top[-n:],
-               "mirror": hist.mirrored[-n:]}
+               "model": np.full(n, model, "<U16"), "picture": pics, "top": hist.top[-n:]}
         state["near"][mine], new["near"] = raise_nearest(state["near"][mine], state["sketch"][mine], vecs)
         for k, v in new.items():
             state[k] = np.concatenate([state[k], v])

@@ -293,8 +293,7 @@ class Pipeline(GraphRunner):
 
     def _mirror_for(self, sources, windows, ok, final, tries: int = 6):
         """The guard's mirror fools (cvconvert.device.mirror): per source fool (sketch, picture), a pool fool
-        in its cosine window, else an affine variant of the source's image, either let through by ``ok(j,
-        sketches of the fools picked so far)``; ``final`` judges the whole set.
+        in its cosine window, else an affine variant of the source's image; ``final`` judges the whole set.
         Pool fools of a set ``final`` turns down go back. None when no set passes."""
         from .sketches import sketch, unpicture
         from .mirror import Mirrored, derived, pool_choice
@@ -305,14 +304,13 @@ class Pipeline(GraphRunner):
         for _ in range(tries):
             got = Mirrored()
             for j, ((src, pic), (lo, hi)) in enumerate(zip(sources, windows)):
-                check = ok(j, sketch(np.stack(got.features)) if got.features else np.zeros((0, len(src)), np.float32))
-                taken = self.pool.take_where(pool_choice(src, lo, hi, check))
+                taken = self.pool.take_where(pool_choice(src, lo, hi, ok(j)))
                 if taken is not None:
                     got.add(taken.images[0], taken.features[0], int(taken.index[0]))
                     continue
                 image = originals[j] if originals[j] is not None else \
                     unpicture(pic[None], self.input_shape)[0] if self.input_shape[0] == 1 else None
-                made = None if image is None else derived(image, src, lo, hi, self.features, check)
+                made = None if image is None else derived(image, src, lo, hi, self.features, ok(j))
                 if made is None:
                     break
                 got.add(made[0], made[1], None)  # the variant's features, computed once in derived

@@ -65,7 +65,7 @@ class History:
     the vector that pair's principal vector must name)."""
 
     def __init__(self, vectors, groups, best=None, floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN,
-                 top=None, mirrored=None):
+                 top=None):
         self.floor, self.margin = float(floor), float(margin)
         vectors = np.asarray(vectors, np.float32)
         self.v = unit(vectors.reshape(len(groups), vectors.shape[-1] if vectors.ndim > 1 else 0)).astype(np.float64)
@@ -73,7 +73,6 @@ class History:
         self._bases()
         self.best = np.asarray(best, np.float64) if best is not None else self._all_best()
         self.top = np.asarray(top, bool) if top is not None else self._named_now()
-        self.mirrored = np.asarray(mirrored, bool) if mirrored is not None else np.zeros(len(self.g), bool)
 
     def _bases(self) -> None:
         """One orthonormal basis per transmission: Q [G, K, dmax] (zero columns where a span is smaller)."""
@@ -126,14 +125,10 @@ class History:
     def relation(self, vector: np.ndarray) -> float:
         """A vector's own relation to what was sent: the largest first principal cosine between it and a past
         span (where an image on top puts its transmission's best pair)."""
-        return float(self.relations(np.asarray(vector).reshape(1, -1))[0])
-
-    def relations(self, vectors: np.ndarray) -> np.ndarray:
-        """[c]: ``relation`` of each of `vectors` [c, K]."""
         if not len(self.ids):
-            return np.zeros(len(vectors))
-        v = unit(np.asarray(vectors, np.float64).reshape(len(vectors), -1))
-        return np.linalg.norm(np.einsum("gks,ck->cgs", self.q, v), axis=2).max(1)
+            return 0.0
+        v = unit(np.asarray(vector, np.float64).reshape(-1))
+        return float(np.linalg.norm(np.einsum("gks,k->gs", self.q, v), axis=1).max())
 
     def fine(self, vectors: np.ndarray, top: int | None, margin: float | None = None,
              renamed: tuple[int, int] | None = None, cap: float | None = None) -> tuple[bool, str]:
@@ -202,7 +197,7 @@ class History:
         return any(_over(int(m.sum()), int(self.top[first][m].sum()), parts, image)
                    for m in (same, best >= self.floor))
 
-    def coin(self, parts: int, level: float | None = None, rise: float = 0.0, mirrors: bool = False) -> int:
+    def coin(self, parts: int, level: float | None = None, rise: float = 0.0) -> int:
         """A secret coin for a transmission that keeps it (which of its P vectors its best pair is to name),
         leaning against the image's deficit. When the image has been named at least one transmission fewer
         than its chance share the coin falls on the image with probability 1/P + 1/P (P = 2: always); when
@@ -215,14 +210,10 @@ class History:
         than 1/P at P = 3, and the share rule then answered them from another image."""
         deficit = 0.0
         if len(self.ids):
-            first = np.unique(self.g, return_index=True)[1]
-            named, best = self.top[first], self.best_of_group()
-            # ``mirrors``: counted among mirrored transmissions alone (their ladder gives them a shape of
-            # principal cosines of their own, so a cloud can read their share apart)
-            among = self.mirrored[first] if mirrors else np.ones(len(first), bool)
+            named = self.top[np.unique(self.g, return_index=True)[1]]
+            best = self.best_of_group()
 
             def short(m):
-                m = m & among
                 return m.sum() / parts - named[m].sum()
             bands = [v for v in (level, level + rise) if v >= self.floor] if level is not None else []
             # an image deficit at either band asks for the image (at the fool's band a fool deepens it)
@@ -283,7 +274,7 @@ class History:
             ok[:] = False
         return ok
 
-    def add(self, vectors: np.ndarray, group: int, top: int = 0, mirrored: bool = False) -> None:
+    def add(self, vectors: np.ndarray, group: int, top: int = 0) -> None:
         vectors = unit(np.asarray(vectors, np.float32).reshape(len(vectors), -1)).astype(np.float64)
         basis = orth(vectors)
         if len(self.ids):
@@ -297,7 +288,6 @@ class History:
         else:
             own = 0.0
         self.top = np.append(self.top, np.arange(len(vectors)) == top)
-        self.mirrored = np.append(self.mirrored, np.full(len(vectors), bool(mirrored)))
         self.v = np.concatenate([self.v.reshape(len(self.v), vectors.shape[1]), vectors])
         self.g = np.append(self.g, np.full(len(vectors), group))
         self.best = np.append(self.best, np.full(len(vectors), own))
