@@ -89,7 +89,7 @@ def _parts(x):
 def _no_pool_coin_for_related_images(monkeypatch):
     """The shipped device with the pool's own symmetric fools turned down for an image related to one sent
     before, so that every related image goes the mirror's way (or is answered from the earlier one)."""
-    monkeypatch.setattr(SentGuard, "_choose", lambda self, send_fools, i, sk, hist, state, mine, parts:
+    monkeypatch.setattr(SentGuard, "_choose", lambda self, send_fools, i, sk, hist, state, mine, parts, own:
                         (None, 0) if len(state["seq"]) and (state["sketch"].astype(np.float32) @ sk[i]).max()
                         >= self.floor else (send_fools(i, None, lambda c, p=None: np.zeros(len(c), bool)), 0))
 
@@ -323,7 +323,7 @@ def test_the_typical_path_asks_for_a_leaning_coin(tmp_path, parts):
     guard._typical = typical
     sk = unit(rng.normal(size=(1, 32)))
     for _ in range(60):
-        guard._balanced(None, None, 0, sk, hist, None, None, parts, answerable=False)
+        guard._balanced(None, None, 0, sk, hist, None, None, parts, answerable=False, own=hist.relation(sk[0]))
     share = np.mean(np.array(asked) == 0)
     assert share > 1 / parts + 0.15 if parts > 2 else share == 1.0, asked
 

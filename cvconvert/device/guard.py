@@ -210,7 +210,8 @@ class SentGuard:
             for i in range(len(sk)):
                 if self._repeat(state, mine, sk, i, verdict, here):
                     continue
-                taken, top = self._choose(send_fools, i, sk, hist, state, mine, parts)
+                own = hist.relation(sk[i])  # where the image on top puts the best pair (hist is unchanged until sent)
+                taken, top = self._choose(send_fools, i, sk, hist, state, mine, parts, own)
                 how = "coin"
                 partner = self._partner(state, mine, sk[i], self.floor) if taken is None else None
                 if partner is not None:  # related to an image sent before: mirror its fools
@@ -223,7 +224,7 @@ class SentGuard:
                     # what the best pair names is the geometry of exchangeable pictures; send, record the vector it
                     # names as its coin, unless that would lift its kind's share at its level over 1/P (or (P-1)/P)
                     taken, top, how = *self._balanced(send_fools, give_back, i, sk, hist, state, mine, parts,
-                                                      self._answerable(state, partner, here)), "typical"
+                                                      self._answerable(state, partner, here), own), "typical"
                     if taken is None:
                         self._similar(state, partner, verdict, here, "share")
                         continue
@@ -270,9 +271,8 @@ class SentGuard:
             self._say(verdict, "cached", int(state["seq"][j]), state["logits"][j].copy(), float(cos.max()))
         return True
 
-    def _choose(self, send_fools, i, sk, hist, state, mine, parts):
-        own = hist.relation(sk[i])  # where the image on top puts the best pair; a fool on top stays near it
-        cap = hist.cap(own, LIFT * self.margin)
+    def _choose(self, send_fools, i, sk, hist, state, mine, parts, own: float):
+        cap = hist.cap(own, LIFT * self.margin)  # own: the image's relation; a fool on top stays near it
         top = hist.coin(parts, own, (1 + LIFT) / 2 * self.margin)  # the secret coin: which vector is to be named
 
         def accept(cands, chosen):
@@ -326,7 +326,7 @@ class SentGuard:
                 return taken
         return None if only else send_fools(i, None, burn)
 
-    def _balanced(self, send_fools, give_back, i, sk, hist, state, mine, parts, answerable: bool):
+    def _balanced(self, send_fools, give_back, i, sk, hist, state, mine, parts, answerable: bool, own: float):
         """(fools, the vector their transmission names) for a transmission sent without a kept coin, keeping
         each kind's share at its level near chance (History.over_share): when the first fools would
         lift it, fools naming the other kind are sought; failing those, (None, 0) when the related earlier
@@ -336,7 +336,7 @@ class SentGuard:
         # the coin asked first leans like a kept coin's: with a uniform one the typical path named its image
         # 0.23-0.24 of the time at P = 3 (a search asked for the image fails more often than one asked for a
         # fool), and the share rule then answered distinct images from another (20 of 210; leaning: 17, 0.30)
-        taken = self._typical(send_fools, i, sk, hist, state, mine, parts, hist.coin(parts, hist.relation(sk[i])))
+        taken = self._typical(send_fools, i, sk, hist, state, mine, parts, hist.coin(parts, own))
         top, s0 = reading(taken)
         if give_back is None or not hist.over_share(s0, parts, top == 0):
             return taken, top
