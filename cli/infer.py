@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 
 from cvconvert.device.guard import DEFAULT_CAPACITY, DEFAULT_THRESHOLD
-from cvconvert.device.screen import DEFAULT_FLOOR, DEFAULT_MARGIN
+from cvconvert.device.screen import DEFAULT_FLOOR
 
 from ._app import command, emit_json, info
 
@@ -99,7 +99,7 @@ def _graphs(model_dir, encoder, processing, decoder, manifest, server):
     return encoder, processing, decoder, features if features.is_file() else None, man
 
 
-def _guard(threshold: float, size: int, floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN,
+def _guard(threshold: float, size: int, floor: float = DEFAULT_FLOOR, margin: float | None = None,
            quantile: float | None = None):
     """The query guard: one memory per device, in its state folder (cvconvert.device.state), shared by every
     pool and model version."""
@@ -123,7 +123,7 @@ def _exported_sha256(encoder: Path, part: str = "processing") -> str | None:
 
 def build_pipeline(model_dir, encoder, processing, decoder, manifest, *, fool_dir, server, model_name,
                    provider="auto", guard_threshold=DEFAULT_THRESHOLD, guard_size=DEFAULT_CAPACITY,
-                   timeout=30.0, retries=2, guard_floor=DEFAULT_FLOOR, guard_margin=DEFAULT_MARGIN,
+                   timeout=30.0, retries=2, guard_floor=DEFAULT_FLOOR, guard_margin=None,
                    guard_quantile=None):
     """The device's Pipeline as infer and `fools resolve` use it: graphs, pool, guard, journal, and the
     server checked to serve this export's model before anything is sent."""
@@ -169,8 +169,9 @@ def infer(
     guard_floor: float = typer.Option(DEFAULT_FLOOR, help="Query guard: the first principal cosine with an earlier "
                                       "transmission from which on the vector it names must be the one the device's "
                                       "secret coin chose (docs/privacy.md)."),
-    guard_margin: float = typer.Option(DEFAULT_MARGIN, help="Query guard: the lead (in |cos|) the named vector "
-                                       "must have over the next one."),
+    guard_margin: Optional[float] = typer.Option(None, help="Query guard: the lead (in |cos|) the named vector "
+                                                 "must have over the next one (default 0.005 where the guard keeps "
+                                                 "features exactly, up to 8192 numbers; 0.02 for its count sketches)."),
     guard_quantile: Optional[float] = typer.Option(None, help="Query guard: an image is answered from a similar "
                                                    "earlier one when it lies nearer it than this quantile of the fools "
                                                    "sent lie to theirs (default 0.99; 0: whenever no fool keeps the coin)."),

@@ -404,3 +404,56 @@ def test_the_coin_leans_by_the_bands_the_transmission_can_land_in():
     assert draws(level=0.82) == [1] * 40
     mixed = draws(level=0.82, rise=0.1)
     assert 0 < mixed.count(0) < 40, mixed
+
+
+def test_the_two_best_pairs_agree_as_the_second_coin_says():
+    """The second secret coin: the principal vectors of the new transmission's two best pairs agree (both name
+    the image: it is related to two past spans) or not (the second pair names a fool), as it says."""
+    from cvconvert.device.screen import History
+
+    rng = np.random.default_rng(11)
+    a0, b0, b1 = (v / np.linalg.norm(v) for v in rng.normal(size=(3, 2048)))
+    a1 = _near(a0, 0.9, rng)
+    image, fool = _near(a0, 0.92, rng), rng.normal(size=2048)
+    both = History(np.stack([a0, b0, a1, b1]), np.repeat([0, 1], 2), top=np.array([True, False, True, False]))
+    sent = np.stack([image, fool / np.linalg.norm(fool)])
+    assert both.fine(sent, 0, agree=True)[0]
+    assert both.fine(sent, 0, agree=False) == (False, "the agreement")
+    assert both.fine(sent, 0)[0]  # not asked
+
+    c1 = rng.normal(size=2048)
+    c1 /= np.linalg.norm(c1)       # the second transmission unrelated to the image now
+    apart = History(np.stack([a0, b0, c1, b1]), np.repeat([0, 1], 2), top=np.array([True, False, False, True]))
+    sent = np.stack([image, _near(b1, 0.82, rng)])  # the fool's pair comes second and names the fool
+    assert apart.fine(sent, 0, agree=False)[0]
+    assert apart.fine(sent, 0, agree=True) == (False, "the agreement")
+
+
+def test_a_coin_holds_below_the_floor_too():
+    """Below the floor the coin is asked for as well: left to the geometry, the image (related to more of what
+    was sent than a pool fool) was named 0.65 of the time there with exact features."""
+    from cvconvert.device.screen import History
+
+    rng = np.random.default_rng(12)
+    a0, b0, f = (v / np.linalg.norm(v) for v in rng.normal(size=(3, 2048)))
+    hist = History(np.stack([a0, b0]), np.zeros(2, int), top=np.array([True, False]))
+    image = _near(a0, 0.6, rng)
+    assert hist.reading(np.stack([image, f]))[1] < hist.floor
+    assert hist.fine(np.stack([image, f]), 1) == (False, "the coin")
+    assert hist.fine(np.stack([image, f]), 0)[0]
+
+
+def test_features_are_kept_exactly_where_they_fit_with_a_margin_to_match():
+    from cvconvert.device.guard import SentGuard
+    from cvconvert.device.sketches import EXACT_DIM, EXACT_MARGIN, SKETCH_DIM, SKETCH_MARGIN, default_margin, sketch
+
+    rng = np.random.default_rng(13)
+    small = rng.normal(size=(3, 6, 28, 28)).astype(np.float32)  # LeNet's feature: 4704 numbers
+    flat = small.reshape(3, -1)
+    assert np.allclose(sketch(small), flat / np.linalg.norm(flat, axis=1, keepdims=True), atol=1e-6)
+    assert sketch(rng.normal(size=(2, EXACT_DIM + 1))).shape == (2, SKETCH_DIM)
+    assert default_margin(4704) == EXACT_MARGIN and default_margin(SKETCH_DIM) == SKETCH_MARGIN
+    guard = SentGuard(None)
+    guard.screen_and_reserve(small[:1], lambda i, accept, burn: small[1:2].reshape(1, -1), parts=2)
+    assert guard.margin == EXACT_MARGIN
+    assert SentGuard(None, margin=0.03).margin == 0.03

@@ -98,9 +98,10 @@ def _pair_share(cloud) -> float:
 
 def test_a_count_sketch_keeps_principal_cosines():
     rng = np.random.default_rng(0)
-    base = rng.normal(size=(4, 4704))
+    d = 16384  # ResNet-20 alpha's feature: over sketches.EXACT_DIM, so sketched
+    base = rng.normal(size=(4, d))
     for c in (0.3, 0.8, 0.95):
-        near = c * base[:2] + np.sqrt(1 - c * c) * rng.normal(size=(2, 4704))
+        near = c * base[:2] + np.sqrt(1 - c * c) * rng.normal(size=(2, d))
         exact = cosines(orth(base[:2])[None], orth(near))[0]
         sk = cosines(orth(sketch(base[:2]))[None], orth(sketch(near)))[0]
         assert np.abs(exact - sk).max() < 0.06, (c, exact, sk)

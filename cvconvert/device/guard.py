@@ -9,15 +9,17 @@ share a direction that is the image's. So for each image the device
    refuses one that matches a fool it sent;
 2. runs the cloud's attack on the transmission it would send (``screen.History``: principal directions
    against every past span) and picks the fools from the pool so that the geometry stays symmetric, a fool
-   kept on top landing the best pair in the image's own band (``History.cap``: else the cosine tells the coin);
+   kept on top landing the best pair in the image's own band (``History.cap``: else the cosine tells the coin)
+   and the two best pairs agreeing or not as a second coin says (else their agreement tells the first);
 3. when no pool fool does and the image is related to one sent before, mirrors that transmission's fools
    (``cvconvert.device.mirror``); else answers from the earlier related image (``similar``) when the image
    stands out against the fools sent (``screen.fool_floor``) or when sending would lift the share of
    transmissions naming their image (or a fool) at its level over 1/P (``History.over_share``); else sends.
 
 What is kept (a 0600 npz in the device's state folder, ``cvconvert.device.state.guard_path()``, never sent, never logged), per vector sent (images and
-fools): its feature as a fixed count sketch of at most ``sketches.SKETCH_DIM`` numbers (a count sketch keeps inner
-products, and with them principal cosines, to about 1/sqrt(SKETCH_DIM)), its transmission, its current
+fools): its feature (unit, float16) up to ``sketches.EXACT_DIM`` numbers, else a fixed count sketch of
+``sketches.SKETCH_DIM`` numbers (a count sketch keeps inner products, and with them principal cosines, to
+about 1/sqrt(SKETCH_DIM); the margin follows, ``sketches.default_margin``), its transmission, its current
 best match, which model computed it, the image's answer, and a model-independent picture (grey, at most
 32 x 32, 8-bit). A new model version re-embeds the pictures with its own features graph, so what was sent
 under another version is screened too, and no fool whose picture was sent before (in any pool) is sent.
@@ -36,7 +38,7 @@ import numpy as np
 from ..errors import CvError
 from .artifacts import atomic_write, locked
 from .screen import DEFAULT_FLOOR, DEFAULT_MARGIN, FOOL_QUANTILE, LIFT, History, fool_floor, nearest, raise_nearest
-from .sketches import PICTURE, PICTURE_THRESHOLD, picture, picture_sketch, sketch
+from .sketches import PICTURE, PICTURE_THRESHOLD, default_margin, picture, picture_sketch, sketch
 from .verdict import Verdict
 
 DEFAULT_THRESHOLD = 0.995  # measured: distinct Fashion-MNIST test images reach 0.993, near-duplicates 0.998+
@@ -55,18 +57,21 @@ class SentGuard:
     """
 
     def __init__(self, path=None, threshold: float = DEFAULT_THRESHOLD, capacity: int = DEFAULT_CAPACITY,
-                 floor: float = DEFAULT_FLOOR, margin: float = DEFAULT_MARGIN, quantile: float = FOOL_QUANTILE):
+                 floor: float = DEFAULT_FLOOR, margin: float | None = None, quantile: float = FOOL_QUANTILE):
         if not 0.0 < threshold <= 1.0:
             raise CvError(f"guard threshold {threshold} must lie in (0, 1] (a cosine; 1 catches exact repeats only)")
         if capacity < 1:
             raise CvError(f"guard size {capacity} must be at least 1")
-        if not 0.0 < floor <= 1.0 or not 0.0 <= margin < 1.0:
+        if not 0.0 < floor <= 1.0 or (margin is not None and not 0.0 <= margin < 1.0):
             raise CvError(f"guard floor {floor} must lie in (0, 1] and margin {margin} in [0, 1)")
         if not 0.0 <= quantile <= 1.0:
             raise CvError(f"guard quantile {quantile} must lie in [0, 1] (0: the fixed floor alone)")
         self.quantile = float(quantile)
         self.path = Path(path) if path is not None else None
-        self.threshold, self.capacity, self.floor, self.margin = float(threshold), int(capacity), float(floor), float(margin)
+        self.threshold, self.capacity, self.floor = float(threshold), int(capacity), float(floor)
+        # None: by what is kept (sketches.default_margin: 0.005 for exact features, 0.02 for count sketches)
+        self.margin_option = None if margin is None else float(margin)
+        self.margin = DEFAULT_MARGIN if margin is None else float(margin)
         self._mem = None  # in-memory state when path is None
         self.stamp = 0  # the device state's generation, written with the index (cvconvert.device.state)
         if self.path is not None:
@@ -200,6 +205,7 @@ class SentGuard:
         with self._lock():
             state = self._load()
             sk = sketch(features)
+            self.margin = default_margin(sk.shape[1]) if self.margin_option is None else self.margin_option
             mine = self._current(state, model, embed, sk.shape[1])
             pics = picture(images) if images is not None else np.zeros((len(sk), PICTURE, PICTURE), np.uint8)
             hist = History(state["sketch"][mine], state["group"][mine], state["best"][mine], self.floor, self.margin,
@@ -274,10 +280,11 @@ class SentGuard:
     def _choose(self, send_fools, i, sk, hist, state, mine, parts, own: float):
         cap = hist.cap(own, LIFT * self.margin)  # own: the image's relation; a fool on top stays near it
         top = hist.coin(parts, own, (1 + LIFT) / 2 * self.margin)  # the secret coin: which vector is to be named
+        agree = secrets.randbelow(2) == 0  # and whether its two best pairs' principal vectors agree (History.fine)
 
         def accept(cands, chosen):
             chosen = np.concatenate([sk[i:i + 1], np.asarray(chosen, np.float32).reshape(-1, sk.shape[1])])
-            return hist.accept(chosen, cands, top, final=len(chosen) == parts - 1, cap=cap)
+            return hist.accept(chosen, cands, top, final=len(chosen) == parts - 1, cap=cap, agree=agree)
 
         def burn(cands, pics=None):
             return self.burn(np.asarray(cands, np.float32), pics, state, mine, sk)
@@ -367,12 +374,12 @@ class SentGuard:
         sent only when one with the other kind on top fits too: else whether a related image is mirrored
         (rather than sent with typical fools or answered) would follow its coin (at P = 3 mirrored
         transmissions named the image 0.18 of the time, 90 of them, against 1/3)."""
-        from .mirror import ladder
+        from .mirror import TAPER, _uniform, ladder
 
         rows, c = partner
         if mirror_fools is None or len(rows) != parts:
             return None, 0
-        ceiling = self.threshold - self.margin
+        ceiling = self.threshold - self.margin - TAPER * _uniform()  # a secret, tapered ceiling (mirror.TAPER)
         lad = ladder(c, parts, self.margin, ceiling)
         if lad is None:
             return None, 0

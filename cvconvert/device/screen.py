@@ -10,11 +10,13 @@ as the images) the principal vectors are any mixture of the P parts, and the pai
 The cloud, for each transmission, takes its best pair (largest s_0 over everything it holds) and reads the
 vector its first principal vector lies nearest as the image. The device draws a secret coin per
 transmission (which of its P vectors that is to be) and sends only what keeps every coin: the new
-transmission's best pair names its coin (once s_0 reaches ``floor``, with a lead of ``margin``), and every
-earlier transmission it becomes the best pair of still has its own coin named. Then the cloud's reading
-is right 1/P of the time. ``History`` holds the past spans (count-sketched: a count sketch keeps inner
-products to about 1/sqrt(k), and principal cosines with them, see tests/test_query_guard.py) and says
-which candidate fools keep every coin.
+transmission's best pair names its coin (at every level, with a lead of ``margin``), and every earlier
+transmission it becomes the best pair of (once s_0 reaches ``floor``) still has its own coin named. Then the
+cloud's reading is right 1/P of the time. A second secret coin says whether the principal vectors of the
+new transmission's two best pairs are to agree (``AGREE``): a cloud that learnt "they agree, so the named
+vector is the image" from its own simulation read it otherwise. ``History`` holds the past spans (exact
+features, or count sketches for large ones: a count sketch keeps inner products to about 1/sqrt(k), and
+principal cosines with them, see tests/test_query_guard.py) and says which candidate fools keep every coin.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 DEFAULT_FLOOR = 0.80   # measured (docs/privacy.md): near-duplicates and look-alikes of an earlier image reach it
 BAND = 0.05           # width of the levels of best-pair cosine over which the device keeps its own which-is-real
 DEFAULT_MARGIN = 0.02  # the count sketch's error on principal cosines (p99 0.02): the named vector's lead must beat it
+AGREE = 0.9           # |cos| between the principal vectors of the two best pairs from which on they "agree"
 LIFT = 3.0             # a fool kept on top lies at most LIFT margins above the image's own relation (History.fine)
 
 
@@ -131,15 +134,20 @@ class History:
         return float(np.linalg.norm(np.einsum("gks,k->gs", self.q, v), axis=1).max())
 
     def fine(self, vectors: np.ndarray, top: int | None, margin: float | None = None,
-             renamed: tuple[int, int] | None = None, cap: float | None = None) -> tuple[bool, str]:
+             renamed: tuple[int, int] | None = None, cap: float | None = None,
+             agree: bool | None = None) -> tuple[bool, str]:
         """Whether the transmission of `vectors` [p, K] (the image first) keeps every coin: its best pair's
-        principal vector, and that of every pair within the margin of it (once the best pair's cosine
-        reaches the floor), names vector `top` by at least the margin (``top`` None: not asked), and every
+        principal vector, and that of every pair within the margin of it (at every level: below the floor,
+        left to the geometry, the image was named 0.65 of the time with exact features), names vector `top`
+        by at least the margin (``top`` None: not asked), and every
         earlier transmission whose best pair it becomes still has its own coin named (``renamed`` (group,
         k): that transmission must name its vector k instead). Then "the vector the best pair names is the
         image" is right 1/P of the time. ``cap``: a fool on top may not lift the best pair's cosine over it
         (else the cosine tells the coin: fools kept on top lay above the image's own relation, and at P = 2 a
-        cloud that learnt it from s0 named the image 0.63-0.68 of the time). (ok, why not)."""
+        cloud that learnt it from s0 named the image 0.63-0.68 of the time). ``agree`` (with ``top``): whether
+        the principal vectors of its two best pairs must agree (|cos| >= AGREE) or not; the image is related
+        to more of what was sent than a pool fool, so left alone they agreed where the image was named (0.55
+        of those named it, 0.32-0.41 of the others) and a cloud that learnt it read 0.57. (ok, why not)."""
         if not len(self.ids):
             return True, ""
         vectors = unit(np.asarray(vectors, np.float64))
@@ -148,7 +156,7 @@ class History:
         j = int(np.argmax(s0))
         if cap is not None and top not in (None, 0) and s0[j] > cap:
             return False, "the level"
-        if top is not None and s0[j] >= self.floor:
+        if top is not None:
             # every pair within the sketch's error of the best one could be the best in the cloud's exact
             # features: each must name the coin (with the best alone, the exact reading named the image 0.38
             # of the time at P = 2 where the coins said 0.43: an image on top is undone by any fool that
@@ -163,6 +171,10 @@ class History:
             fresh = renamed is not None and self.ids[j] == renamed[0]  # a mirror's partner: its fresh coin
             if (named != renamed[1]) if fresh else not self.top[rows[named]]:
                 return False, "an earlier transmission's coin"
+        if top is not None and agree is not None and len(s0) > 1:
+            first, second = np.argsort(-s0)[:2]
+            if (abs(float(coef[first] @ coef[second])) >= AGREE) != agree:
+                return False, "the agreement"
         return True, ""
 
     def _renamed(self, s0: np.ndarray) -> np.ndarray:
@@ -243,12 +255,12 @@ class History:
         return out
 
     def accept(self, chosen: np.ndarray, cands: np.ndarray, top: int | None, final: bool,
-               strict: bool = True, cap: float | None = None) -> np.ndarray:
+               strict: bool = True, cap: float | None = None, agree: bool | None = None) -> np.ndarray:
         """bool [c]: which candidate fools [c, K] may join `chosen` [j, K] (the image, then the fools picked so
         far). ``final``: the candidate completes the transmission; a partial one is not judged (P > 2).
         ``strict`` False (a transmission sent whatever the coin, SentGuard._typical): the coin `top` named
-        with no margin (None: not asked), and no need that the pool could have served either side. ``cap``:
-        see ``fine``."""
+        with no margin (None: not asked), and no need that the pool could have served either side. ``cap``,
+        ``agree`` (strict only): see ``fine``."""
         cands = unit(np.asarray(cands, np.float32).reshape(len(cands), -1)).astype(np.float64)
         chosen = np.asarray(chosen, np.float64)
         if len(self.ids) and not final and not strict and top == 0:
@@ -265,9 +277,9 @@ class History:
         for i in range(len(cands)):
             both = np.concatenate([chosen, cands[i:i + 1]])
             for k, side in enumerate((0, len(both) - 1)):
-                sides[i, k] = self.fine(both, side, cap=cap)[0]
+                sides[i, k] = self.fine(both, side, cap=cap, agree=agree)[0]
             ok[i] = sides[i, 0] if top == 0 else sides[i, 1] if top == len(both) - 1 else \
-                self.fine(both, top, cap=cap)[0]
+                self.fine(both, top, cap=cap, agree=agree)[0]
         if not (sides[:, 0].any() and sides[:, 1].any()):
             # send only when the pool could have served either side of the coin: otherwise which images get
             # sent would depend on the coin, and the sent ones would tell it
