@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cvconvert.attacks.principal import adaptive, fit_predict, reading  # noqa: E402
 
-BANDS = [0, 0.8, 0.85, 0.9, 0.95, 1.01]
+BANDS = [0, 0.8, 0.85, 0.9, 0.95, 0.98, 1.01]
 
 
 def stack(cols, key):
