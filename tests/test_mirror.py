@@ -70,6 +70,24 @@ def test_the_ladder_refuses_near_the_ceiling():
         assert mirror.ladder(0.975 - (parts - 1) * 0.04 - 1e-6, parts, 0.02, 0.975) is not None
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_the_mirror_ceiling_is_drawn_secretly_below_the_guards(parts):
+    """Under a fixed ceiling the strip just below it held only fools on top (at P = 2 a best pair at 0.98
+    or more named its image 0.33 of the time): the ceiling is drawn per mirror up to mirror.TAPER lower, so
+    an image a half-taper under the hard limit is mirrored about half the time, one a taper under always,
+    one over the hard limit never."""
+    guard = SentGuard(None, margin=0.005)
+    guard._mirror_on = lambda *args: "fools"  # the fools themselves are another test's
+    hard = guard.threshold - guard.margin - (parts - 1) * 2 * guard.margin
+
+    def share(c, n=300):
+        return np.mean([guard._mirror(object(), None, 0, None, None, None, None, parts,
+                                      (list(range(parts)), c))[0] == "fools" for _ in range(n)])
+    assert share(hard - mirror.TAPER - 1e-4) == 1.0
+    assert 0.3 < share(hard - mirror.TAPER / 2) < 0.7
+    assert share(hard + 1e-4) == 0.0
+
+
 def test_variants_are_photos_that_drift_away_with_strength():
     yy, xx = np.mgrid[:32, :32]
     img = np.exp(-((yy - 14) ** 2 + (xx - 17) ** 2 / 3) / 40)[None].astype(np.float32)  # a smooth, skewed blob
