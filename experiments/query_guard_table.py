@@ -1,6 +1,6 @@
 """Pool runs of experiments/query_guard.py into the tables of docs/results.md (numpy only).
 
-    .venv/bin/python experiments/query_guard_table.py P R1.json [R2.json ...]
+    .venv/bin/python experiments/query_guard_table.py P R1.json [R2.json ...] [--null K]
 
 Per mode, new device: requests sent per run, answered from a similar image, exact repeats answered, the
 plain reading ("u is the image", pooled over the runs, with its standard error) and its better side
@@ -8,7 +8,9 @@ max(s, (1 - s)/(P - 1)), and the adaptive reading (cvconvert.attacks.principal.a
 logistic fit on the cloud's own principal cosines, pooled over the runs) beside the old device's. Then the
 same pooled over every mode, the transfer reading (fit on one run, as a cloud fits on its own simulation
 of the device, read on the other), and the plain reading by band of the best pair's first principal
-cosine and by the path the fools were found on.
+cosine and by the path the fools were found on. ``--null K``: per mode, the adaptive reading of K label
+permutations (a cloud that can learn nothing): its 95th percentile and the share of them at or above the
+real reading (a permutation p-value), so that a mode's reading over the target can be told from noise.
 """
 
 from __future__ import annotations
@@ -77,8 +79,25 @@ def by_band_and_path(runs):
     return agg
 
 
+def null(runs, modes, parts, k: int):
+    """Per mode: (the adaptive reading, its 95th percentile over k label permutations, permutation p)."""
+    rng = np.random.default_rng(1)  # public: the permutations are the check's, not the device's
+    print(f"\n| mode | adaptive | no-signal null p95 ({k} permutations) | p |\n|---|---|---|---|")
+    for m in modes:
+        new = [r["results"][m]["new"] for r in runs if m in r["results"]]
+        o, y = stack(new, "obs"), stack(new, "real").astype(bool)
+        got = adaptive(o, y, parts)["adaptive_real"]
+        perm = np.array([adaptive(o, rng.permutation(y), parts, seed=int(rng.integers(1 << 30)))["adaptive_real"]
+                         for _ in range(k)])
+        print(f"| {m} | {got:.2f} | {np.quantile(perm, 0.95):.2f} | {(perm >= got).mean():.2f} |")
+
+
 def main() -> int:
-    parts, runs = int(sys.argv[1]), [json.loads(Path(f).read_text()) for f in sys.argv[2:]]
+    args = sys.argv[1:]
+    k = int(args[args.index("--null") + 1]) if "--null" in args else 0
+    if k:
+        del args[args.index("--null"):args.index("--null") + 2]
+    parts, runs = int(args[0]), [json.loads(Path(f).read_text()) for f in args[1:]]
     modes = list(runs[0]["results"])
     print("| mode | sent (per run) | answered from a similar image | exact repeats answered | u is the image "
           "(s.e.) | better side | adaptive (AUC) | old device: better side / adaptive |")
@@ -98,6 +117,8 @@ def main() -> int:
         print("|---|" + "---|" * (len(BANDS) - 1))
         for h, a in agg.items():
             print(f"| {h} | " + " | ".join(f"{s / n:.2f} ({int(n)})" if n else "-" for n, s in a) + " |")
+    if k:
+        null(runs, modes, parts, k)
     return 0
 
 
