@@ -80,7 +80,8 @@ def by_band_and_path(runs):
 
 
 def null(runs, modes, parts, k: int):
-    """Per mode: (the adaptive reading, its 95th percentile over k label permutations, permutation p)."""
+    """Prints per mode the adaptive reading, its 95th percentile over k label permutations and the
+    permutation p (the reading is refitted here: mode_row formats it, and this stays a separate, opt-in pass)."""
     rng = np.random.default_rng(1)  # public: the permutations are the check's, not the device's
     print(f"\n| mode | adaptive | no-signal null p95 ({k} permutations) | p |\n|---|---|---|---|")
     for m in modes:
